@@ -1,0 +1,301 @@
+//! Kafka RecordBatch (magic 2): checking a caller's raw batch and encoding `records` into one.
+//!
+//! Hand-written rather than kafka-protocol's `RecordBatchEncoder`/`RecordBatchDecoder`:
+//! * its `Record` keeps headers in an `IndexMap`, which silently merges the duplicate header
+//!   keys that Kafka allows — forwarding must not lose a header;
+//! * checking a raw batch needs only the 61-byte header and one CRC pass, while its decoder
+//!   decompresses and materialises every record (and allocates from counts read off the wire).
+//!
+//! The encoder is tested against kafka-protocol's decoder below.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::proto::v1::Record;
+
+/// Size of the v2 batch header, up to and including the record count.
+pub const BATCH_HEADER: usize = 61;
+const LENGTH_OFFSET: usize = 8;
+const MAGIC_OFFSET: usize = 16;
+const CRC_OFFSET: usize = 17;
+const ATTRIBUTES_OFFSET: usize = 21;
+const PRODUCER_ID_OFFSET: usize = 43;
+const RECORDS_COUNT_OFFSET: usize = 57;
+
+/// What a valid raw batch header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchInfo {
+    /// Number of records the header announces.
+    pub records: i32,
+    /// Producer id; -1 for non-idempotent batches.
+    pub producer_id: i64,
+}
+
+/// Checks that `b` is exactly one v2 record batch: long enough, magic 2, length field matching
+/// the bytes, CRC-32C matching. Returns a reason fit for an INVALID_ARGUMENT message.
+pub fn check(b: &[u8]) -> Result<BatchInfo, String> {
+    if b.len() < BATCH_HEADER {
+        return Err(format!(
+            "is {} bytes; a v2 record batch header alone is {BATCH_HEADER}",
+            b.len()
+        ));
+    }
+    let magic = b[MAGIC_OFFSET] as i8;
+    if magic != 2 {
+        return Err(format!(
+            "has magic byte {magic}; only v2 record batches (magic 2) are accepted"
+        ));
+    }
+    let length = i32::from_be_bytes(b[LENGTH_OFFSET..LENGTH_OFFSET + 4].try_into().expect("4"));
+    let following = b.len() - 12;
+    if i64::from(length) != following as i64 {
+        return Err(format!(
+            "length field says {length} bytes follow the first 12, but {following} do \
+             (exactly one batch per partition)"
+        ));
+    }
+    let stored = u32::from_be_bytes(b[CRC_OFFSET..CRC_OFFSET + 4].try_into().expect("4"));
+    let computed = crc32c::crc32c(&b[ATTRIBUTES_OFFSET..]);
+    if stored != computed {
+        return Err(format!(
+            "CRC-32C mismatch: header says {stored:#010x}, bytes give {computed:#010x}"
+        ));
+    }
+    let records = i32::from_be_bytes(
+        b[RECORDS_COUNT_OFFSET..RECORDS_COUNT_OFFSET + 4]
+            .try_into()
+            .expect("4"),
+    );
+    if records <= 0 {
+        return Err(format!(
+            "announces {records} records; at least one is needed"
+        ));
+    }
+    let producer_id = i64::from_be_bytes(
+        b[PRODUCER_ID_OFFSET..PRODUCER_ID_OFFSET + 8]
+            .try_into()
+            .expect("8"),
+    );
+    Ok(BatchInfo {
+        records,
+        producer_id,
+    })
+}
+
+fn put_varint(buf: &mut BytesMut, v: i32) {
+    put_varlong(buf, i64::from(v));
+}
+
+fn put_varlong(buf: &mut BytesMut, v: i64) {
+    // Zig-zag, then base-128 little-endian groups (Kafka's varint/varlong).
+    let mut z = ((v << 1) ^ (v >> 63)) as u64;
+    while z >= 0x80 {
+        buf.put_u8((z as u8) | 0x80);
+        z >>= 7;
+    }
+    buf.put_u8(z as u8);
+}
+
+fn varlong_len(v: i64) -> usize {
+    let z = ((v << 1) ^ (v >> 63)) as u64;
+    (64 - z.max(1).leading_zeros() as usize).div_ceil(7).max(1)
+}
+
+fn put_nullable(buf: &mut BytesMut, b: Option<&Bytes>) {
+    match b {
+        None => put_varint(buf, -1),
+        Some(b) => {
+            put_varint(buf, b.len() as i32);
+            buf.put_slice(b);
+        }
+    }
+}
+
+fn nullable_len(b: Option<&Bytes>) -> usize {
+    match b {
+        None => 1,
+        Some(b) => varlong_len(b.len() as i64) + b.len(),
+    }
+}
+
+/// Encodes `records` into one uncompressed v2 batch without producer id.
+///
+/// `now_ms` stands in for records whose `timestamp_ms` is 0. Callers have checked that there is
+/// at least one record and that sizes fit in an i32 (the request size limit guarantees it).
+pub fn encode(records: &[Record], now_ms: i64) -> Bytes {
+    let ts = |r: &Record| {
+        if r.timestamp_ms == 0 {
+            now_ms
+        } else {
+            r.timestamp_ms
+        }
+    };
+    let base_ts = records.first().map_or(now_ms, ts);
+    let max_ts = records.iter().map(ts).max().unwrap_or(base_ts);
+
+    let body_len = |i: usize, r: &Record| {
+        1 + varlong_len(ts(r).wrapping_sub(base_ts))
+            + varlong_len(i as i64)
+            + nullable_len(r.key.as_ref())
+            + nullable_len(r.value.as_ref())
+            + varlong_len(r.headers.len() as i64)
+            + r.headers
+                .iter()
+                .map(|h| {
+                    varlong_len(h.key.len() as i64) + h.key.len() + nullable_len(h.value.as_ref())
+                })
+                .sum::<usize>()
+    };
+    let records_len: usize = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let l = body_len(i, r);
+            varlong_len(l as i64) + l
+        })
+        .sum();
+
+    let mut buf = BytesMut::with_capacity(BATCH_HEADER + records_len);
+    buf.put_i64(0); // base offset: the leader assigns offsets
+    buf.put_i32((BATCH_HEADER - 12 + records_len) as i32); // batch length
+    buf.put_i32(-1); // partition leader epoch
+    buf.put_i8(2); // magic
+    buf.put_u32(0); // CRC, patched below
+    buf.put_i16(0); // attributes: no compression, create time, not transactional
+    buf.put_i32(records.len() as i32 - 1); // last offset delta
+    buf.put_i64(base_ts);
+    buf.put_i64(max_ts);
+    buf.put_i64(-1); // producer id
+    buf.put_i16(-1); // producer epoch
+    buf.put_i32(-1); // base sequence
+    buf.put_i32(records.len() as i32);
+    for (i, r) in records.iter().enumerate() {
+        put_varint(&mut buf, body_len(i, r) as i32);
+        buf.put_i8(0); // record attributes
+        put_varlong(&mut buf, ts(r).wrapping_sub(base_ts));
+        put_varint(&mut buf, i as i32);
+        put_nullable(&mut buf, r.key.as_ref());
+        put_nullable(&mut buf, r.value.as_ref());
+        put_varint(&mut buf, r.headers.len() as i32);
+        for h in &r.headers {
+            put_varint(&mut buf, h.key.len() as i32);
+            buf.put_slice(h.key.as_bytes());
+            put_nullable(&mut buf, h.value.as_ref());
+        }
+    }
+    let crc = crc32c::crc32c(&buf[ATTRIBUTES_OFFSET..]);
+    buf[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
+    buf.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::v1::Header;
+    use kafka_protocol::records::RecordBatchDecoder;
+
+    fn rec(key: Option<&str>, value: Option<&str>, ts: i64) -> Record {
+        Record {
+            key: key.map(|k| Bytes::from(k.to_string())),
+            value: value.map(|v| Bytes::from(v.to_string())),
+            headers: vec![Header {
+                key: "h".into(),
+                value: Some(Bytes::from_static(b"x")),
+            }],
+            timestamp_ms: ts,
+        }
+    }
+
+    #[test]
+    fn encoded_batches_decode_with_kafka_protocol_and_pass_the_check() {
+        let big = "v".repeat(300);
+        let records = vec![
+            rec(Some("k1"), Some("v1"), 1_700_000_000_000),
+            rec(None, Some(&big), 1_700_000_000_005),
+            rec(Some("k3"), None, 0),
+        ];
+        let b = encode(&records, 1_700_000_000_009);
+        let info = check(&b).expect("valid");
+        assert_eq!(info.records, 3);
+        assert_eq!(info.producer_id, -1);
+        let set = RecordBatchDecoder::decode(&mut b.clone()).expect("decodes");
+        assert_eq!(set.records.len(), 3);
+        assert_eq!(set.records[0].key.as_deref(), Some(&b"k1"[..]));
+        assert_eq!(set.records[1].key, None);
+        assert_eq!(set.records[1].value.as_deref(), Some(big.as_bytes()));
+        assert_eq!(set.records[2].value, None);
+        assert_eq!(set.records[2].timestamp, 1_700_000_000_009);
+        assert_eq!(set.records[1].offset, 1);
+        assert_eq!(
+            set.records[0]
+                .headers
+                .get(&b"h"[..])
+                .cloned()
+                .flatten()
+                .as_deref(),
+            Some(&b"x"[..])
+        );
+    }
+
+    #[test]
+    fn duplicate_header_keys_survive_encoding() {
+        let r = Record {
+            key: None,
+            value: Some(Bytes::from_static(b"v")),
+            headers: vec![
+                Header {
+                    key: "dup".into(),
+                    value: Some(Bytes::from_static(b"1")),
+                },
+                Header {
+                    key: "dup".into(),
+                    value: Some(Bytes::from_static(b"2")),
+                },
+            ],
+            timestamp_ms: 5,
+        };
+        let b = encode(&[r], 0);
+        check(&b).unwrap();
+        // Both header values are on the wire.
+        let s = &b[BATCH_HEADER..];
+        assert!(s.windows(5).any(|w| w == b"dup\x021"));
+        assert!(s.windows(5).any(|w| w == b"dup\x022"));
+    }
+
+    #[test]
+    fn varint_lengths_match_encoding() {
+        for v in [
+            0i64,
+            1,
+            -1,
+            63,
+            64,
+            -64,
+            -65,
+            8191,
+            8192,
+            i32::MAX as i64,
+            i64::MIN,
+            i64::MAX,
+        ] {
+            let mut b = BytesMut::new();
+            put_varlong(&mut b, v);
+            assert_eq!(b.len(), varlong_len(v), "{v}");
+        }
+    }
+
+    #[test]
+    fn check_rejects_each_defect() {
+        let good = encode(&[rec(Some("k"), Some("v"), 1)], 1);
+        assert!(check(&good[..40]).unwrap_err().contains("61"));
+        let mut bad = good.to_vec();
+        bad[MAGIC_OFFSET] = 1;
+        assert!(check(&bad).unwrap_err().contains("magic"));
+        let mut bad = good.to_vec();
+        bad.push(0);
+        assert!(check(&bad).unwrap_err().contains("length field"));
+        let mut bad = good.to_vec();
+        let last = bad.len() - 1;
+        bad[last] ^= 0xff;
+        assert!(check(&bad).unwrap_err().contains("CRC"));
+    }
+}

@@ -1,0 +1,583 @@
+//! The core: validate a request, route each partition to its leader, send over pipelined
+//! connections, retry within the caller's deadline, assemble one result per partition.
+
+pub mod batch;
+pub mod validate;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    hash::{DefaultHasher, Hash, Hasher},
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use futures::future::join_all;
+use kafka_protocol::{error::ResponseError, messages::ApiKey};
+use tokio::{sync::oneshot, time::Instant};
+use tracing::debug;
+
+use crate::{
+    kafka::{
+        connection::ConnectionConfig,
+        error::{ConnError, RequestError, chain},
+        metadata::{MetadataClient, Route},
+        pool::Pool,
+        produce::{self, PartitionBatch},
+    },
+    proto::v1::{ForwardRequest, ForwardResponse, PartitionResult},
+};
+use validate::{Validated, validate};
+
+/// Why a forward failed as a whole. Kafka errors of single partitions are not here: they are
+/// data in [`PartitionResult`].
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The request is malformed; nothing was sent.
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// The offending field, e.g. `partitions[2].topic`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The deadline ran out before every partition had its answer.
+    #[error("deadline exceeded: {detail}")]
+    DeadlineExceeded {
+        /// Which partitions were still waiting, and the last cause.
+        detail: String,
+    },
+    /// No broker that could take the request was reachable.
+    #[error("no leader reachable: {detail}")]
+    Unavailable {
+        /// What was tried.
+        detail: String,
+        /// The last connection failure.
+        #[source]
+        cause: ConnError,
+    },
+    /// A bug: something that validation should have prevented.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Settings of the forwarding core.
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    /// Largest accepted `ForwardRequest`, encoded; larger ones get INVALID_ARGUMENT.
+    pub max_request_bytes: usize,
+    /// Kafka `timeout_ms` sent when a request says 0; always cut to fit the caller's deadline.
+    pub kafka_timeout_ms: u32,
+    /// First pause before a retry; doubles per retry up to `retry_backoff_max`.
+    pub retry_backoff: Duration,
+    /// Longest pause between retries.
+    pub retry_backoff_max: Duration,
+    /// Pipelined connections per leader; each partition always uses the same one.
+    pub connections_per_leader: usize,
+}
+
+/// Kafka errors after which the leader map is refreshed before retrying (DESIGN.md §3.13):
+/// UNKNOWN_TOPIC_OR_PARTITION, LEADER_NOT_AVAILABLE, NOT_LEADER_OR_FOLLOWER, NETWORK_EXCEPTION,
+/// KAFKA_STORAGE_ERROR, FENCED_LEADER_EPOCH.
+fn needs_refresh(code: i16) -> bool {
+    matches!(code, 3 | 5 | 6 | 13 | 56 | 74)
+}
+
+fn retriable(code: i16) -> bool {
+    needs_refresh(code) || ResponseError::try_from_code(code).is_some_and(|e| e.is_retriable())
+}
+
+/// Kafka's name for an error code, e.g. `UNKNOWN_TOPIC_OR_PARTITION`.
+pub fn error_name(code: i16) -> String {
+    match ResponseError::try_from_code(code) {
+        None => String::new(),
+        Some(ResponseError::Unknown(_)) => "UNKNOWN_ERROR_CODE".into(),
+        Some(e) => {
+            let camel = e.to_string();
+            let mut out = String::with_capacity(camel.len() + 8);
+            for (i, c) in camel.chars().enumerate() {
+                if c.is_ascii_uppercase() && i > 0 {
+                    out.push('_');
+                }
+                out.push(c.to_ascii_uppercase());
+            }
+            out
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Failure {
+    Kafka { code: i16, message: Option<String> },
+    Conn { cause: ConnError, connecting: bool },
+}
+
+#[derive(Debug, Default)]
+struct ItemState {
+    result: Option<PartitionResult>,
+    attempts: u32,
+    last: Option<Failure>,
+}
+
+/// The forwarding core. Cheap to clone.
+#[derive(Clone)]
+pub struct Forwarder {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: ForwardConfig,
+    metadata: MetadataClient,
+    pool: Pool,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Forwarder {
+    /// A forwarder that bootstraps through `bootstrap` (`host:port` each).
+    pub fn new(
+        cfg: ForwardConfig,
+        conn: ConnectionConfig,
+        bootstrap: Vec<String>,
+        allow_auto_topic_creation: bool,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                metadata: MetadataClient::new(bootstrap, conn.clone(), allow_auto_topic_creation),
+                pool: Pool::new(conn),
+                cfg,
+            }),
+        }
+    }
+
+    /// The leader map and its client.
+    pub fn metadata(&self) -> &MetadataClient {
+        &self.inner.metadata
+    }
+
+    /// The leader connections.
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    fn conn_index(&self, topic: &str, partition: i32) -> usize {
+        let k = self.inner.cfg.connections_per_leader.max(1);
+        if k == 1 {
+            return 0;
+        }
+        let mut h = DefaultHasher::new();
+        (topic, partition).hash(&mut h);
+        (h.finish() % k as u64) as usize
+    }
+
+    /// The Kafka `timeout_ms` for an attempt: what the request asks (or the default), cut so
+    /// that the leader gives up before the caller's deadline, with a margin for the answer's
+    /// way back (DESIGN.md §3.14). `None` when no useful time is left.
+    fn kafka_timeout(&self, asked: u32, deadline: Instant) -> Option<i32> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let margin = (remaining / 10).clamp(Duration::from_millis(5), Duration::from_secs(1));
+        let avail = remaining.checked_sub(margin)?.as_millis();
+        if avail == 0 {
+            return None;
+        }
+        let asked = if asked == 0 {
+            self.inner.cfg.kafka_timeout_ms
+        } else {
+            asked
+        };
+        Some(avail.min(u128::from(asked)).min(i32::MAX as u128) as i32)
+    }
+
+    /// Forwards one request.
+    ///
+    /// `enqueued`, if given, is signalled (or dropped) once every partition's first attempt is
+    /// queued on its leader connection, so a caller can keep the wire order of consecutive
+    /// requests.
+    pub async fn forward(
+        &self,
+        req: ForwardRequest,
+        deadline: Instant,
+        mut enqueued: Option<oneshot::Sender<()>>,
+    ) -> Result<ForwardResponse, ForwardError> {
+        let v = validate(req, self.inner.cfg.max_request_bytes, now_ms())?;
+        let mut st: Vec<ItemState> = (0..v.items.len()).map(|_| ItemState::default()).collect();
+        let mut pending: Vec<usize> = (0..v.items.len()).collect();
+        let mut refresh = false;
+        let mut refreshed = false;
+        let mut backoff = self.inner.cfg.retry_backoff;
+        loop {
+            refreshed |= self
+                .ensure_metadata(&v, &pending, refresh, deadline)
+                .await?;
+            refresh = false;
+            let map = self.inner.metadata.leader_map();
+
+            let mut retry = Vec::new();
+            let mut groups: BTreeMap<(i32, usize), (crate::kafka::metadata::Broker, Vec<usize>)> =
+                BTreeMap::new();
+            for &i in &pending {
+                let it = &v.items[i];
+                let fail = |code: i16, msg: String| Failure::Kafka {
+                    code,
+                    message: Some(msg),
+                };
+                match map.route(&it.topic, it.partition) {
+                    Route::Leader(b, _epoch) => {
+                        let key = (b.id, self.conn_index(&it.topic, it.partition));
+                        groups
+                            .entry(key)
+                            .or_insert_with(|| (b, Vec::new()))
+                            .1
+                            .push(i);
+                    }
+                    Route::Unknown => {
+                        st[i].last = Some(fail(3, "topic not in the leader map yet".into()));
+                        refresh = true;
+                        retry.push(i);
+                    }
+                    Route::Error(code) if (code == 3 && refreshed) || !retriable(code) => {
+                        st[i].result = Some(error_result(
+                            it,
+                            code,
+                            "the cluster's metadata reports this error for the topic or partition"
+                                .into(),
+                            -1,
+                            st[i].attempts,
+                        ));
+                    }
+                    Route::Error(code) => {
+                        st[i].last = Some(fail(code, "metadata reports no usable leader".into()));
+                        refresh = true;
+                        retry.push(i);
+                    }
+                    Route::NoSuchPartition { partitions } if refreshed => {
+                        st[i].result = Some(error_result(
+                            it,
+                            3,
+                            format!("topic {} has {partitions} partitions", it.topic),
+                            -1,
+                            st[i].attempts,
+                        ));
+                    }
+                    Route::NoSuchPartition { .. } => {
+                        refresh = true;
+                        retry.push(i);
+                    }
+                }
+            }
+
+            let Some(kafka_timeout) = self.kafka_timeout(v.timeout_ms, deadline) else {
+                return Err(self.expired(&v, &st, &pending));
+            };
+            let mut waits = Vec::new();
+            for ((_, index), (broker, items)) in groups {
+                let conn = match self.inner.pool.get(&broker, index, deadline).await {
+                    Ok(c) => c,
+                    Err(cause) => {
+                        debug!(broker = broker.id, cause = %cause, "leader connection failed");
+                        for i in items {
+                            st[i].last = Some(Failure::Conn {
+                                cause: cause.clone(),
+                                connecting: true,
+                            });
+                            retry.push(i);
+                        }
+                        refresh = true;
+                        continue;
+                    }
+                };
+                let version = conn.versions().produce;
+                for chunk in one_batch_per_partition(&v, items) {
+                    let batches: Vec<_> = chunk
+                        .iter()
+                        .map(|&i| PartitionBatch {
+                            topic: &v.items[i].topic,
+                            partition: v.items[i].partition,
+                            batch: v.items[i].batch.clone(),
+                        })
+                        .collect();
+                    let body = produce::encode(version, v.acks, kafka_timeout, &batches)
+                        .map_err(|e| ForwardError::Internal(e.to_string()))?;
+                    for &i in &chunk {
+                        st[i].attempts += 1;
+                    }
+                    match conn.send(ApiKey::Produce, version, body, v.acks != 0).await {
+                        Ok(f) => waits.push((conn.clone(), broker.id, chunk, f)),
+                        Err(e) => {
+                            for i in chunk {
+                                st[i].attempts -= u32::from(!e.maybe_sent);
+                                st[i].last = Some(Failure::Conn {
+                                    cause: e.cause.clone(),
+                                    connecting: false,
+                                });
+                                retry.push(i);
+                            }
+                            refresh = true;
+                        }
+                    }
+                }
+            }
+            if let Some(tx) = enqueued.take() {
+                let _ = tx.send(());
+            }
+
+            let answers = join_all(
+                waits
+                    .into_iter()
+                    .map(|(conn, broker, chunk, f)| async move {
+                        let r = f.wait(deadline).await;
+                        (conn, broker, chunk, r)
+                    }),
+            )
+            .await;
+            for (conn, broker, chunk, r) in answers {
+                let answers = match r {
+                    Ok(None) => {
+                        // acks=0: done once written (DESIGN.md §3.4).
+                        for i in chunk {
+                            st[i].result =
+                                Some(ok_result(&v.items[i], -1, -1, -1, broker, st[i].attempts));
+                        }
+                        continue;
+                    }
+                    Ok(Some(frame)) => produce::decode(conn.versions().produce, frame),
+                    Err(RequestError { cause, .. }) => Err(cause),
+                };
+                let mut answers = match answers {
+                    Ok(a) => a,
+                    Err(cause) => {
+                        conn.poison(cause.clone());
+                        for i in chunk {
+                            st[i].last = Some(Failure::Conn {
+                                cause: cause.clone(),
+                                connecting: false,
+                            });
+                            retry.push(i);
+                        }
+                        refresh = true;
+                        continue;
+                    }
+                };
+                for i in chunk {
+                    let it = &v.items[i];
+                    let Some(a) = answers.remove(&(it.topic.clone(), it.partition)) else {
+                        let cause = ConnError::Malformed {
+                            api: "Produce",
+                            reason: format!("answer omits {}-{}", it.topic, it.partition),
+                        };
+                        conn.poison(cause.clone());
+                        st[i].last = Some(Failure::Conn {
+                            cause,
+                            connecting: false,
+                        });
+                        retry.push(i);
+                        continue;
+                    };
+                    if a.error_code == 0 {
+                        st[i].result = Some(ok_result(
+                            it,
+                            a.base_offset,
+                            a.log_append_time_ms,
+                            a.log_start_offset,
+                            broker,
+                            st[i].attempts,
+                        ));
+                    } else if retriable(a.error_code) {
+                        refresh |= needs_refresh(a.error_code);
+                        st[i].last = Some(Failure::Kafka {
+                            code: a.error_code,
+                            message: a.error_message,
+                        });
+                        retry.push(i);
+                    } else {
+                        let mut r = error_result(
+                            it,
+                            a.error_code,
+                            a.error_message.unwrap_or_default(),
+                            broker,
+                            st[i].attempts,
+                        );
+                        r.log_start_offset = a.log_start_offset;
+                        st[i].result = Some(r);
+                    }
+                }
+            }
+
+            retry.sort_unstable();
+            pending = retry;
+            if pending.is_empty() {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(self.expired(&v, &st, &pending));
+            }
+            debug!(pending = pending.len(), ?backoff, "retrying partitions");
+            tokio::time::sleep_until((now + backoff).min(deadline)).await;
+            backoff = (backoff * 2).min(self.inner.cfg.retry_backoff_max);
+        }
+        Ok(ForwardResponse {
+            id: v.id,
+            partitions: st
+                .into_iter()
+                .map(|s| s.result.expect("every partition has a result"))
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    /// Fetches metadata when asked to or when a pending topic is not in the map yet. Returns
+    /// whether a refresh happened.
+    async fn ensure_metadata(
+        &self,
+        v: &Validated,
+        pending: &[usize],
+        force: bool,
+        deadline: Instant,
+    ) -> Result<bool, ForwardError> {
+        let map = self.inner.metadata.leader_map();
+        let mut topics: Vec<&str> = pending.iter().map(|&i| v.items[i].topic.as_str()).collect();
+        topics.sort_unstable();
+        topics.dedup();
+        if !force && topics.iter().all(|t| map.topics.contains_key(*t)) {
+            return Ok(false);
+        }
+        match self
+            .inner
+            .metadata
+            .refresh(&topics, Some(map.generation), deadline)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(cause) => Err(ForwardError::Unavailable {
+                detail: "could not fetch metadata from any broker".into(),
+                cause,
+            }),
+        }
+    }
+
+    fn expired(&self, v: &Validated, st: &[ItemState], pending: &[usize]) -> ForwardError {
+        let names: Vec<String> = pending
+            .iter()
+            .take(5)
+            .map(|&i| format!("{}-{}", v.items[i].topic, v.items[i].partition))
+            .collect();
+        let last = pending.iter().rev().find_map(|&i| st[i].last.clone());
+        let all_connecting = pending.iter().all(|&i| {
+            matches!(
+                st[i].last,
+                Some(Failure::Conn {
+                    connecting: true,
+                    ..
+                })
+            )
+        });
+        if all_connecting && let Some(Failure::Conn { cause, .. }) = last {
+            return ForwardError::Unavailable {
+                detail: format!("cannot connect to the leader of {}", names.join(", ")),
+                cause,
+            };
+        }
+        let cause = match last {
+            Some(Failure::Kafka { code, message }) => format!(
+                "last answer {}{}",
+                error_name(code),
+                message.map(|m| format!(" ({m})")).unwrap_or_default()
+            ),
+            Some(Failure::Conn { cause, .. }) => format!("last cause: {}", chain(&cause)),
+            None => "no attempt could be made in time".into(),
+        };
+        ForwardError::DeadlineExceeded {
+            detail: format!(
+                "{} of {} partitions unanswered ({}{}); {cause}",
+                pending.len(),
+                v.items.len(),
+                names.join(", "),
+                if pending.len() > 5 { ", …" } else { "" }
+            ),
+        }
+    }
+}
+
+/// Splits one leader connection's items into requests holding at most one batch per partition
+/// (DESIGN.md §3.10): the k-th batch for a partition goes into the k-th request, so batches of
+/// one partition keep their order on the wire.
+fn one_batch_per_partition(v: &Validated, items: Vec<usize>) -> Vec<Vec<usize>> {
+    let mut seen: HashMap<(&str, i32), usize> = HashMap::new();
+    let mut out: Vec<Vec<usize>> = Vec::new();
+    for i in items {
+        let k = seen
+            .entry((v.items[i].topic.as_str(), v.items[i].partition))
+            .or_insert(0);
+        if out.len() <= *k {
+            out.push(Vec::new());
+        }
+        out[*k].push(i);
+        *k += 1;
+    }
+    debug_assert!(out.iter().all(|c| {
+        let set: HashSet<_> = c
+            .iter()
+            .map(|&i| (&v.items[i].topic, v.items[i].partition))
+            .collect();
+        set.len() == c.len()
+    }));
+    out
+}
+
+fn ok_result(
+    it: &validate::Item,
+    base_offset: i64,
+    log_append_time_ms: i64,
+    log_start_offset: i64,
+    leader_id: i32,
+    attempts: u32,
+) -> PartitionResult {
+    PartitionResult {
+        topic: it.topic.clone(),
+        partition: it.partition,
+        base_offset,
+        log_append_time_ms,
+        log_start_offset,
+        leader_id,
+        attempts,
+        ..Default::default()
+    }
+}
+
+fn error_result(
+    it: &validate::Item,
+    code: i16,
+    message: String,
+    leader_id: i32,
+    attempts: u32,
+) -> PartitionResult {
+    PartitionResult {
+        topic: it.topic.clone(),
+        partition: it.partition,
+        error_code: i32::from(code),
+        error_name: error_name(code),
+        error_message: message,
+        base_offset: -1,
+        log_append_time_ms: -1,
+        log_start_offset: -1,
+        leader_id,
+        attempts,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_names_are_kafka_style() {
+        assert_eq!(error_name(3), "UNKNOWN_TOPIC_OR_PARTITION");
+        assert_eq!(error_name(6), "NOT_LEADER_OR_FOLLOWER");
+        assert_eq!(error_name(0), "");
+        assert_eq!(error_name(20), "NOT_ENOUGH_REPLICAS_AFTER_APPEND");
+    }
+}

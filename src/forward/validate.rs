@@ -1,0 +1,169 @@
+//! Checks a `ForwardRequest` before any leader sees it.
+
+use bytes::Bytes;
+use prost::Message;
+
+use super::{ForwardError, batch};
+use crate::{
+    kafka::produce::acks,
+    proto::v1::{Acks, ForwardRequest},
+};
+
+/// Longest topic name Kafka accepts.
+pub const MAX_TOPIC_LEN: usize = 249;
+
+/// One partition's payload, ready to send.
+#[derive(Debug, Clone)]
+pub struct Item {
+    /// Topic name.
+    pub topic: String,
+    /// Partition index.
+    pub partition: i32,
+    /// One v2 record batch.
+    pub batch: Bytes,
+    /// Records in the batch.
+    pub records: u32,
+}
+
+/// A request that passed validation.
+#[derive(Debug)]
+pub struct Validated {
+    /// Caller's request id.
+    pub id: u64,
+    /// Kafka acks value.
+    pub acks: i16,
+    /// Kafka `timeout_ms` asked for; 0 = server default.
+    pub timeout_ms: u32,
+    /// Payloads, in request order.
+    pub items: Vec<Item>,
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ForwardError {
+    ForwardError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Checks a topic name the way Kafka does.
+pub fn check_topic(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > MAX_TOPIC_LEN {
+        return Err(format!(
+            "is {} characters; Kafka allows at most {MAX_TOPIC_LEN}",
+            name.len()
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("{name:?} is not a valid topic name"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!("contains {c:?}; Kafka allows only [a-zA-Z0-9._-]"));
+    }
+    Ok(())
+}
+
+/// Validates `req` and turns every payload into one record batch.
+///
+/// `max_request_bytes` bounds the encoded request; `now_ms` stamps records without a timestamp.
+pub fn validate(
+    req: ForwardRequest,
+    max_request_bytes: usize,
+    now_ms: i64,
+) -> Result<Validated, ForwardError> {
+    let size = req.encoded_len();
+    if size > max_request_bytes {
+        return Err(invalid(
+            "request",
+            format!("is {size} bytes; the limit (max_request_bytes) is {max_request_bytes}"),
+        ));
+    }
+    let acks = match Acks::try_from(req.acks) {
+        Ok(Acks::None) => acks::NONE,
+        Ok(Acks::Leader) => acks::LEADER,
+        Ok(Acks::All | Acks::Unspecified) => acks::ALL,
+        Err(_) => {
+            return Err(invalid(
+                "acks",
+                format!(
+                    "unknown value {}; use ACKS_NONE, ACKS_LEADER or ACKS_ALL",
+                    req.acks
+                ),
+            ));
+        }
+    };
+    if req.timeout_ms > i32::MAX as u32 {
+        return Err(invalid(
+            "timeout_ms",
+            format!("{} exceeds {}", req.timeout_ms, i32::MAX),
+        ));
+    }
+    if req.partitions.is_empty() {
+        return Err(invalid("partitions", "at least one partition is required"));
+    }
+    let mut items = Vec::with_capacity(req.partitions.len());
+    for (i, p) in req.partitions.into_iter().enumerate() {
+        let field = |f: &str| format!("partitions[{i}].{f}");
+        check_topic(&p.topic).map_err(|r| invalid(field("topic"), r))?;
+        if p.partition < 0 {
+            return Err(invalid(
+                field("partition"),
+                format!("is {}; must be >= 0", p.partition),
+            ));
+        }
+        let (batch, records) = match (p.record_batch.is_empty(), p.records.is_empty()) {
+            (false, false) => {
+                return Err(invalid(
+                    field("record_batch"),
+                    "both record_batch and records are set; set exactly one",
+                ));
+            }
+            (true, true) => {
+                return Err(invalid(
+                    field("records"),
+                    "neither record_batch nor records is set; set exactly one",
+                ));
+            }
+            (false, true) => {
+                let info =
+                    batch::check(&p.record_batch).map_err(|r| invalid(field("record_batch"), r))?;
+                (p.record_batch, info.records as u32)
+            }
+            (true, false) => (batch::encode(&p.records, now_ms), p.records.len() as u32),
+        };
+        items.push(Item {
+            topic: p.topic,
+            partition: p.partition,
+            batch,
+            records,
+        });
+    }
+    Ok(Validated {
+        id: req.id,
+        acks,
+        timeout_ms: req.timeout_ms,
+        items,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names_follow_kafka_rules() {
+        assert!(check_topic("orders.v1_x-2").is_ok());
+        assert!(check_topic(&"a".repeat(249)).is_ok());
+        assert!(check_topic(&"a".repeat(250)).is_err());
+        assert!(check_topic("").is_err());
+        assert!(check_topic(".").is_err());
+        assert!(check_topic("..").is_err());
+        assert!(check_topic("a b").unwrap_err().contains("' '"));
+        assert!(check_topic("ü").is_err());
+    }
+}

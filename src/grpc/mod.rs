@@ -1,0 +1,200 @@
+//! Thin tonic handlers, and the one place that maps errors to gRPC status codes.
+
+use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
+
+use futures::{Stream, StreamExt};
+use tokio::{
+    sync::{Semaphore, mpsc, oneshot, watch},
+    time::Instant,
+};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, metadata::MetadataMap};
+use tracing::warn;
+
+use crate::{
+    forward::{ForwardError, Forwarder},
+    kafka::error::chain,
+    proto::v1::{ForwardRequest, ForwardResponse, forwarder_server},
+};
+
+/// Turns a forwarding error into the gRPC status the caller sees. Every error path of the
+/// Forwarder service goes through here.
+pub fn status(err: &ForwardError) -> Status {
+    match err {
+        ForwardError::Invalid { .. } => Status::invalid_argument(err.to_string()),
+        ForwardError::DeadlineExceeded { .. } => Status::deadline_exceeded(err.to_string()),
+        ForwardError::Unavailable { .. } => Status::unavailable(chain(err)),
+        ForwardError::Internal(_) => {
+            warn!(error = %err, "internal error");
+            Status::internal(err.to_string())
+        }
+    }
+}
+
+/// Reads the caller's deadline from `grpc-timeout`.
+///
+/// tonic parses this header only inside its own timeout layer, whose expiry answers CANCELLED;
+/// leaderlink needs the deadline itself (to cut the Kafka `timeout_ms` and answer
+/// DEADLINE_EXCEEDED), so the short format (`<=8 digits><H|M|S|m|u|n>`) is parsed here.
+pub fn caller_timeout(md: &MetadataMap) -> Option<Duration> {
+    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// How long leaderlink works on a call whose caller allows `timeout`: 5% (at most 100 ms) less,
+/// so that its own DEADLINE_EXCEEDED — naming the partitions still waiting and the last cause —
+/// reaches the caller before the caller's timer fires.
+pub fn answer_within(timeout: Duration) -> Duration {
+    timeout - (timeout / 20).min(Duration::from_millis(100))
+}
+
+/// The Forwarder gRPC service.
+#[derive(Clone)]
+pub struct ForwarderService {
+    forwarder: Forwarder,
+    default_timeout: Duration,
+    max_stream_in_flight: usize,
+}
+
+impl ForwarderService {
+    /// A service over `forwarder`. `default_timeout` is the deadline of calls that carry none;
+    /// `max_stream_in_flight` bounds the requests one ForwardStream has outstanding (more are
+    /// not read from the stream until one completes, which pushes back on the caller through
+    /// HTTP/2 flow control).
+    pub fn new(
+        forwarder: Forwarder,
+        default_timeout: Duration,
+        max_stream_in_flight: usize,
+    ) -> Self {
+        Self {
+            forwarder,
+            default_timeout,
+            max_stream_in_flight: max_stream_in_flight.max(1),
+        }
+    }
+
+    fn deadline(&self, md: &MetadataMap) -> Instant {
+        Instant::now() + caller_timeout(md).map_or(self.default_timeout, answer_within)
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<ForwardResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl forwarder_server::Forwarder for ForwarderService {
+    async fn forward(
+        &self,
+        request: Request<ForwardRequest>,
+    ) -> Result<Response<ForwardResponse>, Status> {
+        let deadline = self.deadline(request.metadata());
+        self.forwarder
+            .forward(request.into_inner(), deadline, None)
+            .await
+            .map(Response::new)
+            .map_err(|e| status(&e))
+    }
+
+    type ForwardStreamStream = ResponseStream;
+
+    async fn forward_stream(
+        &self,
+        request: Request<tonic::Streaming<ForwardRequest>>,
+    ) -> Result<Response<Self::ForwardStreamStream>, Status> {
+        // The stream's own deadline bounds every request on it.
+        let stream_deadline =
+            caller_timeout(request.metadata()).map(|t| Instant::now() + answer_within(t));
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let permits = Arc::new(Semaphore::new(this.max_stream_in_flight));
+            // Completion signal of the latest request per partition, so that responses for one
+            // partition leave in arrival order.
+            let mut last: HashMap<(String, i32), watch::Receiver<bool>> = HashMap::new();
+            while let Some(msg) = inbound.next().await {
+                let req = match msg {
+                    Ok(r) => r,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        break;
+                    }
+                };
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    break;
+                };
+                let mut deadline = Instant::now() + this.default_timeout;
+                if let Some(d) = stream_deadline {
+                    deadline = deadline.min(d);
+                }
+                let (done_tx, done_rx) = watch::channel(false);
+                let mut before = Vec::new();
+                for p in &req.partitions {
+                    let key = (p.topic.clone(), p.partition);
+                    if let Some(prev) = last.insert(key, done_rx.clone()) {
+                        before.push(prev);
+                    }
+                }
+                if last.len() > 4 * this.max_stream_in_flight {
+                    last.retain(|_, rx| !*rx.borrow());
+                }
+                let (enq_tx, enq_rx) = oneshot::channel();
+                let id = req.id;
+                let forwarder = this.forwarder.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let result = forwarder.forward(req, deadline, Some(enq_tx)).await;
+                    for mut prev in before {
+                        let _ = prev.wait_for(|done| *done).await;
+                    }
+                    let resp = result.unwrap_or_else(|e| {
+                        let s = status(&e);
+                        ForwardResponse {
+                            id,
+                            status_code: s.code() as i32,
+                            status_message: s.message().to_string(),
+                            ..Default::default()
+                        }
+                    });
+                    let _ = tx.send(Ok(resp)).await;
+                    let _ = done_tx.send(true);
+                    drop(permit);
+                });
+                // Hand this request's batches to the leader connections before reading the
+                // next one, so that requests for one partition reach the leader in order.
+                let _ = enq_rx.await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header_is_parsed() {
+        let mut md = MetadataMap::new();
+        md.insert("grpc-timeout", "250m".parse().unwrap());
+        assert_eq!(caller_timeout(&md), Some(Duration::from_millis(250)));
+        md.insert("grpc-timeout", "3S".parse().unwrap());
+        assert_eq!(caller_timeout(&md), Some(Duration::from_secs(3)));
+        md.insert("grpc-timeout", "123456789m".parse().unwrap());
+        assert_eq!(caller_timeout(&md), None);
+        md.insert("grpc-timeout", "5x".parse().unwrap());
+        assert_eq!(caller_timeout(&md), None);
+    }
+}

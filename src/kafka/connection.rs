@@ -1,0 +1,910 @@
+//! One pipelined Kafka connection: many requests in flight, answers matched by correlation id.
+//!
+//! Shaped after rskafka's messenger, with a single writer task instead of a write lock:
+//!
+//! * [`Connection::send`] waits for an in-flight permit (the `max_in_flight` bound), then, under
+//!   one lock, assigns the correlation id, registers the pending entry and queues the frame for the
+//!   writer. The entry exists before a byte is written, so a fast answer always finds it
+//!   (DESIGN.md §3.1), and queue order equals wire order.
+//! * The writer task owns the socket's write half and writes every queued frame whole, batching
+//!   what is queued per wake-up into one flush. Callers never write, so a caller that is
+//!   cancelled (a dropped future) can never leave half a frame on the wire (§3.2).
+//! * The reader task splits frames ([`FrameDecoder`]) and matches each answer against the oldest
+//!   pending entry: correlation id *and* FIFO order (§3.3). An acks=0 entry occupies a FIFO slot
+//!   that may be answered (the answer is dropped) or skipped (§3.4).
+//! * Any framing, ordering or I/O error *poisons* the connection: every pending caller gets the
+//!   cause at once and later sends fail immediately, so the pool reconnects instead of hanging.
+//! * A request whose deadline passes after it may have been written poisons the connection too
+//!   (§3.5); [`RequestError::maybe_sent`] tells "never written" from "maybe written".
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex, MutexGuard, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::{messages::ApiKey, protocol::StrBytes};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot},
+    task::AbortHandle,
+    time::Instant,
+};
+use tracing::{Instrument, Span, debug, warn};
+
+use super::{
+    error::{ConnError, RequestError},
+    frame::{FrameDecoder, correlation_id, encode_request_head},
+    versions::Versions,
+};
+
+/// Settings of one connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionConfig {
+    /// Most requests awaiting an answer at once on this connection. When reached, further
+    /// requests wait (they count as *queued*) until an answer frees a slot. `1` reproduces
+    /// one-at-a-time forwarding.
+    pub max_in_flight: usize,
+    /// Largest response frame accepted; a larger length prefix poisons the connection.
+    pub max_frame_bytes: usize,
+    /// `client_id` sent in every request header.
+    pub client_id: Option<StrBytes>,
+}
+
+/// How many answered-or-skipped acks=0 slots are remembered at most. Apache Kafka never answers
+/// acks=0 requests, so without this bound a stream of them would grow the FIFO forever; when hit,
+/// the oldest such slots are forgotten (an answer to one of those would then poison the
+/// connection, which needs this many acks=0 requests outstanding before the leader answers).
+const MAX_NO_RESPONSE_SLOTS: usize = 16 * 1024;
+
+/// Most frames the writer takes from its queue before one flush.
+const MAX_WRITE_BATCH: usize = 256;
+
+/// Capacity of the writer's buffer; frames larger than this are written straight through.
+const WRITE_BUFFER: usize = 64 * 1024;
+
+/// Counters of one connection slot, kept across reconnects.
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    /// Requests written or queued for writing and awaiting an answer now.
+    pub in_flight: AtomicU64,
+    /// Highest `in_flight` ever observed.
+    pub peak_in_flight: AtomicU64,
+    /// Requests waiting for an in-flight permit now.
+    pub queued: AtomicU64,
+    /// Frames written to the socket.
+    pub sent: AtomicU64,
+    /// Answers delivered to their caller.
+    pub completed: AtomicU64,
+    /// Requests failed by a poisoned connection.
+    pub errors: AtomicU64,
+    /// Requests whose deadline passed while waiting for an answer.
+    pub timeouts: AtomicU64,
+    /// Times a connection of this slot was poisoned.
+    pub poisoned: AtomicU64,
+}
+
+enum Reply {
+    /// A caller waits for the answer.
+    Answer(oneshot::Sender<Result<Bytes, RequestError>>),
+    /// acks=0: nobody waits; an answer, if the broker sends one, is dropped.
+    None,
+}
+
+struct Entry {
+    correlation_id: i32,
+    seq: u64,
+    reply: Reply,
+    /// Held until the answer arrives, so `max_in_flight` bounds requests awaiting answers.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+struct Outgoing {
+    seq: u64,
+    head: Bytes,
+    body: Bytes,
+    /// Signalled once the frame is flushed (acks=0 callers wait for this).
+    written: Option<oneshot::Sender<()>>,
+    /// acks=0 requests hold their permit only until written.
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+struct State {
+    next_correlation_id: i32,
+    next_seq: u64,
+    /// Sequence number of the last frame the writer has begun to write. Frames at or below it
+    /// may have reached the broker.
+    claimed_seq: u64,
+    fifo: VecDeque<Entry>,
+    no_response_slots: usize,
+    to_writer: Option<mpsc::UnboundedSender<Outgoing>>,
+    poisoned: Option<ConnError>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    permits: Arc<Semaphore>,
+    stats: Arc<ConnStats>,
+    tasks: Mutex<Vec<AbortHandle>>,
+    client_id: Option<StrBytes>,
+    span: Span,
+}
+
+/// A pipelined connection to one broker. Cheap to share behind an `Arc`; dropping the last
+/// reference closes it and fails whatever was pending.
+pub struct Connection {
+    shared: Arc<Shared>,
+    versions: OnceLock<Versions>,
+}
+
+/// A request that was queued on a connection; [`InFlight::wait`] yields its answer.
+pub struct InFlight {
+    conn: Arc<Connection>,
+    seq: u64,
+    correlation_id: i32,
+    kind: Waiting,
+}
+
+enum Waiting {
+    Answer(oneshot::Receiver<Result<Bytes, RequestError>>),
+    Written(oneshot::Receiver<()>),
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave the state half-updated in a way that matters
+    // more than losing the connection, so poisoning of the std mutex is ignored.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct DecOnDrop<'a>(&'a AtomicU64);
+impl Drop for DecOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Connection {
+    /// Starts the reader and writer tasks on an already connected stream.
+    ///
+    /// The connection is not negotiated yet: `versions` holds [`Versions::UNNEGOTIATED`] until
+    /// the caller sets it (see [`super::versions::negotiate`]).
+    pub fn start<R, W>(
+        reader: R,
+        writer: W,
+        config: &ConnectionConfig,
+        stats: Arc<ConnStats>,
+        span: Span,
+    ) -> Arc<Connection>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        Self::start_at(reader, writer, config, stats, span, 0)
+    }
+
+    fn start_at<R, W>(
+        reader: R,
+        writer: W,
+        config: &ConnectionConfig,
+        stats: Arc<ConnStats>,
+        span: Span,
+        first_correlation_id: i32,
+    ) -> Arc<Connection>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                next_correlation_id: first_correlation_id,
+                next_seq: 0,
+                claimed_seq: 0,
+                fifo: VecDeque::new(),
+                no_response_slots: 0,
+                to_writer: Some(tx),
+                poisoned: None,
+            }),
+            permits: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
+            stats,
+            tasks: Mutex::new(Vec::new()),
+            client_id: config.client_id.clone(),
+            span: span.clone(),
+        });
+        let decoder = FrameDecoder::new(config.max_frame_bytes);
+        let r = tokio::spawn(read_loop(shared.clone(), reader, decoder).instrument(span.clone()));
+        let w = tokio::spawn(write_loop(shared.clone(), rx, writer).instrument(span));
+        lock(&shared.tasks).extend([r.abort_handle(), w.abort_handle()]);
+        // A task that already finished (peer closed at once) is fine: aborting it is a no-op.
+        Arc::new(Connection {
+            shared,
+            versions: OnceLock::new(),
+        })
+    }
+
+    /// API versions negotiated with this broker (DESIGN.md §3.9), or
+    /// [`Versions::UNNEGOTIATED`] before [`super::versions::negotiate`] ran.
+    pub fn versions(&self) -> Versions {
+        self.versions
+            .get()
+            .copied()
+            .unwrap_or(Versions::UNNEGOTIATED)
+    }
+
+    pub(crate) fn set_versions(&self, versions: Versions) {
+        let _ = self.versions.set(versions);
+    }
+
+    /// Queues one request.
+    ///
+    /// Waits while `max_in_flight` requests await answers. Returns once the frame is queued for
+    /// the writer; the returned [`InFlight`] yields the answer (or, with `expect_answer = false`,
+    /// completes once the frame is written). Cancelling this future before it returns sends
+    /// nothing.
+    pub async fn send(
+        self: &Arc<Self>,
+        api_key: ApiKey,
+        api_version: i16,
+        body: Bytes,
+        expect_answer: bool,
+    ) -> Result<InFlight, RequestError> {
+        let shared = &self.shared;
+        let permit = {
+            shared.stats.queued.fetch_add(1, Ordering::Relaxed);
+            let _queued = DecOnDrop(&shared.stats.queued);
+            shared.permits.clone().acquire_owned().await
+        };
+        let mut st = lock(&shared.state);
+        let permit = match (permit, &st.poisoned) {
+            (Ok(p), None) => p,
+            (_, cause) => {
+                return Err(RequestError {
+                    cause: cause.clone().unwrap_or(ConnError::Shutdown),
+                    maybe_sent: false,
+                });
+            }
+        };
+        let correlation_id = st.next_correlation_id;
+        let head = encode_request_head(
+            api_key,
+            api_version,
+            correlation_id,
+            &shared.client_id,
+            body.len(),
+        )
+        .map_err(|cause| RequestError {
+            cause,
+            maybe_sent: false,
+        })?;
+        // Correlation ids are i32 and wrap (DESIGN.md §3.7); in-flight requests are bounded far
+        // below 2^32, so ids stay unique among them.
+        st.next_correlation_id = correlation_id.wrapping_add(1);
+        st.next_seq += 1;
+        let seq = st.next_seq;
+
+        let (reply, kind, entry_permit, out_permit, written) = if expect_answer {
+            let (tx, rx) = oneshot::channel();
+            (
+                Reply::Answer(tx),
+                Waiting::Answer(rx),
+                Some(permit),
+                None,
+                None,
+            )
+        } else {
+            let (tx, rx) = oneshot::channel();
+            (
+                Reply::None,
+                Waiting::Written(rx),
+                None,
+                Some(permit),
+                Some(tx),
+            )
+        };
+        let Some(to_writer) = st.to_writer.as_ref() else {
+            return Err(RequestError {
+                cause: ConnError::Shutdown,
+                maybe_sent: false,
+            });
+        };
+        if to_writer
+            .send(Outgoing {
+                seq,
+                head,
+                body,
+                written,
+                _permit: out_permit,
+            })
+            .is_err()
+        {
+            return Err(RequestError {
+                cause: ConnError::Shutdown,
+                maybe_sent: false,
+            });
+        }
+        if !expect_answer {
+            st.no_response_slots += 1;
+        }
+        st.fifo.push_back(Entry {
+            correlation_id,
+            seq,
+            reply,
+            _permit: entry_permit,
+        });
+        while st.no_response_slots > MAX_NO_RESPONSE_SLOTS
+            && matches!(
+                st.fifo.front(),
+                Some(Entry {
+                    reply: Reply::None,
+                    ..
+                })
+            )
+        {
+            st.fifo.pop_front();
+            st.no_response_slots -= 1;
+        }
+        drop(st);
+        if expect_answer {
+            let now = shared.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+            shared
+                .stats
+                .peak_in_flight
+                .fetch_max(now, Ordering::Relaxed);
+        }
+        Ok(InFlight {
+            conn: self.clone(),
+            seq,
+            correlation_id,
+            kind,
+        })
+    }
+
+    /// Poisons the connection: every pending request fails with `cause`, later sends fail at
+    /// once. Idempotent; the first cause wins.
+    pub fn poison(&self, cause: ConnError) {
+        self.shared.poison(cause);
+    }
+
+    /// The cause, if the connection is poisoned.
+    pub fn poisoned(&self) -> Option<ConnError> {
+        lock(&self.shared.state).poisoned.clone()
+    }
+
+    /// Requests awaiting an answer on this connection now.
+    pub fn pending(&self) -> usize {
+        let st = lock(&self.shared.state);
+        st.fifo.len() - st.no_response_slots
+    }
+
+    /// Counters of the slot this connection belongs to.
+    pub fn stats(&self) -> &Arc<ConnStats> {
+        &self.shared.stats
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // The last handle is gone (every InFlight holds one, so nobody waits for an answer):
+        // close the socket and stop the tasks.
+        self.shared.poison(ConnError::Shutdown);
+    }
+}
+
+impl InFlight {
+    /// Correlation id the request was sent with.
+    pub fn correlation_id(&self) -> i32 {
+        self.correlation_id
+    }
+
+    /// Waits for the answer until `deadline`.
+    ///
+    /// Returns the response frame (header included) or, for a request sent without expecting
+    /// an answer, `None` once it is written. If the deadline passes first, the connection is
+    /// poisoned (DESIGN.md §3.5) and the error says whether the request may have been written.
+    pub async fn wait(self, deadline: Instant) -> Result<Option<Bytes>, RequestError> {
+        let shared = &self.conn.shared;
+        let outcome = match self.kind {
+            Waiting::Answer(rx) => match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(result)) => return result.map(Some),
+                Ok(Err(_)) => None,
+                Err(_) => Some(()),
+            },
+            Waiting::Written(rx) => match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(())) => return Ok(None),
+                Ok(Err(_)) => None,
+                Err(_) => Some(()),
+            },
+        };
+        if outcome.is_some() {
+            shared.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+            shared.poison(ConnError::TimedOut);
+        }
+        let st = lock(&shared.state);
+        Err(RequestError {
+            cause: st.poisoned.clone().unwrap_or(ConnError::Shutdown),
+            maybe_sent: self.seq <= st.claimed_seq,
+        })
+    }
+}
+
+impl Shared {
+    fn poison(&self, cause: ConnError) {
+        let (entries, claimed) = {
+            let mut st = lock(&self.state);
+            if st.poisoned.is_some() {
+                return;
+            }
+            st.poisoned = Some(cause.clone());
+            st.to_writer = None;
+            st.no_response_slots = 0;
+            (std::mem::take(&mut st.fifo), st.claimed_seq)
+        };
+        self.permits.close();
+        if !matches!(cause, ConnError::Shutdown) {
+            self.stats.poisoned.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut failed = 0usize;
+        for entry in entries {
+            if let Reply::Answer(tx) = entry.reply {
+                failed += 1;
+                self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                let _ = tx.send(Err(RequestError {
+                    cause: cause.clone(),
+                    maybe_sent: entry.seq <= claimed,
+                }));
+            }
+        }
+        self.span.in_scope(|| {
+            if cause.is_ordinary() {
+                debug!(cause = %cause, failed, "leader connection closed");
+            } else {
+                warn!(cause = %cause, failed, "leader connection poisoned");
+            }
+        });
+        for task in lock(&self.tasks).drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Matches one answer against the FIFO of pending requests.
+    fn deliver(&self, frame: Bytes) -> Result<(), ConnError> {
+        let got = correlation_id(&frame);
+        let mut st = lock(&self.state);
+        loop {
+            let Some(front) = st.fifo.front() else {
+                return Err(ConnError::UnknownCorrelationId { got });
+            };
+            let matches = front.correlation_id == got;
+            let no_answer_expected = matches!(front.reply, Reply::None);
+            if !matches && !no_answer_expected {
+                return Err(ConnError::OutOfOrder {
+                    expected: front.correlation_id,
+                    got,
+                });
+            }
+            let entry = st.fifo.pop_front().expect("front exists");
+            if no_answer_expected {
+                // acks=0 slot: answered (drop the answer) or skipped (a later id came first).
+                st.no_response_slots -= 1;
+            }
+            if !matches {
+                continue;
+            }
+            drop(st);
+            if let Reply::Answer(tx) = entry.reply {
+                self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                self.stats.completed.fetch_add(1, Ordering::Relaxed);
+                // The caller may have gone away (cancelled); the answer is then dropped.
+                let _ = tx.send(Ok(frame));
+            }
+            return Ok(());
+        }
+    }
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    shared: Arc<Shared>,
+    mut reader: R,
+    decoder: FrameDecoder,
+) {
+    let mut buf = BytesMut::new();
+    let cause = loop {
+        match decoder.split(&mut buf) {
+            Ok(Some(frame)) => {
+                if let Err(e) = shared.deliver(frame) {
+                    break e;
+                }
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => break e,
+        }
+        match reader.read_buf(&mut buf).await {
+            Ok(0) => break ConnError::Closed,
+            Ok(_) => {}
+            Err(e) => break ConnError::io(e),
+        }
+    };
+    shared.poison(cause);
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    shared: Arc<Shared>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    writer: W,
+) {
+    let mut w = BufWriter::with_capacity(WRITE_BUFFER, writer);
+    let mut batch = Vec::with_capacity(MAX_WRITE_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(o) => batch.push(o),
+                Err(_) => break,
+            }
+        }
+        {
+            let mut st = lock(&shared.state);
+            if st.poisoned.is_some() {
+                return;
+            }
+            st.claimed_seq = batch.last().map_or(st.claimed_seq, |o| o.seq);
+        }
+        let mut result = Ok(());
+        for o in &batch {
+            result = async {
+                w.write_all(&o.head).await?;
+                w.write_all(&o.body).await
+            }
+            .await;
+            if result.is_err() {
+                break;
+            }
+        }
+        if result.is_ok() {
+            result = w.flush().await;
+        }
+        if let Err(e) = result {
+            shared.poison(ConnError::io(e));
+            return;
+        }
+        shared
+            .stats
+            .sent
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        for o in batch.drain(..) {
+            if let Some(tx) = o.written {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The connection against a scripted fake peer over `tokio::io::duplex`, with paused time.
+
+    use std::time::Duration;
+
+    use bytes::{Buf, BufMut};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    use super::*;
+
+    const MAX_FRAME: usize = 1024 * 1024;
+
+    fn conn(max_in_flight: usize, first_id: i32, buffer: usize) -> (Arc<Connection>, DuplexStream) {
+        let (ours, peer) = tokio::io::duplex(buffer);
+        let (r, w) = tokio::io::split(ours);
+        let cfg = ConnectionConfig {
+            max_in_flight,
+            max_frame_bytes: MAX_FRAME,
+            client_id: Some(StrBytes::from_static_str("test")),
+        };
+        let c = Connection::start_at(
+            r,
+            w,
+            &cfg,
+            Arc::new(ConnStats::default()),
+            Span::none(),
+            first_id,
+        );
+        (c, peer)
+    }
+
+    /// Reads one whole request frame: (api key, version, correlation id, rest after the id).
+    async fn read_request(peer: &mut DuplexStream) -> (i16, i16, i32, Bytes) {
+        let len = peer.read_i32().await.expect("length");
+        let mut buf = vec![0; len as usize];
+        peer.read_exact(&mut buf).await.expect("whole frame");
+        let mut b = Bytes::from(buf);
+        let (key, version, id) = (b.get_i16(), b.get_i16(), b.get_i32());
+        (key, version, id, b)
+    }
+
+    async fn answer(peer: &mut DuplexStream, id: i32, payload: &[u8]) {
+        let mut f = BytesMut::new();
+        f.put_i32(4 + payload.len() as i32);
+        f.put_i32(id);
+        f.put_slice(payload);
+        peer.write_all(&f).await.unwrap();
+    }
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
+    async fn send(c: &Arc<Connection>, body: &'static [u8]) -> InFlight {
+        c.send(ApiKey::Produce, 9, Bytes::from_static(body), true)
+            .await
+            .expect("queued")
+    }
+
+    fn payload(frame: Option<Bytes>) -> Bytes {
+        let mut f = frame.expect("an answer");
+        f.advance(4);
+        f
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pipelined_requests_get_their_own_answers() {
+        let (c, mut peer) = conn(16, 0, 64 * 1024);
+        let a = send(&c, b"a").await;
+        let b = send(&c, b"b").await;
+        let d = send(&c, b"c").await;
+        // All three are on the wire before any answer: pipelined.
+        let mut ids = Vec::new();
+        for want in [b"a", b"b", b"c"] {
+            let (key, version, id, rest) = read_request(&mut peer).await;
+            assert_eq!((key, version), (ApiKey::Produce as i16, 9));
+            assert!(rest.ends_with(want));
+            ids.push(id);
+        }
+        assert_eq!(ids, vec![0, 1, 2]);
+        assert_eq!(c.stats().peak_in_flight.load(Ordering::Relaxed), 3);
+        for (id, p) in ids.iter().zip([b"A", b"B", b"C"]) {
+            answer(&mut peer, *id, p).await;
+        }
+        assert_eq!(&payload(a.wait(far()).await.unwrap())[..], b"A");
+        assert_eq!(&payload(b.wait(far()).await.unwrap())[..], b"B");
+        assert_eq!(&payload(d.wait(far()).await.unwrap())[..], b"C");
+        assert_eq!(c.pending(), 0);
+        assert!(c.poisoned().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unknown_correlation_id_poisons_and_fails_every_pending_request() {
+        let (c, mut peer) = conn(16, 0, 64 * 1024);
+        let a = send(&c, b"a").await;
+        let b = send(&c, b"b").await;
+        read_request(&mut peer).await;
+        read_request(&mut peer).await;
+        answer(&mut peer, 99, b"?").await;
+        for f in [a, b] {
+            let e = f.wait(far()).await.unwrap_err();
+            assert!(
+                matches!(
+                    e.cause,
+                    ConnError::OutOfOrder {
+                        expected: 0,
+                        got: 99
+                    }
+                ),
+                "{e:?}"
+            );
+            assert!(e.maybe_sent);
+        }
+        // Later sends fail at once with the same cause, so the pool reconnects.
+        let e = c
+            .send(ApiKey::Produce, 9, Bytes::from_static(b"x"), true)
+            .await
+            .err()
+            .expect("poisoned");
+        assert!(matches!(e.cause, ConnError::OutOfOrder { .. }));
+        assert!(!e.maybe_sent);
+        assert_eq!(c.stats().poisoned.load(Ordering::Relaxed), 1);
+        assert_eq!(c.stats().in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_with_nothing_pending_poisons() {
+        let (c, mut peer) = conn(16, 0, 64 * 1024);
+        answer(&mut peer, 7, b"unsolicited").await;
+        // The reader poisons as soon as the frame arrives.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(matches!(
+            c.poisoned(),
+            Some(ConnError::UnknownCorrelationId { got: 7 })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn out_of_order_answers_poison() {
+        let (c, mut peer) = conn(16, 0, 64 * 1024);
+        let a = send(&c, b"a").await;
+        let b = send(&c, b"b").await;
+        let (_, _, _id_a, _) = read_request(&mut peer).await;
+        let (_, _, id_b, _) = read_request(&mut peer).await;
+        answer(&mut peer, id_b, b"B").await;
+        assert!(matches!(
+            a.wait(far()).await.unwrap_err().cause,
+            ConnError::OutOfOrder {
+                expected: 0,
+                got: 1
+            }
+        ));
+        assert!(b.wait(far()).await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn garbage_bytes_poison_without_allocating_their_claimed_length() {
+        let (c, mut peer) = conn(16, 0, 64 * 1024);
+        let a = send(&c, b"a").await;
+        read_request(&mut peer).await;
+        // An HTTP answer on a Kafka port: "HTTP" read as a length is ~1.2 GB.
+        peer.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            .await
+            .unwrap();
+        let e = a.wait(far()).await.unwrap_err();
+        assert!(
+            matches!(e.cause, ConnError::FrameTooLarge { limit: MAX_FRAME, actual } if actual > MAX_FRAME),
+            "{e:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn negative_and_oversize_lengths_poison() {
+        for (len, check) in [
+            (
+                -1i32,
+                &(|e: &ConnError| matches!(e, ConnError::BadLength(-1)))
+                    as &dyn Fn(&ConnError) -> bool,
+            ),
+            ((MAX_FRAME + 1) as i32, &|e: &ConnError| {
+                matches!(e, ConnError::FrameTooLarge { .. })
+            }),
+        ] {
+            let (c, mut peer) = conn(16, 0, 64 * 1024);
+            let a = send(&c, b"a").await;
+            read_request(&mut peer).await;
+            peer.write_all(&len.to_be_bytes()).await.unwrap();
+            let e = a.wait(far()).await.unwrap_err();
+            assert!(check(&e.cause), "{len}: {e:?}");
+            assert!(c.poisoned().is_some());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn hang_up_fails_every_request_in_flight() {
+        let (c, mut peer) = conn(16, 0, 64 * 1024);
+        let a = send(&c, b"a").await;
+        let b = send(&c, b"b").await;
+        read_request(&mut peer).await;
+        read_request(&mut peer).await;
+        drop(peer);
+        for f in [a, b] {
+            let e = f.wait(far()).await.unwrap_err();
+            assert!(matches!(e.cause, ConnError::Closed), "{e:?}");
+            assert!(e.maybe_sent, "it was written before the hang-up");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn caller_cancelled_while_queued_sends_nothing() {
+        let (c, mut peer) = conn(1, 0, 64 * 1024);
+        let a = send(&c, b"a").await;
+        let (_, _, id_a, _) = read_request(&mut peer).await;
+        // max_in_flight = 1: the second send waits for a permit; the caller gives up.
+        let waiting = tokio::time::timeout(
+            Duration::from_millis(50),
+            c.send(ApiKey::Produce, 9, Bytes::from_static(b"never"), true),
+        )
+        .await;
+        assert!(waiting.is_err(), "the second request had to wait");
+        assert_eq!(c.stats().queued.load(Ordering::Relaxed), 0);
+        answer(&mut peer, id_a, b"A").await;
+        assert_eq!(&payload(a.wait(far()).await.unwrap())[..], b"A");
+        // The next request carries the next id; "never" was never written.
+        let b = send(&c, b"b").await;
+        let (_, _, id_b, rest) = read_request(&mut peer).await;
+        assert_eq!(id_b, id_a + 1);
+        assert!(rest.ends_with(b"b"));
+        answer(&mut peer, id_b, b"B").await;
+        assert!(b.wait(far()).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn caller_cancelled_during_the_write_leaves_a_whole_frame() {
+        // A 64-byte pipe and a 200 KB body: the write takes many rounds.
+        let (c, mut peer) = conn(16, 0, 64);
+        static BIG: [u8; 200_000] = [7u8; 200_000];
+        let a = c
+            .send(ApiKey::Produce, 9, Bytes::from_static(&BIG), true)
+            .await
+            .unwrap();
+        drop(a); // the caller is gone while the frame is being written
+        let (_, _, id, rest) = read_request(&mut peer).await;
+        assert!(rest.ends_with(&BIG), "the whole body arrived");
+        // Its answer is dropped without poisoning; the connection goes on.
+        answer(&mut peer, id, b"late").await;
+        let b = send(&c, b"b").await;
+        let (_, _, id_b, _) = read_request(&mut peer).await;
+        answer(&mut peer, id_b, b"B").await;
+        assert_eq!(&payload(b.wait(far()).await.unwrap())[..], b"B");
+        assert!(c.poisoned().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acks_zero_leaves_nothing_pending_and_tolerates_answer_or_silence() {
+        let (c, mut peer) = conn(16, 0, 64 * 1024);
+        let z1 = c
+            .send(ApiKey::Produce, 9, Bytes::from_static(b"z1"), false)
+            .await
+            .unwrap();
+        assert!(z1.wait(far()).await.unwrap().is_none(), "done once written");
+        assert_eq!(c.pending(), 0);
+        let z2 = c
+            .send(ApiKey::Produce, 9, Bytes::from_static(b"z2"), false)
+            .await
+            .unwrap();
+        z2.wait(far()).await.unwrap();
+        let a = send(&c, b"a").await;
+        let (_, _, id1, _) = read_request(&mut peer).await;
+        let (_, _, _id2, _) = read_request(&mut peer).await;
+        let (_, _, id_a, _) = read_request(&mut peer).await;
+        // The first acks=0 request is answered (as librdkafka's mock does), the second not (as
+        // Apache Kafka does): neither poisons.
+        answer(&mut peer, id1, b"ignored").await;
+        answer(&mut peer, id_a, b"A").await;
+        assert_eq!(&payload(a.wait(far()).await.unwrap())[..], b"A");
+        assert!(c.poisoned().is_none());
+        assert_eq!(c.pending(), 0);
+        assert_eq!(c.stats().peak_in_flight.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn correlation_ids_wrap() {
+        let (c, mut peer) = conn(16, i32::MAX - 1, 64 * 1024);
+        let fs = [
+            send(&c, b"1").await,
+            send(&c, b"2").await,
+            send(&c, b"3").await,
+        ];
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(read_request(&mut peer).await.2);
+        }
+        assert_eq!(ids, vec![i32::MAX - 1, i32::MAX, i32::MIN]);
+        for id in &ids {
+            answer(&mut peer, *id, b"ok").await;
+        }
+        for f in fs {
+            assert!(f.wait(far()).await.is_ok());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timeout_after_sending_poisons_the_connection() {
+        let (c, mut peer) = conn(16, 0, 64 * 1024);
+        let a = send(&c, b"a").await;
+        let b = send(&c, b"b").await;
+        read_request(&mut peer).await;
+        let e = a
+            .wait(Instant::now() + Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(e.cause, ConnError::TimedOut));
+        assert!(e.maybe_sent, "it was written: it may be in the log");
+        assert_eq!(c.stats().timeouts.load(Ordering::Relaxed), 1);
+        // The other pending request fails too: a late answer could no longer be trusted.
+        assert!(matches!(
+            b.wait(far()).await.unwrap_err().cause,
+            ConnError::TimedOut
+        ));
+        assert!(c.poisoned().is_some());
+    }
+}

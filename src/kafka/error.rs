@@ -1,0 +1,140 @@
+//! Errors of the Kafka-wire layer.
+
+use std::{io, sync::Arc, time::Duration};
+
+/// Why a leader connection failed or was poisoned.
+///
+/// Cloneable so that one cause can be handed to every request that was pending when a connection
+/// was poisoned.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConnError {
+    /// TCP connect to the broker failed.
+    #[error("connecting to {addr} failed")]
+    Connect {
+        /// `host:port` that was dialled.
+        addr: String,
+        /// The operating system's error.
+        #[source]
+        source: Arc<io::Error>,
+    },
+    /// TCP connect did not finish in time.
+    #[error("connecting to {addr} timed out after {after:?}")]
+    ConnectTimeout {
+        /// `host:port` that was dialled.
+        addr: String,
+        /// How long the attempt ran.
+        after: Duration,
+    },
+    /// Reading or writing the socket failed.
+    #[error("socket I/O failed")]
+    Io(#[source] Arc<io::Error>),
+    /// The broker closed the connection.
+    #[error("the broker closed the connection")]
+    Closed,
+    /// A frame's length prefix exceeds the configured maximum.
+    #[error("frame of {actual} bytes exceeds the limit of {limit} bytes")]
+    FrameTooLarge {
+        /// The configured `max_frame_bytes`.
+        limit: usize,
+        /// The length prefix read off the wire.
+        actual: usize,
+    },
+    /// A frame's length prefix is negative or too short to hold a correlation id.
+    #[error("invalid frame length {0}")]
+    BadLength(i32),
+    /// A response arrived for a correlation id that no request on this connection is waiting for.
+    #[error("response for unknown correlation id {got}")]
+    UnknownCorrelationId {
+        /// The correlation id read off the wire.
+        got: i32,
+    },
+    /// A response arrived out of request order: the stream is out of sync.
+    #[error("response out of order: expected correlation id {expected}, got {got}")]
+    OutOfOrder {
+        /// Correlation id of the oldest request waiting for an answer.
+        expected: i32,
+        /// The correlation id read off the wire.
+        got: i32,
+    },
+    /// A response could not be decoded.
+    #[error("malformed {api} response: {reason}")]
+    Malformed {
+        /// The API whose response failed to decode.
+        api: &'static str,
+        /// What the decoder reported.
+        reason: String,
+    },
+    /// A request could not be encoded (a bug or an unencodable value, never the broker's fault).
+    #[error("could not encode {api} request: {reason}")]
+    Encode {
+        /// The API whose request failed to encode.
+        api: &'static str,
+        /// What the encoder reported.
+        reason: String,
+    },
+    /// The broker does not support a version of an API leaderlink needs.
+    #[error("broker supports {api} versions {min}..={max}; leaderlink needs {need}")]
+    Unsupported {
+        /// The API that cannot be used.
+        api: &'static str,
+        /// Lowest version the broker supports.
+        min: i16,
+        /// Highest version the broker supports.
+        max: i16,
+        /// The versions leaderlink can speak.
+        need: &'static str,
+    },
+    /// The broker rejected the ApiVersions request.
+    #[error("ApiVersions failed with error code {0}")]
+    ApiVersions(i16),
+    /// A request got no answer before its deadline; the connection was poisoned because a late
+    /// answer can no longer be trusted to reach the right caller.
+    #[error("no answer within the deadline; connection poisoned")]
+    TimedOut,
+    /// The connection was closed on purpose (drain or shutdown).
+    #[error("connection closed locally")]
+    Shutdown,
+}
+
+impl ConnError {
+    pub(crate) fn io(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            ConnError::Closed
+        } else {
+            ConnError::Io(Arc::new(e))
+        }
+    }
+
+    /// True for causes that are part of a connection's ordinary life (the peer hung up), as
+    /// opposed to protocol violations worth a warning.
+    pub fn is_ordinary(&self) -> bool {
+        matches!(
+            self,
+            ConnError::Closed | ConnError::Io(_) | ConnError::Shutdown | ConnError::TimedOut
+        )
+    }
+}
+
+/// A request that failed on a connection, with what is known about whether it reached the broker.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{cause}")]
+pub struct RequestError {
+    /// Why it failed.
+    #[source]
+    pub cause: ConnError,
+    /// `false` when the request's bytes were certainly never written (safe to retry without
+    /// risking a duplicate); `true` when they may have reached the broker.
+    pub maybe_sent: bool,
+}
+
+/// Formats an error with its whole `source()` chain: `outer: inner: innermost`.
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s
+}

@@ -1,0 +1,336 @@
+//! The leader map: which broker leads each partition, fetched with Metadata requests.
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use kafka_protocol::{
+    messages::{
+        ApiKey, MetadataRequest, MetadataResponse, TopicName,
+        metadata_request::MetadataRequestTopic,
+    },
+    protocol::StrBytes,
+};
+use tokio::time::Instant;
+use tracing::{debug, info_span};
+
+use super::{
+    connect,
+    connection::{ConnStats, Connection, ConnectionConfig},
+    error::ConnError,
+    frame::{decode_response, encode_body},
+};
+
+/// A broker's address as the cluster advertises it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broker {
+    /// Broker id.
+    pub id: i32,
+    /// Advertised host.
+    pub host: String,
+    /// Advertised port.
+    pub port: i32,
+}
+
+impl Broker {
+    /// `host:port`.
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// One partition's leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionLeader {
+    /// Leader broker id; -1 when the partition has no leader right now.
+    pub leader_id: i32,
+    /// Leader epoch, or -1 when the broker does not report it.
+    pub leader_epoch: i32,
+    /// The partition's error code in the Metadata answer (e.g. LEADER_NOT_AVAILABLE).
+    pub error_code: i16,
+}
+
+/// What the cluster said about one topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicState {
+    /// The topic exists; index = partition.
+    Partitions(Vec<PartitionLeader>),
+    /// The topic-level error code (e.g. UNKNOWN_TOPIC_OR_PARTITION).
+    Error(i16),
+}
+
+/// Where a partition's requests should go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// Send to this broker.
+    Leader(Broker, i32),
+    /// The topic is not in the map yet: fetch metadata first.
+    Unknown,
+    /// The cluster reported an error for the topic or partition (Kafka error code).
+    Error(i16),
+    /// The topic exists but has fewer partitions.
+    NoSuchPartition {
+        /// Partition count of the topic.
+        partitions: usize,
+    },
+}
+
+/// A snapshot of the cluster's leaders.
+#[derive(Debug, Clone)]
+pub struct LeaderMap {
+    /// Brokers by id.
+    pub brokers: HashMap<i32, Broker>,
+    /// Topics asked about so far.
+    pub topics: HashMap<String, TopicState>,
+    /// When the last successful Metadata answer arrived; `None` before the first.
+    pub fetched_at: Option<Instant>,
+    /// Bumped on every successful refresh.
+    pub generation: u64,
+}
+
+impl LeaderMap {
+    fn empty() -> Self {
+        Self {
+            brokers: HashMap::new(),
+            topics: HashMap::new(),
+            fetched_at: None,
+            generation: 0,
+        }
+    }
+
+    /// Where to send a partition's batch.
+    pub fn route(&self, topic: &str, partition: i32) -> Route {
+        match self.topics.get(topic) {
+            None => Route::Unknown,
+            Some(TopicState::Error(code)) => Route::Error(*code),
+            Some(TopicState::Partitions(parts)) => {
+                let Some(p) = usize::try_from(partition).ok().and_then(|i| parts.get(i)) else {
+                    return Route::NoSuchPartition {
+                        partitions: parts.len(),
+                    };
+                };
+                if p.leader_id < 0 {
+                    // LEADER_NOT_AVAILABLE unless the broker said something more specific.
+                    return Route::Error(if p.error_code != 0 { p.error_code } else { 5 });
+                }
+                match self.brokers.get(&p.leader_id) {
+                    Some(b) => Route::Leader(b.clone(), p.leader_epoch),
+                    None => Route::Error(5),
+                }
+            }
+        }
+    }
+}
+
+/// Fetches and caches cluster metadata.
+pub struct MetadataClient {
+    bootstrap: Vec<String>,
+    config: ConnectionConfig,
+    allow_auto_topic_creation: bool,
+    map: RwLock<Arc<LeaderMap>>,
+    /// The connection Metadata requests go over. The lock also makes refreshes single-flight.
+    conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    stats: Arc<ConnStats>,
+    refreshes: AtomicU64,
+}
+
+impl MetadataClient {
+    /// A client that bootstraps through `bootstrap` (`host:port` each).
+    pub fn new(
+        bootstrap: Vec<String>,
+        config: ConnectionConfig,
+        allow_auto_topic_creation: bool,
+    ) -> Self {
+        Self {
+            bootstrap,
+            config,
+            allow_auto_topic_creation,
+            map: RwLock::new(Arc::new(LeaderMap::empty())),
+            conn: tokio::sync::Mutex::new(None),
+            stats: Arc::new(ConnStats::default()),
+            refreshes: AtomicU64::new(0),
+        }
+    }
+
+    /// The current leader map.
+    pub fn leader_map(&self) -> Arc<LeaderMap> {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Successful refreshes so far.
+    pub fn refreshes(&self) -> u64 {
+        self.refreshes.load(Ordering::Relaxed)
+    }
+
+    /// Fetches metadata for every known topic plus `topics`, unless a refresh newer than
+    /// `seen_generation` that covered `topics` completed while this call waited for its turn.
+    pub async fn refresh(
+        &self,
+        topics: &[&str],
+        seen_generation: Option<u64>,
+        deadline: Instant,
+    ) -> Result<Arc<LeaderMap>, ConnError> {
+        let mut conn = self.conn.lock().await;
+        let current = self.leader_map();
+        if let Some(seen) = seen_generation
+            && current.generation > seen
+            && topics.iter().all(|t| current.topics.contains_key(*t))
+        {
+            return Ok(current);
+        }
+        let mut wanted: Vec<String> = current.topics.keys().cloned().collect();
+        let known: HashSet<&str> = wanted.iter().map(String::as_str).collect();
+        let extra: Vec<String> = topics
+            .iter()
+            .filter(|t| !known.contains(**t))
+            .map(|t| t.to_string())
+            .collect();
+        wanted.extend(extra);
+
+        // Try the open connection, then every known broker, then the bootstrap list: one dead
+        // address must not matter.
+        let mut candidates: Vec<String> = current.brokers.values().map(Broker::addr).collect();
+        candidates.sort();
+        for b in &self.bootstrap {
+            if !candidates.contains(b) {
+                candidates.push(b.clone());
+            }
+        }
+        let mut last_err = ConnError::Shutdown;
+        let mut tried_open = false;
+        loop {
+            let c = match conn.as_ref() {
+                Some(c) if c.poisoned().is_none() && !tried_open => {
+                    tried_open = true;
+                    c.clone()
+                }
+                _ => {
+                    let Some(addr) = candidates.first().cloned() else {
+                        break;
+                    };
+                    candidates.remove(0);
+                    let span = info_span!("metadata_conn", addr = %addr);
+                    match connect(&addr, &self.config, self.stats.clone(), deadline, span).await {
+                        Ok(c) => {
+                            *conn = Some(c.clone());
+                            tried_open = true;
+                            c
+                        }
+                        Err(e) => {
+                            debug!(addr = %addr, cause = %e, "metadata connection failed");
+                            last_err = e;
+                            continue;
+                        }
+                    }
+                }
+            };
+            match self.fetch(&c, &wanted, deadline).await {
+                Ok(resp) => {
+                    let map = self.merge(&current, resp);
+                    self.refreshes.fetch_add(1, Ordering::Relaxed);
+                    return Ok(map);
+                }
+                Err(e) => {
+                    c.poison(e.clone());
+                    *conn = None;
+                    last_err = e;
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last_err)
+    }
+
+    async fn fetch(
+        &self,
+        conn: &Arc<Connection>,
+        topics: &[String],
+        deadline: Instant,
+    ) -> Result<MetadataResponse, ConnError> {
+        let version = conn.versions().metadata;
+        let req = MetadataRequest::default()
+            .with_topics(Some(
+                topics
+                    .iter()
+                    .map(|t| {
+                        MetadataRequestTopic::default()
+                            .with_name(Some(TopicName(StrBytes::from_string(t.clone()))))
+                    })
+                    .collect(),
+            ))
+            // The field exists from v4 on; older versions always auto-create (broker setting).
+            .with_allow_auto_topic_creation(version >= 4 && self.allow_auto_topic_creation);
+        let body = encode_body(ApiKey::Metadata, version, &req)?;
+        let frame = conn
+            .send(ApiKey::Metadata, version, body, true)
+            .await
+            .map_err(|e| e.cause)?
+            .wait(deadline)
+            .await
+            .map_err(|e| e.cause)?
+            .ok_or(ConnError::Shutdown)?;
+        decode_response(ApiKey::Metadata, version, frame)
+    }
+
+    fn merge(&self, current: &LeaderMap, resp: MetadataResponse) -> Arc<LeaderMap> {
+        let mut next = current.clone();
+        next.brokers = resp
+            .brokers
+            .into_iter()
+            .map(|b| {
+                (
+                    b.node_id.0,
+                    Broker {
+                        id: b.node_id.0,
+                        host: b.host.as_str().to_string(),
+                        port: b.port,
+                    },
+                )
+            })
+            .collect();
+        for t in resp.topics {
+            let Some(name) = t.name else { continue };
+            let state = if t.error_code != 0 {
+                TopicState::Error(t.error_code)
+            } else {
+                let count = t
+                    .partitions
+                    .iter()
+                    .map(|p| p.partition_index + 1)
+                    .max()
+                    .unwrap_or(0)
+                    .max(0) as usize;
+                let mut parts = vec![
+                    PartitionLeader {
+                        leader_id: -1,
+                        leader_epoch: -1,
+                        error_code: 5,
+                    };
+                    count
+                ];
+                for p in t.partitions {
+                    if let Ok(i) = usize::try_from(p.partition_index) {
+                        parts[i] = PartitionLeader {
+                            leader_id: p.leader_id.0,
+                            leader_epoch: p.leader_epoch,
+                            error_code: p.error_code,
+                        };
+                    }
+                }
+                TopicState::Partitions(parts)
+            };
+            next.topics.insert(name.0.as_str().to_string(), state);
+        }
+        next.fetched_at = Some(Instant::now());
+        next.generation = current.generation + 1;
+        let next = Arc::new(next);
+        *self.map.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
+        next
+    }
+}

@@ -1,0 +1,60 @@
+//! The Kafka-wire side: framing, the pipelined connection, version negotiation, the connection
+//! pool and the leader map. Nothing in here knows about gRPC.
+
+pub mod connection;
+pub mod error;
+pub mod frame;
+pub mod metadata;
+pub mod pool;
+pub mod produce;
+pub mod versions;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{net::TcpStream, time::Instant};
+use tracing::Span;
+
+use connection::{ConnStats, Connection, ConnectionConfig};
+use error::ConnError;
+
+/// Dials `addr`, starts a pipelined connection on it and negotiates API versions.
+///
+/// Everything (TCP connect and ApiVersions) must finish before `deadline`.
+pub async fn connect(
+    addr: &str,
+    config: &ConnectionConfig,
+    stats: Arc<ConnStats>,
+    deadline: Instant,
+    span: Span,
+) -> Result<Arc<Connection>, ConnError> {
+    let started = Instant::now();
+    let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return Err(ConnError::Connect {
+                addr: addr.to_string(),
+                source: Arc::new(e),
+            });
+        }
+        Err(_) => {
+            return Err(ConnError::ConnectTimeout {
+                addr: addr.to_string(),
+                after: started.elapsed(),
+            });
+        }
+    };
+    // Produce requests are latency-bound; the writer already batches frames per flush.
+    stream.set_nodelay(true).map_err(ConnError::io)?;
+    let (r, w) = stream.into_split();
+    let conn = Connection::start(r, w, config, stats, span);
+    let versions = versions::negotiate(&conn, deadline)
+        .await
+        .map_err(|e| e.cause)?;
+    conn.set_versions(versions);
+    Ok(conn)
+}
+
+/// Time left until `deadline`, zero if it passed.
+pub fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
+}

@@ -1,0 +1,110 @@
+//! Connections to leaders: `connections_per_leader` pipelined connections per broker.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use tokio::time::Instant;
+use tracing::info_span;
+
+use super::{
+    connect,
+    connection::{ConnStats, Connection, ConnectionConfig},
+    error::ConnError,
+    metadata::Broker,
+};
+
+/// One connection slot: broker id and index among that broker's connections.
+pub struct Slot {
+    /// Broker id.
+    pub broker_id: i32,
+    /// Index among the broker's `connections_per_leader` connections.
+    pub index: usize,
+    /// Counters, kept across reconnects.
+    pub stats: Arc<ConnStats>,
+    current: Mutex<Option<(Arc<Connection>, String)>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    /// The slot's connection if it is open and healthy.
+    pub fn connection(&self) -> Option<Arc<Connection>> {
+        let cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        cur.as_ref()
+            .filter(|(c, _)| c.poisoned().is_none())
+            .map(|(c, _)| c.clone())
+    }
+
+    fn healthy_for(&self, addr: &str) -> Option<Arc<Connection>> {
+        let cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        cur.as_ref()
+            .filter(|(c, a)| a == addr && c.poisoned().is_none())
+            .map(|(c, _)| c.clone())
+    }
+}
+
+/// The pool of leader connections.
+pub struct Pool {
+    config: ConnectionConfig,
+    slots: Mutex<HashMap<(i32, usize), Arc<Slot>>>,
+}
+
+impl Pool {
+    /// An empty pool; connections open on first use.
+    pub fn new(config: ConnectionConfig) -> Self {
+        Self {
+            config,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn slot(&self, broker_id: i32, index: usize) -> Arc<Slot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots
+            .entry((broker_id, index))
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    broker_id,
+                    index,
+                    stats: Arc::new(ConnStats::default()),
+                    current: Mutex::new(None),
+                    connecting: tokio::sync::Mutex::new(()),
+                })
+            })
+            .clone()
+    }
+
+    /// A healthy connection to `broker`, slot `index`, opened (and negotiated) if needed.
+    ///
+    /// A poisoned connection is replaced here; since only poisoned connections are replaced, a
+    /// stale failure can never tear down a fresh connection.
+    pub async fn get(
+        &self,
+        broker: &Broker,
+        index: usize,
+        deadline: Instant,
+    ) -> Result<Arc<Connection>, ConnError> {
+        let slot = self.slot(broker.id, index);
+        let addr = broker.addr();
+        if let Some(c) = slot.healthy_for(&addr) {
+            return Ok(c);
+        }
+        let _one_dialer = slot.connecting.lock().await;
+        if let Some(c) = slot.healthy_for(&addr) {
+            return Ok(c);
+        }
+        let span = info_span!("leader_conn", broker = broker.id, index, addr = %addr);
+        let conn = connect(&addr, &self.config, slot.stats.clone(), deadline, span).await?;
+        *slot.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((conn.clone(), addr));
+        Ok(conn)
+    }
+
+    /// Every slot opened so far, sorted by broker and index.
+    pub fn slots(&self) -> Vec<Arc<Slot>> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = slots.values().cloned().collect();
+        v.sort_by_key(|s| (s.broker_id, s.index));
+        v
+    }
+}

@@ -1,0 +1,131 @@
+//! Produce request encoding and response decoding.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use kafka_protocol::{
+    messages::{
+        ApiKey, ProduceRequest, ProduceResponse, TopicName,
+        produce_request::{PartitionProduceData, TopicProduceData},
+    },
+    protocol::StrBytes,
+};
+
+use super::{
+    error::ConnError,
+    frame::{decode_response, encode_body},
+};
+
+/// Kafka `acks` values.
+pub mod acks {
+    /// Leader does not answer.
+    pub const NONE: i16 = 0;
+    /// Leader answers after its own append.
+    pub const LEADER: i16 = 1;
+    /// Leader answers after every in-sync replica has the batch.
+    pub const ALL: i16 = -1;
+}
+
+/// One partition's batch in a Produce request.
+#[derive(Debug, Clone)]
+pub struct PartitionBatch<'a> {
+    /// Topic name.
+    pub topic: &'a str,
+    /// Partition index.
+    pub partition: i32,
+    /// One record batch, sent as is.
+    pub batch: Bytes,
+}
+
+/// Encodes a Produce request body. Callers guarantee at most one batch per partition
+/// (DESIGN.md §3.10).
+pub fn encode(
+    version: i16,
+    acks: i16,
+    timeout_ms: i32,
+    batches: &[PartitionBatch<'_>],
+) -> Result<Bytes, ConnError> {
+    let mut topics: Vec<TopicProduceData> = Vec::new();
+    for b in batches {
+        let data = PartitionProduceData::default()
+            .with_index(b.partition)
+            .with_records(Some(b.batch.clone()));
+        match topics.iter_mut().find(|t| t.name.0.as_str() == b.topic) {
+            Some(t) => t.partition_data.push(data),
+            None => topics.push(
+                TopicProduceData::default()
+                    .with_name(TopicName(StrBytes::from_string(b.topic.to_string())))
+                    .with_partition_data(vec![data]),
+            ),
+        }
+    }
+    let req = ProduceRequest::default()
+        .with_acks(acks)
+        .with_timeout_ms(timeout_ms)
+        .with_topic_data(topics);
+    encode_body(ApiKey::Produce, version, &req)
+}
+
+/// The leader's answer for one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionAnswer {
+    /// Kafka error code, 0 on success.
+    pub error_code: i16,
+    /// The leader's error message, if any.
+    pub error_message: Option<String>,
+    /// Offset of the first record appended.
+    pub base_offset: i64,
+    /// Log append time, or -1.
+    pub log_append_time_ms: i64,
+    /// Log start offset, or -1.
+    pub log_start_offset: i64,
+    /// KIP-951 hint (Produce v10+): the current leader id and epoch, when the leader knows it
+    /// is no longer the leader.
+    pub current_leader: Option<(i32, i32)>,
+}
+
+/// Decodes a Produce response frame into answers keyed by (topic, partition).
+pub fn decode(
+    version: i16,
+    frame: Bytes,
+) -> Result<HashMap<(String, i32), PartitionAnswer>, ConnError> {
+    let resp: ProduceResponse = decode_response(ApiKey::Produce, version, frame)?;
+    let mut out = HashMap::new();
+    for t in resp.responses {
+        let topic = t.name.0.as_str().to_string();
+        for p in t.partition_responses {
+            let leader = p.current_leader.leader_id.0;
+            let current_leader = (leader >= 0).then_some((leader, p.current_leader.leader_epoch));
+            let msg = p.error_message.map(|m| m.as_str().to_string());
+            // Batch-level record errors (INVALID_RECORD etc.) add detail to the message.
+            let record_errors: Vec<String> = p
+                .record_errors
+                .iter()
+                .map(|e| {
+                    format!(
+                        "record {}: {}",
+                        e.batch_index,
+                        e.batch_index_error_message.as_deref().unwrap_or("rejected")
+                    )
+                })
+                .collect();
+            let error_message = match (msg, record_errors.is_empty()) {
+                (m, true) => m,
+                (Some(m), false) => Some(format!("{m} ({})", record_errors.join("; "))),
+                (None, false) => Some(record_errors.join("; ")),
+            };
+            out.insert(
+                (topic.clone(), p.index),
+                PartitionAnswer {
+                    error_code: p.error_code,
+                    error_message,
+                    base_offset: p.base_offset,
+                    log_append_time_ms: p.log_append_time_ms,
+                    log_start_offset: p.log_start_offset,
+                    current_leader,
+                },
+            );
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,28 @@
+//! leaderlink forwards produce requests, received over gRPC, to Kafka partition leaders through
+//! pipelined Kafka-wire connections.
+//!
+//! # Layout
+//!
+//! The modules follow the data path:
+//!
+//! * [`grpc`] — thin tonic handlers and the one error → `Status` mapping.
+//! * [`forward`] — the core: validate a request, route each partition to its leader, send,
+//!   retry within the caller's deadline, assemble the results.
+//! * [`kafka`] — the Kafka-wire side, with no gRPC types: framing, the pipelined
+//!   [`kafka::connection::Connection`], version negotiation, the connection pool and the leader map.
+//!
+//! Side rooms: [`config`] (flags, environment, TOML), [`server`] (builds and runs the gRPC
+//! server with health and reflection), [`dev`] (librdkafka's mock cluster as an embedded dev
+//! cluster), [`proto`] (generated types).
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod dev;
+pub mod forward;
+pub mod grpc;
+pub mod kafka;
+pub mod proto;
+pub mod server;

@@ -1,0 +1,149 @@
+//! The `leaderlink` binary: parses configuration, sets up logging, runs the server.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, error::ErrorKind};
+use leaderlink::{
+    config::{Config, ServeArgs, parse_dev_topic},
+    dev::DevCluster,
+    kafka::error::chain,
+    server,
+};
+use tracing::{error, info, warn};
+
+/// Exit code for bad configuration or usage (sysexits EX_USAGE).
+const EX_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "leaderlink",
+    version,
+    about = "Forward produce requests over gRPC to Kafka partition leaders"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the forwarder. Without --bootstrap, it starts an embedded dev cluster (in memory).
+    Serve(ServeArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+                _ => ExitCode::from(EX_USAGE),
+            };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Serve(args) => {
+            let cfg = match args.resolve() {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("leaderlink: invalid configuration: {}", chain(&e));
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            serve(cfg)
+        }
+    }
+}
+
+fn serve(mut cfg: Config) -> ExitCode {
+    // The dev cluster must outlive the server; it is dropped at the end of this function.
+    let _dev = if cfg.bootstrap.is_empty() {
+        match start_dev(&cfg) {
+            Ok(dev) => {
+                cfg.bootstrap = dev.bootstrap().split(',').map(str::to_string).collect();
+                Some(dev)
+            }
+            Err(e) => {
+                error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!(cause = %e, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                error!(addr = %cfg.listen, cause = %e, "cannot listen");
+                return ExitCode::FAILURE;
+            }
+        };
+        match server::run(&cfg, listener, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!(cause = %e, "server failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn start_dev(cfg: &Config) -> Result<DevCluster, String> {
+    let dev = DevCluster::start(cfg.dev.brokers)?;
+    for spec in &cfg.dev.topics {
+        let (name, partitions) = parse_dev_topic(spec)?;
+        dev.create_topic(&name, partitions)?;
+        info!(topic = %name, partitions, "dev topic created");
+    }
+    if cfg.dev.leader_latency_ms > 0 {
+        dev.set_leader_latency(std::time::Duration::from_millis(cfg.dev.leader_latency_ms))?;
+        info!(
+            latency_ms = cfg.dev.leader_latency_ms,
+            "dev brokers delay every response"
+        );
+    }
+    warn!(
+        bootstrap = %dev.bootstrap(),
+        "no --bootstrap given: started the embedded dev cluster (librdkafka mock brokers); \
+         its data lives in memory and is gone when leaderlink stops"
+    );
+    Ok(dev)
+}
+
+/// Resolves on SIGINT or SIGTERM (what Kubernetes sends).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
