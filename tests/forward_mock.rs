@@ -237,25 +237,35 @@ async fn forward_stream_keeps_partition_order_and_reports_bad_requests_in_band()
     for i in 0..40u64 {
         reqs.push(request(i, Acks::All, &t, (i % 2) as i32, records("s", 1)));
     }
-    // One malformed request in the middle.
+    // One malformed request in the middle, and one that lists a partition twice.
     reqs.insert(
         20,
         request(1000, Acks::All, "bad topic", 0, records("s", 1)),
     );
+    let mut twice = request(2000, Acks::All, &t, 0, records("d", 1));
+    twice.partitions.push(twice.partitions[0].clone());
+    reqs.push(twice);
     let resp = c
         .forward_stream(futures::stream::iter(reqs))
         .await
         .unwrap()
         .into_inner();
     let all: Vec<_> = resp.map(|r| r.unwrap()).collect().await;
-    assert_eq!(all.len(), 41);
+    assert_eq!(all.len(), 42);
+    let twice = all.iter().find(|r| r.id == 2000).unwrap();
+    let offsets: Vec<i64> = twice.partitions.iter().map(|p| p.base_offset).collect();
+    assert_eq!(
+        offsets,
+        vec![20, 21],
+        "both batches, in order, after the other 20"
+    );
     let bad = all.iter().find(|r| r.id == 1000).unwrap();
     assert_eq!(bad.status_code, tonic::Code::InvalidArgument as i32);
     assert!(bad.status_message.contains("topic"), "{bad:?}");
     for p in 0..2 {
         let in_partition: Vec<(u64, i64)> = all
             .iter()
-            .filter(|r| r.id != 1000 && r.id % 2 == p)
+            .filter(|r| r.id < 1000 && r.id % 2 == p)
             .map(|r| (r.id, r.partitions[0].base_offset))
             .collect();
         let expected: Vec<(u64, i64)> = (0..20).map(|k| (2 * k + p, k as i64)).collect();
@@ -264,4 +274,58 @@ async fn forward_stream_keeps_partition_order_and_reports_bad_requests_in_band()
             "partition {p}: responses and offsets in order"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_are_counted_and_flag_possible_duplicates() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let h = start(|_| {}).await;
+    let t = topic("retry");
+    h.dev.create_topic(&t, 1).unwrap();
+    let mut c = h.client.clone();
+    forward_one(&mut c, request(0, Acks::All, &t, 0, records("w", 1)))
+        .await
+        .unwrap();
+    let inject = |e: RDKafkaRespErr| {
+        h.dev
+            .with(move |m| m.request_errors(RDKafkaApiKey::Produce, &[e]));
+    };
+
+    // NOT_LEADER_OR_FOLLOWER under acks=1: nothing was appended, the retry is clean.
+    inject(RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION);
+    let r = forward_one(&mut c, request(1, Acks::Leader, &t, 0, records("a", 1)))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.error_code, r.attempts, r.possibly_duplicated),
+        (0, 2, false),
+        "{r:?}"
+    );
+
+    // REQUEST_TIMED_OUT and NOT_ENOUGH_REPLICAS_AFTER_APPEND: the batch may be in the log.
+    for e in [
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+    ] {
+        inject(e);
+        let r = forward_one(&mut c, request(2, Acks::All, &t, 0, records("b", 1)))
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.error_code, r.attempts, r.possibly_duplicated),
+            (0, 2, true),
+            "{e:?}: {r:?}"
+        );
+    }
+
+    // A non-retriable error is returned as data at once.
+    inject(RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD);
+    let r = forward_one(&mut c, request(3, Acks::All, &t, 0, records("c", 1)))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.error_name.as_str(), r.attempts),
+        ("INVALID_RECORD", 1),
+        "{r:?}"
+    );
 }

@@ -20,9 +20,9 @@ use crate::{
     kafka::{
         connection::ConnectionConfig,
         error::{ConnError, RequestError, chain},
-        metadata::{MetadataClient, Route},
+        metadata::{Broker, MetadataClient, Route},
         pool::Pool,
-        produce::{self, PartitionBatch},
+        produce::{self, PartitionBatch, acks},
     },
     proto::v1::{ForwardRequest, ForwardResponse, PartitionResult},
 };
@@ -116,6 +116,10 @@ struct ItemState {
     result: Option<PartitionResult>,
     attempts: u32,
     last: Option<Failure>,
+    /// An earlier attempt may have been appended although it did not succeed.
+    may_be_in_log: bool,
+    /// The batch was sent again after such an attempt.
+    possibly_duplicated: bool,
 }
 
 /// The forwarding core. Cheap to clone.
@@ -208,21 +212,38 @@ impl Forwarder {
         let mut refresh = false;
         let mut refreshed = false;
         let mut backoff = self.inner.cfg.retry_backoff;
-        loop {
-            refreshed |= self
-                .ensure_metadata(&v, &pending, refresh, deadline)
-                .await?;
+        for round in 0u32.. {
+            match self.ensure_metadata(&v, &pending, refresh, deadline).await {
+                Ok(r) => refreshed |= r,
+                // Nothing was sent yet and no broker answers: say so now rather than spinning
+                // until the deadline.
+                Err(cause) if round == 0 && Instant::now() < deadline => {
+                    return Err(ForwardError::Unavailable {
+                        detail: "could not fetch metadata from any broker".into(),
+                        cause,
+                    });
+                }
+                // On a retry, keep going with the map we have until the deadline: some
+                // partitions may already have their answer.
+                Err(cause) => {
+                    for &i in &pending {
+                        st[i].last = Some(Failure::Conn {
+                            connecting: is_connect_failure(&cause),
+                            cause: cause.clone(),
+                        });
+                    }
+                }
+            }
             refresh = false;
             let map = self.inner.metadata.leader_map();
 
             let mut retry = Vec::new();
-            let mut groups: BTreeMap<(i32, usize), (crate::kafka::metadata::Broker, Vec<usize>)> =
-                BTreeMap::new();
+            let mut groups: BTreeMap<(i32, usize), (Broker, Vec<usize>)> = BTreeMap::new();
             for &i in &pending {
                 let it = &v.items[i];
-                let fail = |code: i16, msg: String| Failure::Kafka {
+                let fail = |code: i16, msg: &str| Failure::Kafka {
                     code,
-                    message: Some(msg),
+                    message: Some(msg.to_string()),
                 };
                 match map.route(&it.topic, it.partition) {
                     Route::Leader(b, _epoch) => {
@@ -234,7 +255,7 @@ impl Forwarder {
                             .push(i);
                     }
                     Route::Unknown => {
-                        st[i].last = Some(fail(3, "topic not in the leader map yet".into()));
+                        st[i].last = Some(fail(3, "topic not in the leader map yet"));
                         refresh = true;
                         retry.push(i);
                     }
@@ -245,11 +266,11 @@ impl Forwarder {
                             "the cluster's metadata reports this error for the topic or partition"
                                 .into(),
                             -1,
-                            st[i].attempts,
+                            &st[i],
                         ));
                     }
                     Route::Error(code) => {
-                        st[i].last = Some(fail(code, "metadata reports no usable leader".into()));
+                        st[i].last = Some(fail(code, "metadata reports no usable leader"));
                         refresh = true;
                         retry.push(i);
                     }
@@ -259,7 +280,7 @@ impl Forwarder {
                             3,
                             format!("topic {} has {partitions} partitions", it.topic),
                             -1,
-                            st[i].attempts,
+                            &st[i],
                         ));
                     }
                     Route::NoSuchPartition { .. } => {
@@ -269,12 +290,19 @@ impl Forwarder {
                 }
             }
 
-            let Some(kafka_timeout) = self.kafka_timeout(v.timeout_ms, deadline) else {
-                return Err(self.expired(&v, &st, &pending));
-            };
+            // Dial every leader at once: one slow or dead leader must not use up the time of
+            // the others.
+            let pool = &self.inner.pool;
+            let dialed = join_all(groups.into_iter().map(
+                |((_, index), (broker, items))| async move {
+                    let conn = pool.get(&broker, index, deadline).await;
+                    (broker, items, conn)
+                },
+            ))
+            .await;
             let mut waits = Vec::new();
-            for ((_, index), (broker, items)) in groups {
-                let conn = match self.inner.pool.get(&broker, index, deadline).await {
+            for (broker, items, conn) in dialed {
+                let conn = match conn {
                     Ok(c) => c,
                     Err(cause) => {
                         debug!(broker = broker.id, cause = %cause, "leader connection failed");
@@ -291,6 +319,21 @@ impl Forwarder {
                 };
                 let version = conn.versions().produce;
                 for chunk in one_batch_per_partition(&v, items) {
+                    let not_sent =
+                        |st: &mut [ItemState], retry: &mut Vec<usize>, cause: ConnError| {
+                            for &i in &chunk {
+                                st[i].last = Some(Failure::Conn {
+                                    cause: cause.clone(),
+                                    connecting: false,
+                                });
+                                retry.push(i);
+                            }
+                        };
+                    // Computed per request, right before it is queued (DESIGN.md §3.14).
+                    let Some(kafka_timeout) = self.kafka_timeout(v.timeout_ms, deadline) else {
+                        not_sent(&mut st, &mut retry, ConnError::NotSentInTime);
+                        continue;
+                    };
                     let batches: Vec<_> = chunk
                         .iter()
                         .map(|&i| PartitionBatch {
@@ -301,22 +344,25 @@ impl Forwarder {
                         .collect();
                     let body = produce::encode(version, v.acks, kafka_timeout, &batches)
                         .map_err(|e| ForwardError::Internal(e.to_string()))?;
-                    for &i in &chunk {
-                        st[i].attempts += 1;
-                    }
-                    match conn.send(ApiKey::Produce, version, body, v.acks != 0).await {
-                        Ok(f) => waits.push((conn.clone(), broker.id, chunk, f)),
-                        Err(e) => {
-                            for i in chunk {
-                                st[i].attempts -= u32::from(!e.maybe_sent);
-                                st[i].last = Some(Failure::Conn {
-                                    cause: e.cause.clone(),
-                                    connecting: false,
-                                });
-                                retry.push(i);
+                    // Waiting for an in-flight slot counts against the deadline too.
+                    let sent = tokio::time::timeout_at(
+                        deadline,
+                        conn.send(ApiKey::Produce, version, body, v.acks != acks::NONE),
+                    )
+                    .await;
+                    match sent {
+                        Ok(Ok(f)) => {
+                            for &i in &chunk {
+                                st[i].attempts += 1;
+                                st[i].possibly_duplicated |= st[i].may_be_in_log;
                             }
+                            waits.push((conn.clone(), broker.id, chunk, f));
+                        }
+                        Ok(Err(e)) => {
+                            not_sent(&mut st, &mut retry, e.cause);
                             refresh = true;
                         }
+                        Err(_) => not_sent(&mut st, &mut retry, ConnError::NotSentInTime),
                     }
                 }
             }
@@ -338,19 +384,26 @@ impl Forwarder {
                     Ok(None) => {
                         // acks=0: done once written (DESIGN.md §3.4).
                         for i in chunk {
-                            st[i].result =
-                                Some(ok_result(&v.items[i], -1, -1, -1, broker, st[i].attempts));
+                            st[i].result = Some(ok_result(&v.items[i], -1, -1, -1, broker, &st[i]));
                         }
                         continue;
                     }
-                    Ok(Some(frame)) => produce::decode(conn.versions().produce, frame),
-                    Err(RequestError { cause, .. }) => Err(cause),
+                    Ok(Some(frame)) => {
+                        produce::decode(conn.versions().produce, frame).map_err(|cause| {
+                            RequestError {
+                                cause,
+                                maybe_sent: true,
+                            }
+                        })
+                    }
+                    Err(e) => Err(e),
                 };
                 let mut answers = match answers {
                     Ok(a) => a,
-                    Err(cause) => {
+                    Err(RequestError { cause, maybe_sent }) => {
                         conn.poison(cause.clone());
                         for i in chunk {
+                            st[i].may_be_in_log |= maybe_sent;
                             st[i].last = Some(Failure::Conn {
                                 cause: cause.clone(),
                                 connecting: false,
@@ -383,10 +436,11 @@ impl Forwarder {
                             a.log_append_time_ms,
                             a.log_start_offset,
                             broker,
-                            st[i].attempts,
+                            &st[i],
                         ));
                     } else if retriable(a.error_code) {
                         refresh |= needs_refresh(a.error_code);
+                        st[i].may_be_in_log |= may_have_appended(a.error_code, v.acks);
                         st[i].last = Some(Failure::Kafka {
                             code: a.error_code,
                             message: a.error_message,
@@ -398,7 +452,7 @@ impl Forwarder {
                             a.error_code,
                             a.error_message.unwrap_or_default(),
                             broker,
-                            st[i].attempts,
+                            &st[i],
                         );
                         r.log_start_offset = a.log_start_offset;
                         st[i].result = Some(r);
@@ -437,7 +491,7 @@ impl Forwarder {
         pending: &[usize],
         force: bool,
         deadline: Instant,
-    ) -> Result<bool, ForwardError> {
+    ) -> Result<bool, ConnError> {
         let map = self.inner.metadata.leader_map();
         let mut topics: Vec<&str> = pending.iter().map(|&i| v.items[i].topic.as_str()).collect();
         topics.sort_unstable();
@@ -445,26 +499,31 @@ impl Forwarder {
         if !force && topics.iter().all(|t| map.topics.contains_key(*t)) {
             return Ok(false);
         }
-        match self
-            .inner
+        self.inner
             .metadata
             .refresh(&topics, Some(map.generation), deadline)
             .await
-        {
-            Ok(_) => Ok(true),
-            Err(cause) => Err(ForwardError::Unavailable {
-                detail: "could not fetch metadata from any broker".into(),
-                cause,
-            }),
-        }
+            .map(|_| true)
     }
 
     fn expired(&self, v: &Validated, st: &[ItemState], pending: &[usize]) -> ForwardError {
-        let names: Vec<String> = pending
+        let name = |i: usize| format!("{}-{}", v.items[i].topic, v.items[i].partition);
+        let waiting: Vec<String> = pending.iter().take(5).map(|&i| name(i)).collect();
+        let answered: Vec<String> = st
             .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.result.as_ref().map(|r| (i, r)))
             .take(5)
-            .map(|&i| format!("{}-{}", v.items[i].topic, v.items[i].partition))
+            .map(|(i, r)| match r.error_code {
+                0 => format!("{} at offset {}", name(i), r.base_offset),
+                _ => format!("{} with {}", name(i), r.error_name),
+            })
             .collect();
+        let answered = if answered.is_empty() {
+            String::new()
+        } else {
+            format!("; answered: {}", answered.join(", "))
+        };
         let last = pending.iter().rev().find_map(|&i| st[i].last.clone());
         let all_connecting = pending.iter().all(|&i| {
             matches!(
@@ -477,7 +536,10 @@ impl Forwarder {
         });
         if all_connecting && let Some(Failure::Conn { cause, .. }) = last {
             return ForwardError::Unavailable {
-                detail: format!("cannot connect to the leader of {}", names.join(", ")),
+                detail: format!(
+                    "cannot reach the leader of {}{answered}",
+                    waiting.join(", ")
+                ),
                 cause,
             };
         }
@@ -492,14 +554,28 @@ impl Forwarder {
         };
         ForwardError::DeadlineExceeded {
             detail: format!(
-                "{} of {} partitions unanswered ({}{}); {cause}",
+                "{} of {} partitions unanswered ({}{}); {cause}{answered}",
                 pending.len(),
                 v.items.len(),
-                names.join(", "),
+                waiting.join(", "),
                 if pending.len() > 5 { ", …" } else { "" }
             ),
         }
     }
+}
+
+fn is_connect_failure(cause: &ConnError) -> bool {
+    matches!(
+        cause,
+        ConnError::Connect { .. } | ConnError::ConnectTimeout { .. }
+    )
+}
+
+/// Kafka answers after which the batch may nevertheless be in the log (DESIGN.md §3.12):
+/// REQUEST_TIMED_OUT, NOT_ENOUGH_REPLICAS_AFTER_APPEND, and NOT_LEADER_OR_FOLLOWER under
+/// acks=all (the old leader may have appended before losing leadership).
+fn may_have_appended(code: i16, acks_value: i16) -> bool {
+    matches!(code, 7 | 20) || (code == 6 && acks_value == acks::ALL)
 }
 
 /// Splits one leader connection's items into requests holding at most one batch per partition
@@ -534,7 +610,7 @@ fn ok_result(
     log_append_time_ms: i64,
     log_start_offset: i64,
     leader_id: i32,
-    attempts: u32,
+    st: &ItemState,
 ) -> PartitionResult {
     PartitionResult {
         topic: it.topic.clone(),
@@ -543,7 +619,8 @@ fn ok_result(
         log_append_time_ms,
         log_start_offset,
         leader_id,
-        attempts,
+        attempts: st.attempts,
+        possibly_duplicated: st.possibly_duplicated,
         ..Default::default()
     }
 }
@@ -553,7 +630,7 @@ fn error_result(
     code: i16,
     message: String,
     leader_id: i32,
-    attempts: u32,
+    st: &ItemState,
 ) -> PartitionResult {
     PartitionResult {
         topic: it.topic.clone(),
@@ -565,7 +642,8 @@ fn error_result(
         log_append_time_ms: -1,
         log_start_offset: -1,
         leader_id,
-        attempts,
+        attempts: st.attempts,
+        possibly_duplicated: st.possibly_duplicated,
     }
 }
 

@@ -144,7 +144,10 @@ impl forwarder_server::Forwarder for ForwarderService {
                 for p in &req.partitions {
                     let key = (p.topic.clone(), p.partition);
                     if let Some(prev) = last.insert(key, done_rx.clone()) {
-                        before.push(prev);
+                        // A partition listed twice in this request must not wait on itself.
+                        if !prev.same_channel(&done_rx) {
+                            before.push(prev);
+                        }
                     }
                 }
                 if last.len() > 4 * this.max_stream_in_flight {

@@ -15,7 +15,8 @@
 //! * Any framing, ordering or I/O error *poisons* the connection: every pending caller gets the
 //!   cause at once and later sends fail immediately, so the pool reconnects instead of hanging.
 //! * A request whose deadline passes after it may have been written poisons the connection too
-//!   (§3.5); [`RequestError::maybe_sent`] tells "never written" from "maybe written".
+//!   (§3.5); one still queued behind a slow write is withdrawn instead, without harming the
+//!   others. [`RequestError::maybe_sent`] tells "never written" from "maybe written".
 
 use std::{
     collections::VecDeque,
@@ -121,6 +122,9 @@ struct State {
     fifo: VecDeque<Entry>,
     no_response_slots: usize,
     to_writer: Option<mpsc::UnboundedSender<Outgoing>>,
+    /// Requests taken back before the writer reached them (their deadline passed in the queue);
+    /// the writer drops their frames. Only ever holds requests queued behind a write in progress.
+    withdrawn: Vec<u64>,
     poisoned: Option<ConnError>,
 }
 
@@ -206,6 +210,7 @@ impl Connection {
                 fifo: VecDeque::new(),
                 no_response_slots: 0,
                 to_writer: Some(tx),
+                withdrawn: Vec::new(),
                 poisoned: None,
             }),
             permits: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
@@ -325,7 +330,14 @@ impl Connection {
                 maybe_sent: false,
             });
         }
-        if !expect_answer {
+        if expect_answer {
+            // Counted under the lock, before the reader can see (and complete) the entry.
+            let now = shared.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+            shared
+                .stats
+                .peak_in_flight
+                .fetch_max(now, Ordering::Relaxed);
+        } else {
             st.no_response_slots += 1;
         }
         st.fifo.push_back(Entry {
@@ -347,13 +359,6 @@ impl Connection {
             st.no_response_slots -= 1;
         }
         drop(st);
-        if expect_answer {
-            let now = shared.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-            shared
-                .stats
-                .peak_in_flight
-                .fetch_max(now, Ordering::Relaxed);
-        }
         Ok(InFlight {
             conn: self.clone(),
             seq,
@@ -420,6 +425,12 @@ impl InFlight {
         };
         if outcome.is_some() {
             shared.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+            if shared.withdraw(self.seq) {
+                return Err(RequestError {
+                    cause: ConnError::NotSentInTime,
+                    maybe_sent: false,
+                });
+            }
             shared.poison(ConnError::TimedOut);
         }
         let st = lock(&shared.state);
@@ -431,6 +442,27 @@ impl InFlight {
 }
 
 impl Shared {
+    /// Takes back a request the writer has not begun to write: its FIFO entry goes, and the
+    /// writer will skip its frame. Returns false if it may already be on the wire.
+    fn withdraw(&self, seq: u64) -> bool {
+        let mut st = lock(&self.state);
+        if st.poisoned.is_some() || seq <= st.claimed_seq {
+            return false;
+        }
+        let Some(pos) = st.fifo.iter().position(|e| e.seq == seq) else {
+            return false;
+        };
+        let entry = st.fifo.remove(pos).expect("position is valid");
+        match entry.reply {
+            Reply::Answer(_) => {
+                self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
+            Reply::None => st.no_response_slots -= 1,
+        }
+        st.withdrawn.push(seq);
+        true
+    }
+
     fn poison(&self, cause: ConnError) {
         let (entries, claimed) = {
             let mut st = lock(&self.state);
@@ -553,6 +585,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 return;
             }
             st.claimed_seq = batch.last().map_or(st.claimed_seq, |o| o.seq);
+            if !st.withdrawn.is_empty() {
+                let withdrawn = std::mem::take(&mut st.withdrawn);
+                batch.retain(|o| !withdrawn.contains(&o.seq));
+            }
         }
         let mut result = Ok(());
         for o in &batch {
@@ -885,6 +921,39 @@ mod tests {
         for f in fs {
             assert!(f.wait(far()).await.is_ok());
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_still_queued_at_its_deadline_is_withdrawn_without_poisoning() {
+        // A 64-byte pipe that the peer does not read yet: the 200 KB frame blocks the writer.
+        let (c, mut peer) = conn(16, 0, 64);
+        static BIG: [u8; 200_000] = [7u8; 200_000];
+        let a = c
+            .send(ApiKey::Produce, 9, Bytes::from_static(&BIG), true)
+            .await
+            .unwrap();
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        let b = send(&c, b"b").await;
+        let e = b
+            .wait(Instant::now() + Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(e.cause, ConnError::NotSentInTime), "{e:?}");
+        assert!(!e.maybe_sent);
+        assert!(c.poisoned().is_none(), "the other request is unharmed");
+        let (_, _, id_a, rest) = read_request(&mut peer).await;
+        assert!(rest.ends_with(&BIG));
+        answer(&mut peer, id_a, b"A").await;
+        assert_eq!(&payload(a.wait(far()).await.unwrap())[..], b"A");
+        // "b" never reached the wire: the next frame is the next request.
+        let d = send(&c, b"d").await;
+        let (_, _, id_d, rest) = read_request(&mut peer).await;
+        assert!(rest.ends_with(b"d"));
+        answer(&mut peer, id_d, b"D").await;
+        assert_eq!(&payload(d.wait(far()).await.unwrap())[..], b"D");
+        assert_eq!(c.stats().in_flight.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test(start_paused = true)]

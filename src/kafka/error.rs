@@ -18,7 +18,7 @@ pub enum ConnError {
         source: Arc<io::Error>,
     },
     /// TCP connect did not finish in time.
-    #[error("connecting to {addr} timed out after {after:?}")]
+    #[error("connecting to {addr} timed out (after {after:?} of dialling)")]
     ConnectTimeout {
         /// `host:port` that was dialled.
         addr: String,
@@ -91,6 +91,10 @@ pub enum ConnError {
     /// answer can no longer be trusted to reach the right caller.
     #[error("no answer within the deadline; connection poisoned")]
     TimedOut,
+    /// A request was still queued behind a slow write when its deadline passed; it was taken
+    /// back unsent and the connection stays up.
+    #[error("deadline passed before the request could be written; not sent")]
+    NotSentInTime,
     /// The connection was closed on purpose (drain or shutdown).
     #[error("connection closed locally")]
     Shutdown,

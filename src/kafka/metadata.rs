@@ -174,7 +174,9 @@ impl MetadataClient {
         seen_generation: Option<u64>,
         deadline: Instant,
     ) -> Result<Arc<LeaderMap>, ConnError> {
-        let mut conn = self.conn.lock().await;
+        let Ok(mut conn) = tokio::time::timeout_at(deadline, self.conn.lock()).await else {
+            return Err(ConnError::TimedOut);
+        };
         let current = self.leader_map();
         if let Some(seen) = seen_generation
             && current.generation > seen
@@ -264,8 +266,9 @@ impl MetadataClient {
                     })
                     .collect(),
             ))
-            // The field exists from v4 on; older versions always auto-create (broker setting).
-            .with_allow_auto_topic_creation(version >= 4 && self.allow_auto_topic_creation);
+            // The field exists from v4 on and must keep its default (true) below; older versions
+            // leave auto-creation to the broker's setting.
+            .with_allow_auto_topic_creation(version < 4 || self.allow_auto_topic_creation);
         let body = encode_body(ApiKey::Metadata, version, &req)?;
         let frame = conn
             .send(ApiKey::Metadata, version, body, true)
@@ -299,13 +302,9 @@ impl MetadataClient {
             let state = if t.error_code != 0 {
                 TopicState::Error(t.error_code)
             } else {
-                let count = t
-                    .partitions
-                    .iter()
-                    .map(|p| p.partition_index + 1)
-                    .max()
-                    .unwrap_or(0)
-                    .max(0) as usize;
+                // Partitions are numbered 0..n-1; an index outside that range (a broken or
+                // hostile answer) is ignored rather than trusted for an allocation.
+                let count = t.partitions.len();
                 let mut parts = vec![
                     PartitionLeader {
                         leader_id: -1,
@@ -315,8 +314,11 @@ impl MetadataClient {
                     count
                 ];
                 for p in t.partitions {
-                    if let Ok(i) = usize::try_from(p.partition_index) {
-                        parts[i] = PartitionLeader {
+                    if let Some(slot) = usize::try_from(p.partition_index)
+                        .ok()
+                        .and_then(|i| parts.get_mut(i))
+                    {
+                        *slot = PartitionLeader {
                             leader_id: p.leader_id.0,
                             leader_epoch: p.leader_epoch,
                             error_code: p.error_code,
@@ -332,5 +334,68 @@ impl MetadataClient {
         let next = Arc::new(next);
         *self.map.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
         next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kafka_protocol::messages::{
+        BrokerId,
+        metadata_response::{
+            MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
+        },
+    };
+
+    use super::*;
+
+    fn client() -> MetadataClient {
+        MetadataClient::new(
+            vec![],
+            ConnectionConfig {
+                max_in_flight: 1,
+                max_frame_bytes: 1024,
+                client_id: None,
+            },
+            true,
+        )
+    }
+
+    fn partition(index: i32, leader: i32) -> MetadataResponsePartition {
+        MetadataResponsePartition::default()
+            .with_partition_index(index)
+            .with_leader_id(BrokerId(leader))
+            .with_leader_epoch(4)
+    }
+
+    #[test]
+    fn partition_indexes_outside_the_topic_are_ignored_not_trusted() {
+        let c = client();
+        let resp = MetadataResponse::default()
+            .with_brokers(vec![
+                MetadataResponseBroker::default()
+                    .with_node_id(BrokerId(1))
+                    .with_host(StrBytes::from_static_str("h"))
+                    .with_port(9092),
+            ])
+            .with_topics(vec![
+                MetadataResponseTopic::default()
+                    .with_name(Some(TopicName(StrBytes::from_static_str("t"))))
+                    .with_partitions(vec![
+                        partition(0, 1),
+                        partition(i32::MAX, 1),
+                        partition(-3, 1),
+                    ]),
+            ]);
+        let map = c.merge(&LeaderMap::empty(), resp);
+        let Some(TopicState::Partitions(parts)) = map.topics.get("t") else {
+            panic!("topic missing")
+        };
+        assert_eq!(parts.len(), 3);
+        assert!(matches!(map.route("t", 0), Route::Leader(ref b, 4) if b.addr() == "h:9092"));
+        // Slots the answer did not fill have no leader.
+        assert_eq!(map.route("t", 1), Route::Error(5));
+        assert_eq!(map.route("t", 3), Route::NoSuchPartition { partitions: 3 });
+        assert_eq!(map.route("u", 0), Route::Unknown);
+        assert_eq!(map.generation, 1);
     }
 }

@@ -5,7 +5,7 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use tokio::time::Instant;
+use tokio::time::{Duration, Instant};
 use tracing::info_span;
 
 use super::{
@@ -90,7 +90,14 @@ impl Pool {
         if let Some(c) = slot.healthy_for(&addr) {
             return Ok(c);
         }
-        let _one_dialer = slot.connecting.lock().await;
+        // One dialer per slot; the others wait for its result, but never past their deadline.
+        let Ok(_one_dialer) = tokio::time::timeout_at(deadline, slot.connecting.lock()).await
+        else {
+            return Err(ConnError::ConnectTimeout {
+                addr,
+                after: Duration::ZERO,
+            });
+        };
         if let Some(c) = slot.healthy_for(&addr) {
             return Ok(c);
         }

@@ -71,21 +71,36 @@ pub async fn negotiate(
             }
             Ok((resp, _)) => resp,
             // A broker that does not support `version` answers with a v0 body (§3.9).
-            Err(e) => match decode_response::<ApiVersionsResponse>(ApiKey::ApiVersions, 0, frame) {
-                Ok(resp) if version > 0 && resp.error_code == UNSUPPORTED_VERSION => resp,
-                // Undecodable at v3+: same fallback as above.
-                _ if version >= 3 => {
-                    version = 2;
-                    continue;
+            // Every ApiVersions body starts with its int16 error code, after the 4-byte header.
+            // Only an UNSUPPORTED_VERSION answer is decoded as v0 — never a body of another
+            // version, whose counts read as v0 would be nonsense.
+            Err(e)
+                if version > 0
+                    && frame.get(4..6) == Some(&UNSUPPORTED_VERSION.to_be_bytes()[..]) =>
+            {
+                match decode_response::<ApiVersionsResponse>(ApiKey::ApiVersions, 0, frame) {
+                    Ok(resp) => resp,
+                    Err(_) => {
+                        conn.poison(e.clone());
+                        return Err(RequestError {
+                            cause: e,
+                            maybe_sent: true,
+                        });
+                    }
                 }
-                _ => {
-                    conn.poison(e.clone());
-                    return Err(RequestError {
-                        cause: e,
-                        maybe_sent: true,
-                    });
-                }
-            },
+            }
+            // Undecodable at v3+: same fallback as above.
+            Err(_) if version >= 3 => {
+                version = 2;
+                continue;
+            }
+            Err(e) => {
+                conn.poison(e.clone());
+                return Err(RequestError {
+                    cause: e,
+                    maybe_sent: true,
+                });
+            }
         };
         if resp.error_code == UNSUPPORTED_VERSION && version > 0 {
             let broker_max = resp

@@ -1,0 +1,98 @@
+//! The `leaderlink` binary's command line: help, bad values (exit code 64), config files.
+
+use std::process::Command;
+
+fn leaderlink(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_leaderlink"));
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("runs")
+}
+
+#[test]
+fn serve_help_documents_every_option() {
+    let out = leaderlink(&["serve", "--help"], &[]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for opt in [
+        "--listen",
+        "--bootstrap",
+        "--max-in-flight",
+        "--config",
+        "--dev-topics",
+        "--dev-leader-latency-ms",
+        "LEADERLINK_BOOTSTRAP",
+    ] {
+        assert!(help.contains(opt), "{opt} missing from:\n{help}");
+    }
+}
+
+#[test]
+fn bad_values_exit_64_with_a_clear_message() {
+    for (args, env, needle) in [
+        (
+            vec!["serve", "--max-in-flight", "zero"],
+            vec![],
+            "--max-in-flight",
+        ),
+        (
+            vec!["serve", "--max-in-flight", "0"],
+            vec![],
+            "max_in_flight",
+        ),
+        (vec!["serve", "--listen", "nowhere"], vec![], "--listen"),
+        (
+            vec!["serve"],
+            vec![("LEADERLINK_BOOTSTRAP", "no-port")],
+            "bootstrap",
+        ),
+        (vec!["serve", "--dev-topics", "x:0"], vec![], "dev.topics"),
+        (
+            vec!["serve", "--config", "/nonexistent/leaderlink.toml"],
+            vec![],
+            "cannot read",
+        ),
+        (vec!["frobnicate"], vec![], "frobnicate"),
+    ] {
+        let out = leaderlink(&args, &env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn config_file_keys_are_checked_and_flags_override_env() {
+    let dir = std::env::temp_dir().join(format!("leaderlink-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("bad.toml");
+    std::fs::write(&f, "max_in_flight = 16\nconnections_per_leader = 0\n").unwrap();
+    let out = leaderlink(&["serve", "--config", f.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("connections_per_leader"));
+
+    // The environment says 5 (valid), the flag says 0 (invalid): the flag wins.
+    let out = leaderlink(
+        &["serve", "--max-in-flight", "0"],
+        &[("LEADERLINK_MAX_IN_FLIGHT", "5")],
+    );
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_in_flight"));
+    // And the environment overrides the file.
+    let ok = dir.join("ok.toml");
+    std::fs::write(
+        &ok,
+        "max_in_flight = 16
+",
+    )
+    .unwrap();
+    let out = leaderlink(
+        &["serve", "--config", ok.to_str().unwrap()],
+        &[("LEADERLINK_MAX_IN_FLIGHT", "0")],
+    );
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_in_flight"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
