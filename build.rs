@@ -14,7 +14,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `bytes` fields become `bytes::Bytes`, so a record batch travels from the decoded gRPC
         // message to the socket without being copied.
         .bytes(".")
-        .compile_protos(&["proto/leaderlink/v1/forwarder.proto"], &["proto"])?;
+        .compile_protos(
+            &[
+                "proto/leaderlink/v1/forwarder.proto",
+                "proto/leaderlink/v1/admin.proto",
+            ],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

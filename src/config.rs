@@ -9,12 +9,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::{forward::ForwardConfig, kafka::connection::ConnectionConfig};
 
-/// Everything leaderlink can be configured with. Every field is a key of the TOML file.
+/// Everything leaderlink can be configured with. Every field is a key of the TOML file and can
+/// also be set with the environment variable `LEADERLINK_<KEY>` (`dev.topics` →
+/// `LEADERLINK_DEV_TOPICS`; lists comma-separated).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Address the gRPC server listens on.
+    /// Address the gRPC server (Forwarder, health, reflection) listens on.
     pub listen: SocketAddr,
+    /// Address the admin server (Admin, health, reflection) listens on.
+    pub admin_listen: SocketAddr,
+    /// When set, the mutating admin calls (RefreshMetadata, DrainConnection) require
+    /// `authorization: Bearer <token>`. Redacted in GetConfig and `config check`.
+    pub admin_token: Option<String>,
     /// Kafka bootstrap brokers (`host:port`). Empty: start the embedded dev cluster.
     pub bootstrap: Vec<String>,
     /// `client_id` sent to the brokers.
@@ -50,6 +57,21 @@ pub struct Config {
     /// Most requests one ForwardStream may have outstanding; further requests are not read
     /// until one completes.
     pub max_stream_in_flight: usize,
+    /// Most Forward/ForwardStream calls served at once, across all callers and HTTP/2
+    /// connections. A call beyond it is shed at once with RESOURCE_EXHAUSTED ("retry later")
+    /// instead of waiting in a queue that grows until memory runs out.
+    pub max_concurrent_calls: usize,
+    /// Most requests waiting for an in-flight slot on one leader connection. When reached, a
+    /// further request for that connection fails with RESOURCE_EXHAUSTED.
+    pub max_queued_per_connection: usize,
+    /// Most request bytes in flight (written or queued for writing, awaiting an answer) on one
+    /// leader connection. Requests beyond it wait in the connection's queue (bounded by
+    /// `max_queued_per_connection`); a single request larger than this fails with
+    /// RESOURCE_EXHAUSTED.
+    pub max_in_flight_bytes_per_connection: usize,
+    /// On SIGTERM/SIGINT, how long in-flight calls may take to finish. Calls still running when
+    /// it expires get UNAVAILABLE and a warning is logged.
+    pub shutdown_grace_ms: u64,
     /// The embedded dev cluster, used when `bootstrap` is empty.
     pub dev: DevConfig,
 }
@@ -80,6 +102,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 50052)),
+            admin_token: None,
             bootstrap: Vec::new(),
             client_id: "leaderlink".into(),
             max_in_flight: 1024,
@@ -93,6 +117,10 @@ impl Default for Config {
             retry_backoff_max_ms: 1_000,
             allow_auto_topic_creation: true,
             max_stream_in_flight: 1024,
+            max_concurrent_calls: 4096,
+            max_queued_per_connection: 4096,
+            max_in_flight_bytes_per_connection: 64 * 1024 * 1024,
+            shutdown_grace_ms: 20_000,
             dev: DevConfig::default(),
         }
     }
@@ -117,6 +145,14 @@ pub enum ConfigError {
         /// The operating system's error.
         #[source]
         source: std::io::Error,
+    },
+    /// An environment variable holds a value of the wrong type.
+    #[error("{var}: {reason}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// Why.
+        reason: String,
     },
     /// The file is not valid TOML for this schema.
     #[error("{path}: {message}")]
@@ -150,17 +186,108 @@ pub fn parse_dev_topic(spec: &str) -> Result<(String, i32), String> {
     Ok((name.to_string(), n))
 }
 
+/// Sets `table[key]` from `LEADERLINK_<KEY>` for every key of `defaults` (recursing into
+/// sub-tables: `dev.topics` ← `LEADERLINK_DEV_TOPICS`), parsed as the default's type.
+fn overlay_env(
+    table: &mut toml::Table,
+    defaults: &toml::Table,
+    prefix: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    for (key, default) in defaults {
+        let var = format!("{prefix}{}", key.to_uppercase());
+        if let toml::Value::Table(sub_defaults) = default {
+            let sub = table
+                .entry(key.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(sub) = sub {
+                overlay_env(sub, sub_defaults, &format!("{var}_"), env)?;
+            }
+            continue;
+        }
+        let Some(raw) = env(&var) else { continue };
+        let bad = |reason: String| ConfigError::Env {
+            var: var.clone(),
+            reason,
+        };
+        let value = match default {
+            toml::Value::Integer(_) => toml::Value::Integer(
+                raw.trim()
+                    .parse()
+                    .map_err(|_| bad(format!("{raw:?} is not a whole number")))?,
+            ),
+            toml::Value::Boolean(_) => toml::Value::Boolean(
+                raw.trim()
+                    .parse()
+                    .map_err(|_| bad(format!("{raw:?} is not true or false")))?,
+            ),
+            toml::Value::Array(_) => toml::Value::Array(
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| toml::Value::String(s.to_string()))
+                    .collect(),
+            ),
+            _ => toml::Value::String(raw),
+        };
+        table.insert(key.clone(), value);
+    }
+    Ok(())
+}
+
+/// Keys of `Option<String>` fields.
+const OPTIONAL_STRING_KEYS: &[&str] = &["admin_token"];
+
+/// Keys whose values are secrets: never printed.
+const SECRET_KEYS: &[&str] = &["admin_token"];
+
 impl Config {
     /// Reads a TOML file (unknown keys are errors).
     pub fn from_file(path: &std::path::Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
+        Self::from_sources(Some(path), &|_| None)
+    }
+
+    /// The file (if any) with `LEADERLINK_*` variables from `env` laid over it, not yet
+    /// validated.
+    pub fn from_sources(
+        path: Option<&std::path::Path>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: e.to_string().trim_end().to_string(),
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        let mut defaults = toml::Table::try_from(Config::default()).expect("defaults serialize");
+        // Optional strings have no default to serialize; name them so the environment can set them.
+        for key in OPTIONAL_STRING_KEYS {
+            defaults.insert(key.to_string(), toml::Value::String(String::new()));
+        }
+        overlay_env(&mut table, &defaults, "LEADERLINK_", env)?;
+        let origin = path.map_or_else(|| PathBuf::from("environment"), |p| p.to_path_buf());
+        Config::deserialize(table).map_err(|e| ConfigError::Parse {
+            path: origin,
             message: e.to_string().trim_end().to_string(),
         })
+    }
+
+    /// The configuration as TOML, secrets replaced by `"<redacted>"`.
+    pub fn redacted_toml(&self) -> String {
+        let mut table = toml::Table::try_from(self).expect("config serializes");
+        for key in SECRET_KEYS {
+            if table.contains_key(*key) {
+                table.insert(key.to_string(), toml::Value::String("<redacted>".into()));
+            }
+        }
+        toml::to_string(&table).expect("table serializes")
     }
 
     /// Checks every value; the error names the first bad key.
@@ -207,6 +334,31 @@ impl Config {
         if !(1..=1_000_000).contains(&self.max_stream_in_flight) {
             return Err(bad("max_stream_in_flight", "must be 1..=1000000"));
         }
+        if !(1..=1_000_000).contains(&self.max_concurrent_calls) {
+            return Err(bad("max_concurrent_calls", "must be 1..=1000000"));
+        }
+        if !(1..=1_000_000).contains(&self.max_queued_per_connection) {
+            return Err(bad("max_queued_per_connection", "must be 1..=1000000"));
+        }
+        if !(1024..=1usize << 40).contains(&self.max_in_flight_bytes_per_connection) {
+            return Err(bad(
+                "max_in_flight_bytes_per_connection",
+                "must be 1024..=1099511627776",
+            ));
+        }
+        if self.shutdown_grace_ms > 3600 * 1000 {
+            return Err(bad("shutdown_grace_ms", "must be <= 3600000 (one hour)"));
+        }
+        if self
+            .admin_token
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            return Err(bad("admin_token", "must not be empty when set"));
+        }
+        if self.admin_listen == self.listen {
+            return Err(bad("admin_listen", "must differ from listen"));
+        }
         if !(1..=16).contains(&self.dev.brokers) {
             return Err(bad("dev.brokers", "must be 1..=16"));
         }
@@ -223,6 +375,8 @@ impl Config {
     pub fn connection(&self) -> ConnectionConfig {
         ConnectionConfig {
             max_in_flight: self.max_in_flight,
+            max_queued: self.max_queued_per_connection,
+            max_in_flight_bytes: self.max_in_flight_bytes_per_connection,
             max_frame_bytes: self.max_frame_bytes,
             client_id: Some(StrBytes::from_string(self.client_id.clone())),
         }
@@ -250,6 +404,9 @@ pub struct ServeArgs {
     /// Address the gRPC server listens on [default: 127.0.0.1:50051].
     #[arg(long, env = "LEADERLINK_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// Address the admin server listens on [default: 127.0.0.1:50052].
+    #[arg(long, env = "LEADERLINK_ADMIN_LISTEN", value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
     /// Kafka bootstrap brokers, comma-separated. Without it, the embedded dev cluster starts.
     #[arg(
         long,
@@ -261,6 +418,12 @@ pub struct ServeArgs {
     /// Most requests in flight per leader connection [default: 1024]; 1 = one at a time.
     #[arg(long, env = "LEADERLINK_MAX_IN_FLIGHT", value_name = "N")]
     pub max_in_flight: Option<usize>,
+    /// Most calls served at once; more are shed with RESOURCE_EXHAUSTED [default: 4096].
+    #[arg(long, env = "LEADERLINK_MAX_CONCURRENT_CALLS", value_name = "N")]
+    pub max_concurrent_calls: Option<usize>,
+    /// Grace for in-flight calls on SIGTERM/SIGINT, in milliseconds [default: 20000].
+    #[arg(long, env = "LEADERLINK_SHUTDOWN_GRACE_MS", value_name = "MS")]
+    pub shutdown_grace_ms: Option<u64>,
     /// Pipelined connections per leader broker [default: 1].
     #[arg(long, env = "LEADERLINK_CONNECTIONS_PER_LEADER", value_name = "K")]
     pub connections_per_leader: Option<usize>,
@@ -284,15 +447,29 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    /// The effective configuration: the file (if any), then these flags/environment values,
-    /// validated.
+    /// The effective configuration: the file (if any), then `LEADERLINK_*` variables, then
+    /// these flags, validated.
     pub fn resolve(&self) -> Result<Config, ConfigError> {
-        let mut cfg = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
-        };
+        self.resolve_with(&|var| std::env::var(var).ok())
+    }
+
+    /// [`Self::resolve`] with the environment given as a function.
+    pub fn resolve_with(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut cfg = Config::from_sources(self.config.as_deref(), env)?;
         if let Some(v) = self.listen {
             cfg.listen = v;
+        }
+        if let Some(v) = self.admin_listen {
+            cfg.admin_listen = v;
+        }
+        if let Some(v) = self.max_concurrent_calls {
+            cfg.max_concurrent_calls = v;
+        }
+        if let Some(v) = self.shutdown_grace_ms {
+            cfg.shutdown_grace_ms = v;
         }
         if let Some(v) = &self.bootstrap {
             cfg.bootstrap = v
@@ -343,8 +520,35 @@ mod tests {
             max_in_flight: Some(9),
             ..Default::default()
         };
-        let cfg = args.resolve().unwrap();
+        let cfg = args.resolve_with(&|_| None).unwrap();
         assert_eq!(cfg.max_in_flight, 9);
+        // The environment overrides the file, flags override the environment.
+        let env = |v: &str| match v {
+            "LEADERLINK_MAX_IN_FLIGHT" => Some("11".to_string()),
+            "LEADERLINK_DEV_TOPICS" => Some("a:1, b:2".to_string()),
+            "LEADERLINK_ALLOW_AUTO_TOPIC_CREATION" => Some("false".to_string()),
+            _ => None,
+        };
+        let from_env = ServeArgs {
+            config: Some(f.clone()),
+            ..Default::default()
+        }
+        .resolve_with(&env)
+        .unwrap();
+        assert_eq!(from_env.max_in_flight, 11);
+        assert_eq!(
+            from_env.dev.topics,
+            vec!["a:1".to_string(), "b:2".to_string()]
+        );
+        assert!(!from_env.allow_auto_topic_creation);
+        assert_eq!(args.resolve_with(&env).unwrap().max_in_flight, 9);
+        let err = ServeArgs::default()
+            .resolve_with(&|v: &str| (v == "LEADERLINK_MAX_IN_FLIGHT").then(|| "many".to_string()))
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with("LEADERLINK_MAX_IN_FLIGHT:"),
+            "{err}"
+        );
         assert_eq!(cfg.bootstrap, vec!["h:9092".to_string()]);
         assert_eq!(cfg.dev.brokers, 2);
 
@@ -353,7 +557,7 @@ mod tests {
             config: Some(f.clone()),
             ..Default::default()
         }
-        .resolve()
+        .resolve_with(&|_| None)
         .unwrap_err();
         assert!(err.to_string().starts_with("max_in_flight:"), "{err}");
 
@@ -362,7 +566,7 @@ mod tests {
             config: Some(f.clone()),
             ..Default::default()
         }
-        .resolve()
+        .resolve_with(&|_| None)
         .unwrap_err();
         assert!(err.to_string().contains("max_in_flite"), "{err}");
 
@@ -370,7 +574,7 @@ mod tests {
             bootstrap: Some(vec!["nohost".into()]),
             ..Default::default()
         }
-        .resolve()
+        .resolve_with(&|_| None)
         .unwrap_err();
         assert!(err.to_string().starts_with("bootstrap:"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
@@ -382,5 +586,23 @@ mod tests {
         assert!(parse_dev_topic("orders").is_err());
         assert!(parse_dev_topic("bad name:1").is_err());
         assert!(parse_dev_topic("t:0").is_err());
+    }
+}
+
+#[cfg(test)]
+mod redaction_tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted_and_the_rest_round_trips() {
+        let cfg = Config {
+            admin_token: Some("s3cret".into()),
+            ..Config::default()
+        };
+        let text = cfg.redacted_toml();
+        assert!(!text.contains("s3cret"));
+        assert!(text.contains("admin_token = \"<redacted>\""));
+        let back: Config = toml::from_str(&text).unwrap();
+        assert_eq!(back.max_in_flight, cfg.max_in_flight);
     }
 }

@@ -19,6 +19,7 @@
 #![deny(rust_2018_idioms)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod config;
 pub mod dev;
 pub mod forward;
@@ -26,3 +27,4 @@ pub mod grpc;
 pub mod kafka;
 pub mod proto;
 pub mod server;
+pub mod stats;

@@ -28,7 +28,20 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the forwarder. Without --bootstrap, it starts an embedded dev cluster (in memory).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Work with configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate FILE (with any LEADERLINK_* variables laid over it, as `serve` would) and print
+    /// the effective configuration as TOML, secrets redacted. Exit code 64 names the bad key.
+    Check {
+        /// The TOML file.
+        file: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,6 +63,20 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::Config(ConfigCommand::Check { file }) => {
+            let checked = Config::from_sources(Some(&file), &|v| std::env::var(v).ok())
+                .and_then(|cfg| cfg.validate().map(|()| cfg));
+            match checked {
+                Ok(cfg) => {
+                    print!("{}", cfg.redacted_toml());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("leaderlink: invalid configuration: {}", chain(&e));
+                    ExitCode::from(EX_USAGE)
+                }
+            }
+        }
         Command::Serve(args) => {
             let cfg = match args.resolve() {
                 Ok(cfg) => cfg,
@@ -87,15 +114,20 @@ fn serve(mut cfg: Config) -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let listener = match tokio::net::TcpListener::bind(cfg.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                error!(addr = %cfg.listen, cause = %e, "cannot listen");
-                return ExitCode::FAILURE;
-            }
+        let bind = |addr| async move {
+            tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                error!(addr = %addr, cause = %e, "cannot listen");
+            })
         };
-        match server::run(&cfg, listener, shutdown_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
+        let (Ok(listener), Ok(admin_listener)) =
+            (bind(cfg.listen).await, bind(cfg.admin_listen).await)
+        else {
+            return ExitCode::FAILURE;
+        };
+        match server::run(&cfg, listener, admin_listener, shutdown_signal()).await {
+            // Both a clean drain and an expired grace end the process normally; the latter
+            // was logged as a warning.
+            Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
                 error!(cause = %e, "server failed");
                 ExitCode::FAILURE

@@ -1,44 +1,111 @@
-//! Builds the gRPC server (Forwarder, health, reflection v1 and v1alpha) and runs it until a
-//! shutdown future resolves. The binary only parses config and calls [`run`]; tests call
-//! [`start`] on `127.0.0.1:0`.
+//! Builds and runs the two gRPC servers — the Forwarder (behind its tower stack) and the
+//! Admin service, each with health and reflection — until a shutdown future resolves, then
+//! drains. The binary only parses config and calls [`run`]; tests call [`start`] on
+//! `127.0.0.1:0`.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle, time::Instant};
+use tokio::{
+    net::TcpListener,
+    sync::{oneshot, watch},
+    task::JoinHandle,
+    time::Instant,
+};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
+    admin::AdminService,
     config::Config,
     forward::Forwarder,
-    grpc::ForwarderService,
+    grpc::{ForwarderService, layers::forwarder_stack},
     kafka::error::chain,
-    proto::{self, v1::forwarder_server::ForwarderServer},
+    proto::{
+        self,
+        v1::{admin_server::AdminServer, forwarder_server::ForwarderServer},
+    },
 };
 
 /// Name under which health reports the Forwarder service.
 pub const FORWARDER_SERVICE: &str = "leaderlink.v1.Forwarder";
 
-/// A server running in the background.
+/// How long calls cut off by an expired grace get to receive their UNAVAILABLE answer.
+const ABORT_FLUSH: Duration = Duration::from_secs(2);
+
+type ServerTask = JoinHandle<Result<(), tonic::transport::Error>>;
+
+/// The servers running in the background.
 pub struct Running {
-    /// The address it listens on.
+    /// Where the Forwarder listens.
     pub addr: SocketAddr,
-    /// The forwarding core it serves (for inspection).
+    /// Where the Admin service listens.
+    pub admin_addr: SocketAddr,
+    /// The forwarding core (for inspection).
     pub forwarder: Forwarder,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), tonic::transport::Error>>,
+    reporter: HealthReporter,
+    stop: Option<(oneshot::Sender<()>, oneshot::Sender<()>)>,
+    abort: watch::Sender<bool>,
+    task: ServerTask,
+    admin_task: ServerTask,
     watcher: JoinHandle<()>,
 }
 
+/// How a shutdown went.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Drained {
+    /// Every in-flight call finished within the grace.
+    Clean,
+    /// The grace expired; the calls still running were answered UNAVAILABLE.
+    GraceExpired,
+}
+
 impl Running {
-    /// Stops accepting calls, lets in-flight ones finish, and waits for the server to end.
-    pub async fn stop(mut self) -> Result<(), tonic::transport::Error> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
+    /// Drains: health turns NOT_SERVING at once, both servers stop accepting calls, in-flight
+    /// calls get up to `grace` to finish; those still running then answer UNAVAILABLE.
+    pub async fn shutdown(mut self, grace: Duration) -> Drained {
         self.watcher.abort();
-        (&mut self.task).await.unwrap_or(Ok(()))
+        for service in ["", FORWARDER_SERVICE] {
+            self.reporter
+                .set_service_status(service, ServingStatus::NotServing)
+                .await;
+        }
+        if let Some((stop, stop_admin)) = self.stop.take() {
+            let _ = stop.send(());
+            let _ = stop_admin.send(());
+        }
+        let started = Instant::now();
+        let outcome = match tokio::time::timeout(grace, &mut self.task).await {
+            Ok(_) => Drained::Clean,
+            Err(_) => {
+                let in_progress = self
+                    .forwarder
+                    .stats()
+                    .calls_in_progress
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                warn!(
+                    grace_ms = grace.as_millis() as u64,
+                    in_progress,
+                    "shutdown grace expired; answering the remaining calls UNAVAILABLE"
+                );
+                let _ = self.abort.send(true);
+                if tokio::time::timeout(ABORT_FLUSH, &mut self.task)
+                    .await
+                    .is_err()
+                {
+                    self.task.abort();
+                }
+                Drained::GraceExpired
+            }
+        };
+        let left = grace.saturating_sub(started.elapsed()) + ABORT_FLUSH;
+        if tokio::time::timeout(left, &mut self.admin_task)
+            .await
+            .is_err()
+        {
+            self.admin_task.abort();
+        }
+        outcome
     }
 }
 
@@ -46,12 +113,13 @@ impl Drop for Running {
     fn drop(&mut self) {
         self.watcher.abort();
         self.task.abort();
+        self.admin_task.abort();
     }
 }
 
 /// Keeps the leader map fresh and health in step with it: SERVING once metadata was fetched,
 /// NOT_SERVING while no broker answers.
-async fn watch_cluster(forwarder: Forwarder, reporter: HealthReporter, cfg: Config) {
+async fn watch_cluster(forwarder: Forwarder, reporter: HealthReporter, cfg: Arc<Config>) {
     let max_age = Duration::from_millis(cfg.metadata_max_age_ms);
     let connect_budget = Duration::from_millis(cfg.default_timeout_ms).min(Duration::from_secs(10));
     let mut serving = None;
@@ -90,9 +158,24 @@ async fn watch_cluster(forwarder: Forwarder, reporter: HealthReporter, cfg: Conf
     }
 }
 
-/// Starts serving on `listener` in the background.
-pub async fn start(cfg: &Config, listener: TcpListener) -> std::io::Result<Running> {
+fn reflection(extra: &'static [u8]) -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        // Each reflection service also lists the other, so `list` shows both either way.
+        .register_encoded_file_descriptor_set(extra)
+}
+
+/// Starts both servers in the background: the Forwarder on `listener`, the Admin service on
+/// `admin_listener`.
+pub async fn start(
+    cfg: &Config,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+) -> std::io::Result<Running> {
+    let cfg = Arc::new(cfg.clone());
     let addr = listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
     let forwarder = Forwarder::new(
         cfg.forward(),
         cfg.connection(),
@@ -100,74 +183,108 @@ pub async fn start(cfg: &Config, listener: TcpListener) -> std::io::Result<Runni
         cfg.allow_auto_topic_creation,
     );
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    reporter
-        .set_service_status(FORWARDER_SERVICE, ServingStatus::NotServing)
-        .await;
+    for service in ["", FORWARDER_SERVICE] {
+        reporter
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
+    }
     let watcher = tokio::spawn(
-        watch_cluster(forwarder.clone(), reporter, cfg.clone())
+        watch_cluster(forwarder.clone(), reporter.clone(), cfg.clone())
             .instrument(info_span!("cluster_watch")),
     );
 
-    let reflection = |b: tonic_reflection::server::Builder<'static>| {
-        b.register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    let v1 = || {
+        reflection(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(std::io::Error::other)
     };
-    // Each reflection service also lists the other, so `list` shows both on either protocol.
-    let reflection_v1 = reflection(tonic_reflection::server::Builder::configure())
-        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(std::io::Error::other)?;
     // grpcurl 1.8.x speaks only v1alpha.
-    let reflection_v1alpha = reflection(tonic_reflection::server::Builder::configure())
-        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(std::io::Error::other)?;
+    let v1alpha = || {
+        reflection(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(std::io::Error::other)
+    };
 
+    let (abort_tx, abort_rx) = watch::channel(false);
     let service = ForwarderService::new(
         forwarder.clone(),
         Duration::from_millis(cfg.default_timeout_ms),
         cfg.max_stream_in_flight,
+        abort_rx,
     );
     let forwarder_server = ForwarderServer::new(service)
         // Requests between max_request_bytes and twice that reach validation, which answers
         // INVALID_ARGUMENT naming the limit; larger ones are refused by the transport.
         .max_decoding_message_size(cfg.max_request_bytes.saturating_mul(2));
+    let stack = forwarder_stack(
+        forwarder_server,
+        forwarder.stats().clone(),
+        cfg.max_concurrent_calls,
+        Duration::from_millis(cfg.default_timeout_ms),
+    );
 
-    let (tx, rx) = oneshot::channel::<()>();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(forwarder_server);
+        .add_service(health.clone())
+        .add_service(v1()?)
+        .add_service(v1alpha()?)
+        .add_service(stack);
     let task = tokio::spawn(
         router
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = rx.await;
+                let _ = stop_rx.await;
             })
             .instrument(info_span!("grpc", %addr)),
     );
+
+    let (stop_admin_tx, stop_admin_rx) = oneshot::channel::<()>();
+    let admin = tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(v1()?)
+        .add_service(v1alpha()?)
+        .add_service(AdminServer::new(AdminService::new(
+            forwarder.clone(),
+            cfg.clone(),
+        )));
+    let admin_task = tokio::spawn(
+        admin
+            .serve_with_incoming_shutdown(TcpListenerStream::new(admin_listener), async {
+                let _ = stop_admin_rx.await;
+            })
+            .instrument(info_span!("admin", addr = %admin_addr)),
+    );
     Ok(Running {
         addr,
+        admin_addr,
         forwarder,
-        shutdown: Some(tx),
+        reporter,
+        stop: Some((stop_tx, stop_admin_tx)),
+        abort: abort_tx,
         task,
+        admin_task,
         watcher,
     })
 }
 
-/// Serves until `shutdown` resolves, then stops accepting and lets in-flight calls finish.
+/// Serves until `shutdown` resolves, then drains within `shutdown_grace_ms`.
 pub async fn run(
     cfg: &Config,
     listener: TcpListener,
+    admin_listener: TcpListener,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let running = start(cfg, listener).await?;
-    info!(addr = %running.addr, "leaderlink serving");
+) -> std::io::Result<Drained> {
+    let running = start(cfg, listener, admin_listener).await?;
+    info!(addr = %running.addr, admin = %running.admin_addr, "leaderlink serving");
     shutdown.await;
-    info!("shutting down");
-    running.stop().await?;
-    Ok(())
+    info!(
+        grace_ms = cfg.shutdown_grace_ms,
+        "shutting down: health NOT_SERVING, no new calls, draining in-flight calls"
+    );
+    let drained = running
+        .shutdown(Duration::from_millis(cfg.shutdown_grace_ms))
+        .await;
+    if drained == Drained::Clean {
+        info!("every in-flight call finished; bye");
+    }
+    Ok(drained)
 }

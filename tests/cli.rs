@@ -96,3 +96,49 @@ fn config_file_keys_are_checked_and_flags_override_env() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("max_in_flight"));
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn config_check_prints_the_effective_config_or_names_the_bad_key() {
+    let dir = std::env::temp_dir().join(format!("leaderlink-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "bootstrap = [\"k1:9092\"]\nadmin_token = \"hunter2\"\nmax_concurrent_calls = 64\n",
+    )
+    .unwrap();
+    let out = leaderlink(&["config", "check", good.to_str().unwrap()], &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("max_concurrent_calls = 64"), "{stdout}");
+    assert!(
+        stdout.contains("max_in_flight = 1024"),
+        "defaults are shown: {stdout}"
+    );
+    assert!(
+        !stdout.contains("hunter2"),
+        "secrets are redacted: {stdout}"
+    );
+
+    for (text, key) in [
+        ("max_concurrent_calls = 0\n", "max_concurrent_calls"),
+        ("shutdown_grace_ms = \"soon\"\n", "shutdown_grace_ms"),
+        ("[dev]\nbrokerz = 3\n", "brokerz"),
+        (
+            "listen = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:1\"\n",
+            "admin_listen",
+        ),
+    ] {
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, text).unwrap();
+        let out = leaderlink(&["config", "check", bad.to_str().unwrap()], &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{text}: {err}");
+        assert!(err.contains(key), "{text}: {err}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

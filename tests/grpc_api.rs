@@ -11,7 +11,6 @@ use futures::StreamExt;
 use leaderlink::{
     config::Config,
     proto::v1::{Acks, ForwardRequest, PartitionData, Record, forwarder_client::ForwarderClient},
-    server,
 };
 use tonic::Code;
 use tonic_health::pb::{
@@ -68,8 +67,7 @@ async fn without_a_reachable_broker_health_is_not_serving_and_calls_are_unavaila
         bootstrap: vec![dead],
         ..Config::default()
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let s = server::start(&cfg, listener).await.unwrap();
+    let s = common::start_server(&cfg).await;
     assert_eq!(health(s.addr, "").await, ServingStatus::NotServing);
     let mut c = ForwarderClient::connect(format!("http://{}", s.addr))
         .await

@@ -7,7 +7,7 @@ pub mod validate;
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     hash::{DefaultHasher, Hash, Hasher},
-    sync::Arc,
+    sync::{Arc, atomic::Ordering},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -25,6 +25,7 @@ use crate::{
         produce::{self, PartitionBatch, acks},
     },
     proto::v1::{ForwardRequest, ForwardResponse, PartitionResult},
+    stats::Stats,
 };
 use validate::{Validated, validate};
 
@@ -52,6 +53,16 @@ pub enum ForwardError {
         /// What was tried.
         detail: String,
         /// The last connection failure.
+        #[source]
+        cause: ConnError,
+    },
+    /// A bound on a leader connection was hit (queue full, or a request larger than the
+    /// connection's byte budget).
+    #[error("overloaded: {detail}; retry later")]
+    Overloaded {
+        /// Which partitions could not be queued, and those already answered.
+        detail: String,
+        /// The bound that was hit.
         #[source]
         cause: ConnError,
     },
@@ -120,6 +131,8 @@ struct ItemState {
     may_be_in_log: bool,
     /// The batch was sent again after such an attempt.
     possibly_duplicated: bool,
+    /// A connection bound refused the batch.
+    overloaded: Option<ConnError>,
 }
 
 /// The forwarding core. Cheap to clone.
@@ -132,6 +145,7 @@ struct Inner {
     cfg: ForwardConfig,
     metadata: MetadataClient,
     pool: Pool,
+    stats: Arc<Stats>,
 }
 
 fn now_ms() -> i64 {
@@ -152,6 +166,7 @@ impl Forwarder {
             inner: Arc::new(Inner {
                 metadata: MetadataClient::new(bootstrap, conn.clone(), allow_auto_topic_creation),
                 pool: Pool::new(conn),
+                stats: Arc::new(Stats::default()),
                 cfg,
             }),
         }
@@ -165,6 +180,19 @@ impl Forwarder {
     /// The leader connections.
     pub fn pool(&self) -> &Pool {
         &self.inner.pool
+    }
+
+    /// Process-wide counters.
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.inner.stats
+    }
+
+    fn count_forwarded(&self, it: &validate::Item) {
+        let s = &self.inner.stats;
+        s.records_forwarded
+            .fetch_add(u64::from(it.records), Ordering::Relaxed);
+        s.bytes_forwarded
+            .fetch_add(it.batch.len() as u64, Ordering::Relaxed);
     }
 
     fn conn_index(&self, topic: &str, partition: i32) -> usize {
@@ -353,10 +381,23 @@ impl Forwarder {
                     match sent {
                         Ok(Ok(f)) => {
                             for &i in &chunk {
+                                if st[i].attempts > 0 {
+                                    self.inner.stats.retries.fetch_add(1, Ordering::Relaxed);
+                                }
                                 st[i].attempts += 1;
                                 st[i].possibly_duplicated |= st[i].may_be_in_log;
                             }
                             waits.push((conn.clone(), broker.id, chunk, f));
+                        }
+                        Ok(Err(RequestError {
+                            cause:
+                                cause @ (ConnError::QueueFull { .. } | ConnError::TooLarge { .. }),
+                            ..
+                        })) => {
+                            // A bound was hit: answer RESOURCE_EXHAUSTED rather than queue more.
+                            for &i in &chunk {
+                                st[i].overloaded = Some(cause.clone());
+                            }
                         }
                         Ok(Err(e)) => {
                             not_sent(&mut st, &mut retry, e.cause);
@@ -384,6 +425,7 @@ impl Forwarder {
                     Ok(None) => {
                         // acks=0: done once written (DESIGN.md §3.4).
                         for i in chunk {
+                            self.count_forwarded(&v.items[i]);
                             st[i].result = Some(ok_result(&v.items[i], -1, -1, -1, broker, &st[i]));
                         }
                         continue;
@@ -430,6 +472,7 @@ impl Forwarder {
                         continue;
                     };
                     if a.error_code == 0 {
+                        self.count_forwarded(it);
                         st[i].result = Some(ok_result(
                             it,
                             a.base_offset,
@@ -460,6 +503,9 @@ impl Forwarder {
                 }
             }
 
+            if let Some(cause) = st.iter().find_map(|s| s.overloaded.clone()) {
+                return Err(self.overloaded(&v, &st, cause));
+            }
             retry.sort_unstable();
             pending = retry;
             if pending.is_empty() {
@@ -506,24 +552,28 @@ impl Forwarder {
             .map(|_| true)
     }
 
+    fn overloaded(&self, v: &Validated, st: &[ItemState], cause: ConnError) -> ForwardError {
+        let refused: Vec<String> = st
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.overloaded.is_some())
+            .take(5)
+            .map(|(i, _)| format!("{}-{}", v.items[i].topic, v.items[i].partition))
+            .collect();
+        ForwardError::Overloaded {
+            detail: format!(
+                "the leader connection of {} refused the batch{}",
+                refused.join(", "),
+                answered_list(v, st)
+            ),
+            cause,
+        }
+    }
+
     fn expired(&self, v: &Validated, st: &[ItemState], pending: &[usize]) -> ForwardError {
         let name = |i: usize| format!("{}-{}", v.items[i].topic, v.items[i].partition);
         let waiting: Vec<String> = pending.iter().take(5).map(|&i| name(i)).collect();
-        let answered: Vec<String> = st
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.result.as_ref().map(|r| (i, r)))
-            .take(5)
-            .map(|(i, r)| match r.error_code {
-                0 => format!("{} at offset {}", name(i), r.base_offset),
-                _ => format!("{} with {}", name(i), r.error_name),
-            })
-            .collect();
-        let answered = if answered.is_empty() {
-            String::new()
-        } else {
-            format!("; answered: {}", answered.join(", "))
-        };
+        let answered = answered_list(v, st);
         let last = pending.iter().rev().find_map(|&i| st[i].last.clone());
         let all_connecting = pending.iter().all(|&i| {
             matches!(
@@ -561,6 +611,28 @@ impl Forwarder {
                 if pending.len() > 5 { ", …" } else { "" }
             ),
         }
+    }
+}
+
+/// "; answered: t-0 at offset 5, …" for the partitions that already have a result.
+fn answered_list(v: &Validated, st: &[ItemState]) -> String {
+    let answered: Vec<String> = st
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.result.as_ref().map(|r| (i, r)))
+        .take(5)
+        .map(|(i, r)| {
+            let name = format!("{}-{}", v.items[i].topic, v.items[i].partition);
+            match r.error_code {
+                0 => format!("{name} at offset {}", r.base_offset),
+                _ => format!("{name} with {}", r.error_name),
+            }
+        })
+        .collect();
+    if answered.is_empty() {
+        String::new()
+    } else {
+        format!("; answered: {}", answered.join(", "))
     }
 }
 

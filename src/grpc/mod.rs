@@ -1,6 +1,16 @@
 //! Thin tonic handlers, and the one place that maps errors to gRPC status codes.
 
-use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
+pub mod layers;
+
+use std::{
+    collections::HashMap,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use futures::{Stream, StreamExt};
 use tokio::{
@@ -8,7 +18,7 @@ use tokio::{
     time::Instant,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, metadata::MetadataMap};
+use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
 use tracing::warn;
 
 use crate::{
@@ -18,12 +28,14 @@ use crate::{
 };
 
 /// Turns a forwarding error into the gRPC status the caller sees. Every error path of the
-/// Forwarder service goes through here.
+/// Forwarder handlers goes through here (the layers' own errors through
+/// [`layers::RescueLayer`]).
 pub fn status(err: &ForwardError) -> Status {
     match err {
         ForwardError::Invalid { .. } => Status::invalid_argument(err.to_string()),
         ForwardError::DeadlineExceeded { .. } => Status::deadline_exceeded(err.to_string()),
         ForwardError::Unavailable { .. } => Status::unavailable(chain(err)),
+        ForwardError::Overloaded { .. } => Status::resource_exhausted(chain(err)),
         ForwardError::Internal(_) => {
             warn!(error = %err, "internal error");
             Status::internal(err.to_string())
@@ -37,7 +49,15 @@ pub fn status(err: &ForwardError) -> Status {
 /// leaderlink needs the deadline itself (to cut the Kafka `timeout_ms` and answer
 /// DEADLINE_EXCEEDED), so the short format (`<=8 digits><H|M|S|m|u|n>`) is parsed here.
 pub fn caller_timeout(md: &MetadataMap) -> Option<Duration> {
-    let v = md.get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(md.get("grpc-timeout")?.to_str().ok()?)
+}
+
+/// [`caller_timeout`] on plain HTTP headers (for tower layers).
+pub fn caller_timeout_headers(headers: &http::HeaderMap) -> Option<Duration> {
+    parse_grpc_timeout(headers.get("grpc-timeout")?.to_str().ok()?)
+}
+
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     if v.len() < 2 || v.len() > 9 {
         return None;
     }
@@ -67,31 +87,74 @@ pub struct ForwarderService {
     forwarder: Forwarder,
     default_timeout: Duration,
     max_stream_in_flight: usize,
+    /// Becomes true when the shutdown grace expired: calls still running answer UNAVAILABLE.
+    abort: watch::Receiver<bool>,
+}
+
+/// Resolves once `abort` turns true (never, if its sender goes away without doing so).
+async fn aborted(mut abort: watch::Receiver<bool>) {
+    if abort.wait_for(|a| *a).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn shutdown_status() -> Status {
+    Status::unavailable(
+        "leaderlink is shutting down and its shutdown_grace expired; retry on another instance",
+    )
+}
+
+/// Keeps `calls_in_progress` right however a call ends (including cancellation).
+struct InProgress<'a>(&'a AtomicU64);
+
+impl<'a> InProgress<'a> {
+    fn enter(c: &'a AtomicU64) -> Self {
+        c.fetch_add(1, Ordering::Relaxed);
+        Self(c)
+    }
+}
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ForwarderService {
-    /// A service over `forwarder`. `default_timeout` is the deadline of calls that carry none;
-    /// `max_stream_in_flight` bounds the requests one ForwardStream has outstanding (more are
-    /// not read from the stream until one completes, which pushes back on the caller through
-    /// HTTP/2 flow control).
+    /// A service over `forwarder`. `default_timeout` is the deadline of unary calls that carry
+    /// none (and of each request of a stream); `max_stream_in_flight` bounds the requests one
+    /// ForwardStream has outstanding (more are not read from the stream until one completes,
+    /// which pushes back on the caller through HTTP/2 flow control). `abort` turning true
+    /// makes running calls answer UNAVAILABLE.
     pub fn new(
         forwarder: Forwarder,
         default_timeout: Duration,
         max_stream_in_flight: usize,
+        abort: watch::Receiver<bool>,
     ) -> Self {
         Self {
             forwarder,
             default_timeout,
             max_stream_in_flight: max_stream_in_flight.max(1),
+            abort,
         }
     }
 
-    fn deadline(&self, md: &MetadataMap) -> Instant {
-        Instant::now() + caller_timeout(md).map_or(self.default_timeout, answer_within)
+    /// The deadline [`layers::DeadlineLayer`] computed, or the same rule applied here when the
+    /// service runs without the layer.
+    fn deadline<T>(&self, req: &Request<T>) -> Option<Instant> {
+        if let Some(d) = req.extensions().get::<layers::Deadline>() {
+            return Some(d.0);
+        }
+        caller_timeout(req.metadata()).map(|t| Instant::now() + answer_within(t))
     }
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<ForwardResponse, Status>> + Send>>;
+
+fn code_of<T>(r: &Result<T, Status>) -> Code {
+    r.as_ref().map_or_else(Status::code, |_| Code::Ok)
+}
 
 #[tonic::async_trait]
 impl forwarder_server::Forwarder for ForwarderService {
@@ -99,12 +162,19 @@ impl forwarder_server::Forwarder for ForwarderService {
         &self,
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
-        let deadline = self.deadline(request.metadata());
-        self.forwarder
-            .forward(request.into_inner(), deadline, None)
-            .await
-            .map(Response::new)
-            .map_err(|e| status(&e))
+        let deadline = self
+            .deadline(&request)
+            .unwrap_or_else(|| Instant::now() + self.default_timeout);
+        let stats = self.forwarder.stats().clone();
+        let _in_progress = InProgress::enter(&stats.calls_in_progress);
+        let result = tokio::select! {
+            r = self.forwarder.forward(request.into_inner(), deadline, None) => {
+                r.map(Response::new).map_err(|e| status(&e))
+            }
+            () = aborted(self.abort.clone()) => Err(shutdown_status()),
+        };
+        stats.record(code_of(&result));
+        result
     }
 
     type ForwardStreamStream = ResponseStream;
@@ -113,9 +183,8 @@ impl forwarder_server::Forwarder for ForwarderService {
         &self,
         request: Request<tonic::Streaming<ForwardRequest>>,
     ) -> Result<Response<Self::ForwardStreamStream>, Status> {
-        // The stream's own deadline bounds every request on it.
-        let stream_deadline =
-            caller_timeout(request.metadata()).map(|t| Instant::now() + answer_within(t));
+        // The stream's own deadline, if it has one, bounds every request on it.
+        let stream_deadline = self.deadline(&request);
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
@@ -124,7 +193,12 @@ impl forwarder_server::Forwarder for ForwarderService {
             // Completion signal of the latest request per partition, so that responses for one
             // partition leave in arrival order.
             let mut last: HashMap<(String, i32), watch::Receiver<bool>> = HashMap::new();
-            while let Some(msg) = inbound.next().await {
+            loop {
+                let msg = tokio::select! {
+                    m = inbound.next() => m,
+                    () = aborted(this.abort.clone()) => None,
+                };
+                let Some(msg) = msg else { break };
                 let req = match msg {
                     Ok(r) => r,
                     Err(status) => {
@@ -156,20 +230,24 @@ impl forwarder_server::Forwarder for ForwarderService {
                 let (enq_tx, enq_rx) = oneshot::channel();
                 let id = req.id;
                 let forwarder = this.forwarder.clone();
+                let abort = this.abort.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    let result = forwarder.forward(req, deadline, Some(enq_tx)).await;
+                    let result = tokio::select! {
+                        r = forwarder.forward(req, deadline, Some(enq_tx)) => {
+                            r.map_err(|e| status(&e))
+                        }
+                        () = aborted(abort) => Err(shutdown_status()),
+                    };
+                    forwarder.stats().record(code_of(&result));
                     for mut prev in before {
                         let _ = prev.wait_for(|done| *done).await;
                     }
-                    let resp = result.unwrap_or_else(|e| {
-                        let s = status(&e);
-                        ForwardResponse {
-                            id,
-                            status_code: s.code() as i32,
-                            status_message: s.message().to_string(),
-                            ..Default::default()
-                        }
+                    let resp = result.unwrap_or_else(|s| ForwardResponse {
+                        id,
+                        status_code: s.code() as i32,
+                        status_message: s.message().to_string(),
+                        ..Default::default()
                     });
                     let _ = tx.send(Ok(resp)).await;
                     let _ = done_tx.send(true);
@@ -199,5 +277,17 @@ mod tests {
         assert_eq!(caller_timeout(&md), None);
         md.insert("grpc-timeout", "5x".parse().unwrap());
         assert_eq!(caller_timeout(&md), None);
+    }
+
+    #[test]
+    fn answers_leave_before_the_callers_deadline() {
+        assert_eq!(
+            answer_within(Duration::from_millis(300)),
+            Duration::from_millis(285)
+        );
+        assert_eq!(
+            answer_within(Duration::from_secs(30)),
+            Duration::from_millis(29_900)
+        );
     }
 }

@@ -39,6 +39,7 @@ use tracing::{Instrument, Span, debug, warn};
 use super::{
     error::{ConnError, RequestError},
     frame::{FrameDecoder, correlation_id, encode_request_head},
+    histogram::Histogram,
     versions::Versions,
 };
 
@@ -49,6 +50,12 @@ pub struct ConnectionConfig {
     /// requests wait (they count as *queued*) until an answer frees a slot. `1` reproduces
     /// one-at-a-time forwarding.
     pub max_in_flight: usize,
+    /// Most requests waiting to be admitted (for an in-flight slot or for bytes). When reached,
+    /// [`Connection::send`] fails at once with [`ConnError::QueueFull`].
+    pub max_queued: usize,
+    /// Most request bytes in flight. Requests beyond it wait like requests beyond
+    /// `max_in_flight`; a single request larger than this fails with [`ConnError::TooLarge`].
+    pub max_in_flight_bytes: usize,
     /// Largest response frame accepted; a larger length prefix poisons the connection.
     pub max_frame_bytes: usize,
     /// `client_id` sent in every request header.
@@ -86,6 +93,27 @@ pub struct ConnStats {
     pub timeouts: AtomicU64,
     /// Times a connection of this slot was poisoned.
     pub poisoned: AtomicU64,
+    /// Highest `queued` ever observed.
+    pub peak_queued: AtomicU64,
+    /// Request bytes in flight now.
+    pub in_flight_bytes: AtomicU64,
+    /// Connections opened for this slot.
+    pub connects: AtomicU64,
+    /// Requests refused because the queue was full or the request too large.
+    pub rejected: AtomicU64,
+    /// Time from queueing a request to its answer.
+    pub latency: Histogram,
+}
+
+/// Life stage of a connection.
+#[derive(Debug, Clone)]
+pub enum ConnState {
+    /// Taking requests.
+    Open,
+    /// Taking no new requests; closes once the pending ones are answered.
+    Draining,
+    /// Closed; the cause.
+    Closed(ConnError),
 }
 
 enum Reply {
@@ -99,8 +127,11 @@ struct Entry {
     correlation_id: i32,
     seq: u64,
     reply: Reply,
-    /// Held until the answer arrives, so `max_in_flight` bounds requests awaiting answers.
-    _permit: Option<OwnedSemaphorePermit>,
+    queued_at: Instant,
+    bytes: u64,
+    /// Held until the answer arrives, so `max_in_flight` and `max_in_flight_bytes` bound
+    /// requests awaiting answers.
+    _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
 struct Outgoing {
@@ -109,8 +140,10 @@ struct Outgoing {
     body: Bytes,
     /// Signalled once the frame is flushed (acks=0 callers wait for this).
     written: Option<oneshot::Sender<()>>,
-    /// acks=0 requests hold their permit only until written.
-    _permit: Option<OwnedSemaphorePermit>,
+    /// acks=0 requests hold their permits only until written.
+    _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    /// Bytes to release from the in-flight gauge once written (acks=0).
+    release_bytes: u64,
 }
 
 struct State {
@@ -125,12 +158,19 @@ struct State {
     /// Requests taken back before the writer reached them (their deadline passed in the queue);
     /// the writer drops their frames. Only ever holds requests queued behind a write in progress.
     withdrawn: Vec<u64>,
+    /// Drain requested: the writer's queue is closed, and the connection closes once nothing
+    /// awaits an answer and the writer is done.
+    draining: bool,
+    writer_done: bool,
     poisoned: Option<ConnError>,
 }
 
 struct Shared {
     state: Mutex<State>,
     permits: Arc<Semaphore>,
+    bytes: Arc<Semaphore>,
+    max_queued: usize,
+    max_in_flight_bytes: usize,
     stats: Arc<ConnStats>,
     tasks: Mutex<Vec<AbortHandle>>,
     client_id: Option<StrBytes>,
@@ -211,9 +251,16 @@ impl Connection {
                 no_response_slots: 0,
                 to_writer: Some(tx),
                 withdrawn: Vec::new(),
+                draining: false,
+                writer_done: false,
                 poisoned: None,
             }),
             permits: Arc::new(Semaphore::new(config.max_in_flight.max(1))),
+            bytes: Arc::new(Semaphore::new(
+                config.max_in_flight_bytes.clamp(1, Semaphore::MAX_PERMITS),
+            )),
+            max_queued: config.max_queued.max(1),
+            max_in_flight_bytes: config.max_in_flight_bytes.clamp(1, Semaphore::MAX_PERMITS),
             stats,
             tasks: Mutex::new(Vec::new()),
             client_id: config.client_id.clone(),
@@ -257,15 +304,49 @@ impl Connection {
         expect_answer: bool,
     ) -> Result<InFlight, RequestError> {
         let shared = &self.shared;
-        let permit = {
-            shared.stats.queued.fetch_add(1, Ordering::Relaxed);
-            let _queued = DecOnDrop(&shared.stats.queued);
-            shared.permits.clone().acquire_owned().await
+        let refuse = |cause: ConnError| {
+            shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            Err(RequestError {
+                cause,
+                maybe_sent: false,
+            })
         };
+        // Frame size as counted against max_in_flight_bytes (header bytes are negligible).
+        let size = body.len();
+        if size > shared.max_in_flight_bytes {
+            return refuse(ConnError::TooLarge {
+                limit: shared.max_in_flight_bytes,
+                actual: size,
+            });
+        }
+        let queued = shared.stats.queued.fetch_add(1, Ordering::Relaxed) + 1;
+        let dec_queued = DecOnDrop(&shared.stats.queued);
+        if queued > shared.max_queued as u64 {
+            drop(dec_queued);
+            return refuse(ConnError::QueueFull {
+                limit: shared.max_queued,
+            });
+        }
+        shared
+            .stats
+            .peak_queued
+            .fetch_max(queued, Ordering::Relaxed);
+        let queued_at = Instant::now();
+        let permits = async {
+            let slot = shared.permits.clone().acquire_owned().await?;
+            let bytes = shared
+                .bytes
+                .clone()
+                .acquire_many_owned(size.max(1) as u32)
+                .await?;
+            Ok::<_, tokio::sync::AcquireError>((slot, bytes))
+        }
+        .await;
+        drop(dec_queued);
         let mut st = lock(&shared.state);
-        let permit = match (permit, &st.poisoned) {
-            (Ok(p), None) => p,
-            (_, cause) => {
+        let permits = match (permits, &st.poisoned, st.draining) {
+            (Ok(p), None, false) => p,
+            (_, cause, _) => {
                 return Err(RequestError {
                     cause: cause.clone().unwrap_or(ConnError::Shutdown),
                     maybe_sent: false,
@@ -290,12 +371,12 @@ impl Connection {
         st.next_seq += 1;
         let seq = st.next_seq;
 
-        let (reply, kind, entry_permit, out_permit, written) = if expect_answer {
+        let (reply, kind, entry_permits, out_permits, written) = if expect_answer {
             let (tx, rx) = oneshot::channel();
             (
                 Reply::Answer(tx),
                 Waiting::Answer(rx),
-                Some(permit),
+                Some(permits),
                 None,
                 None,
             )
@@ -305,7 +386,7 @@ impl Connection {
                 Reply::None,
                 Waiting::Written(rx),
                 None,
-                Some(permit),
+                Some(permits),
                 Some(tx),
             )
         };
@@ -321,7 +402,8 @@ impl Connection {
                 head,
                 body,
                 written,
-                _permit: out_permit,
+                _permits: out_permits,
+                release_bytes: if expect_answer { 0 } else { size as u64 },
             })
             .is_err()
         {
@@ -330,8 +412,12 @@ impl Connection {
                 maybe_sent: false,
             });
         }
+        // Counted under the lock, before the reader can see (and complete) the entry.
+        shared
+            .stats
+            .in_flight_bytes
+            .fetch_add(size as u64, Ordering::Relaxed);
         if expect_answer {
-            // Counted under the lock, before the reader can see (and complete) the entry.
             let now = shared.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
             shared
                 .stats
@@ -344,7 +430,9 @@ impl Connection {
             correlation_id,
             seq,
             reply,
-            _permit: entry_permit,
+            queued_at,
+            bytes: if expect_answer { size as u64 } else { 0 },
+            _permits: entry_permits,
         });
         while st.no_response_slots > MAX_NO_RESPONSE_SLOTS
             && matches!(
@@ -378,10 +466,41 @@ impl Connection {
         lock(&self.shared.state).poisoned.clone()
     }
 
+    /// Where the connection is in its life.
+    pub fn state(&self) -> ConnState {
+        let st = lock(&self.shared.state);
+        match (&st.poisoned, st.draining) {
+            (Some(cause), _) => ConnState::Closed(cause.clone()),
+            (None, true) => ConnState::Draining,
+            (None, false) => ConnState::Open,
+        }
+    }
+
+    /// Stops taking requests: those already queued are written, those awaiting answers get
+    /// them, then the connection closes. Requests sent after this fail (unsent) with
+    /// [`ConnError::Shutdown`].
+    pub fn drain(&self) {
+        let mut st = lock(&self.shared.state);
+        if st.poisoned.is_some() || st.draining {
+            return;
+        }
+        st.draining = true;
+        // Closing the queue lets the writer finish what is in it, then stop.
+        st.to_writer = None;
+        drop(st);
+        self.shared.permits.close();
+        self.shared.bytes.close();
+    }
+
     /// Requests awaiting an answer on this connection now.
     pub fn pending(&self) -> usize {
         let st = lock(&self.shared.state);
         st.fifo.len() - st.no_response_slots
+    }
+
+    /// Negotiated Produce version, or -1 before negotiation.
+    pub fn produce_version(&self) -> i16 {
+        self.versions().produce
     }
 
     /// Counters of the slot this connection belongs to.
@@ -441,7 +560,25 @@ impl InFlight {
     }
 }
 
+impl State {
+    fn awaits_answers(&self) -> bool {
+        self.fifo.len() > self.no_response_slots
+    }
+}
+
 impl Shared {
+    /// The writer has written everything it was given after a drain: close now if nothing
+    /// awaits an answer.
+    fn writer_finished(&self) {
+        let mut st = lock(&self.state);
+        st.writer_done = true;
+        let close = st.draining && !st.awaits_answers();
+        drop(st);
+        if close {
+            self.poison(ConnError::Shutdown);
+        }
+    }
+
     /// Takes back a request the writer has not begun to write: its FIFO entry goes, and the
     /// writer will skip its frame. Returns false if it may already be on the wire.
     fn withdraw(&self, seq: u64) -> bool {
@@ -453,6 +590,9 @@ impl Shared {
             return false;
         };
         let entry = st.fifo.remove(pos).expect("position is valid");
+        self.stats
+            .in_flight_bytes
+            .fetch_sub(entry.bytes, Ordering::Relaxed);
         match entry.reply {
             Reply::Answer(_) => {
                 self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -475,6 +615,11 @@ impl Shared {
             (std::mem::take(&mut st.fifo), st.claimed_seq)
         };
         self.permits.close();
+        self.bytes.close();
+        self.stats.in_flight_bytes.fetch_sub(
+            entries.iter().map(|e| e.bytes).sum::<u64>(),
+            Ordering::Relaxed,
+        );
         if !matches!(cause, ConnError::Shutdown) {
             self.stats.poisoned.fetch_add(1, Ordering::Relaxed);
         }
@@ -526,12 +671,20 @@ impl Shared {
             if !matches {
                 continue;
             }
+            let drained = st.draining && st.writer_done && !st.awaits_answers();
             drop(st);
+            self.stats
+                .in_flight_bytes
+                .fetch_sub(entry.bytes, Ordering::Relaxed);
             if let Reply::Answer(tx) = entry.reply {
+                self.stats.latency.record(entry.queued_at.elapsed());
                 self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
                 self.stats.completed.fetch_add(1, Ordering::Relaxed);
                 // The caller may have gone away (cancelled); the answer is then dropped.
                 let _ = tx.send(Ok(frame));
+            }
+            if drained {
+                self.poison(ConnError::Shutdown);
             }
             return Ok(());
         }
@@ -613,11 +766,21 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             .sent
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         for o in batch.drain(..) {
+            shared
+                .stats
+                .in_flight_bytes
+                .fetch_sub(o.release_bytes, Ordering::Relaxed);
             if let Some(tx) = o.written {
                 let _ = tx.send(());
             }
         }
     }
+    // The queue was closed by a drain (a poison aborts this task instead). Keep the write half
+    // open: dropping it would send FIN, and a broker may close the connection before
+    // answering what is in flight. The task is aborted when the connection closes.
+    shared.writer_finished();
+    let _keep_open = w;
+    std::future::pending::<()>().await
 }
 
 #[cfg(test)]
@@ -638,6 +801,8 @@ mod tests {
         let (r, w) = tokio::io::split(ours);
         let cfg = ConnectionConfig {
             max_in_flight,
+            max_queued: 64,
+            max_in_flight_bytes: 1 << 30,
             max_frame_bytes: MAX_FRAME,
             client_id: Some(StrBytes::from_static_str("test")),
         };
@@ -954,6 +1119,30 @@ mod tests {
         answer(&mut peer, id_d, b"D").await;
         assert_eq!(&payload(d.wait(far()).await.unwrap())[..], b"D");
         assert_eq!(c.stats().in_flight.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drained_connection_answers_what_is_in_flight_then_closes() {
+        let (c, mut peer) = conn(16, 0, 64 * 1024);
+        let a = send(&c, b"a").await;
+        let (_, _, id, _) = read_request(&mut peer).await;
+        c.drain();
+        assert!(matches!(c.state(), ConnState::Draining));
+        let e = c
+            .send(ApiKey::Produce, 9, Bytes::from_static(b"late"), true)
+            .await
+            .err()
+            .expect("no new requests");
+        assert!(!e.maybe_sent);
+        answer(&mut peer, id, b"A").await;
+        assert_eq!(&payload(a.wait(far()).await.unwrap())[..], b"A");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(matches!(c.state(), ConnState::Closed(ConnError::Shutdown)));
+        assert_eq!(c.stats().poisoned.load(Ordering::Relaxed), 0);
+        // The peer sees the connection close only now, after its answer.
+        let mut rest = Vec::new();
+        peer.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -95,6 +95,20 @@ pub enum ConnError {
     /// back unsent and the connection stays up.
     #[error("deadline passed before the request could be written; not sent")]
     NotSentInTime,
+    /// The connection's queue is full (`max_queued_per_connection`).
+    #[error("leader connection queue is full ({limit} requests waiting)")]
+    QueueFull {
+        /// The configured bound.
+        limit: usize,
+    },
+    /// A request is larger than the connection's whole byte budget.
+    #[error("request of {actual} bytes exceeds max_in_flight_bytes_per_connection ({limit})")]
+    TooLarge {
+        /// The configured bound.
+        limit: usize,
+        /// The request's size.
+        actual: usize,
+    },
     /// The connection was closed on purpose (drain or shutdown).
     #[error("connection closed locally")]
     Shutdown,

@@ -2,7 +2,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, Weak, atomic::Ordering},
 };
 
 use tokio::time::{Duration, Instant};
@@ -24,6 +24,8 @@ pub struct Slot {
     /// Counters, kept across reconnects.
     pub stats: Arc<ConnStats>,
     current: Mutex<Option<(Arc<Connection>, String)>>,
+    /// Connections taken out of service by a drain, shown until they close.
+    retired: Mutex<Vec<(Weak<Connection>, String)>>,
     connecting: tokio::sync::Mutex<()>,
 }
 
@@ -34,6 +36,24 @@ impl Slot {
         cur.as_ref()
             .filter(|(c, _)| c.poisoned().is_none())
             .map(|(c, _)| c.clone())
+    }
+
+    /// The slot's current connection (in any state) and its address.
+    pub fn current(&self) -> Option<(Arc<Connection>, String)> {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Connections of this slot that are draining now.
+    pub fn draining(&self) -> Vec<(Arc<Connection>, String)> {
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired.retain(|(w, _)| w.upgrade().is_some_and(|c| c.poisoned().is_none()));
+        retired
+            .iter()
+            .filter_map(|(w, a)| w.upgrade().map(|c| (c, a.clone())))
+            .collect()
     }
 
     fn healthy_for(&self, addr: &str) -> Option<Arc<Connection>> {
@@ -69,6 +89,7 @@ impl Pool {
                     index,
                     stats: Arc::new(ConnStats::default()),
                     current: Mutex::new(None),
+                    retired: Mutex::new(Vec::new()),
                     connecting: tokio::sync::Mutex::new(()),
                 })
             })
@@ -103,8 +124,39 @@ impl Pool {
         }
         let span = info_span!("leader_conn", broker = broker.id, index, addr = %addr);
         let conn = connect(&addr, &self.config, slot.stats.clone(), deadline, span).await?;
+        slot.stats.connects.fetch_add(1, Ordering::Relaxed);
         *slot.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((conn.clone(), addr));
         Ok(conn)
+    }
+
+    /// Drains every connection to `broker_id`: they take no new requests, finish the ones in
+    /// flight, then close; the next request for the broker opens a new connection. Returns the
+    /// connections drained and the requests they had awaiting answers.
+    pub fn drain(&self, broker_id: i32) -> (usize, usize) {
+        let (mut drained, mut in_flight) = (0, 0);
+        for slot in self
+            .slots()
+            .into_iter()
+            .filter(|s| s.broker_id == broker_id)
+        {
+            let taken = slot
+                .current
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            if let Some((conn, addr)) = taken
+                && conn.poisoned().is_none()
+            {
+                in_flight += conn.pending();
+                conn.drain();
+                drained += 1;
+                slot.retired
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((Arc::downgrade(&conn), addr));
+            }
+        }
+        (drained, in_flight)
     }
 
     /// Every slot opened so far, sorted by broker and index.

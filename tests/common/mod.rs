@@ -34,8 +34,7 @@ pub async fn start(tweak: impl FnOnce(&mut Config)) -> Harness {
     };
     tweak(&mut cfg);
     cfg.validate().expect("valid test config");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let server = server::start(&cfg, listener).await.expect("server starts");
+    let server = start_server(&cfg).await;
     let client = ForwarderClient::connect(format!("http://{}", server.addr))
         .await
         .expect("client connects");
@@ -44,6 +43,15 @@ pub async fn start(tweak: impl FnOnce(&mut Config)) -> Harness {
         client,
         dev,
     }
+}
+
+/// Starts leaderlink with `cfg` on two free loopback ports.
+pub async fn start_server(cfg: &Config) -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    server::start(cfg, listener, admin)
+        .await
+        .expect("server starts")
 }
 
 /// A topic name no other test uses.
