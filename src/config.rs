@@ -7,7 +7,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use kafka_protocol::protocol::StrBytes;
 use serde::{Deserialize, Serialize};
 
-use crate::{forward::ForwardConfig, kafka::connection::ConnectionConfig};
+use crate::{
+    forward::{ForwardConfig, PartitionOrder},
+    kafka::connection::ConnectionConfig,
+};
 
 /// Everything leaderlink can be configured with. Every field is a key of the TOML file and can
 /// also be set with the environment variable `LEADERLINK_<KEY>` (`dev.topics` →
@@ -33,6 +36,10 @@ pub struct Config {
     /// Pipelined connections per leader broker. Each partition always uses the same one, so
     /// its requests stay in order on one socket.
     pub connections_per_leader: usize,
+    /// `"pipelined"` (default): many requests in flight per partition; a retry can reorder
+    /// batches of different calls (idempotent batches excepted). `"strict"`: at most one
+    /// request in flight per partition, through its retries, so nothing reorders.
+    pub ordering: PartitionOrder,
     /// Largest response frame accepted from a broker; a larger length prefix poisons the
     /// connection instead of being allocated.
     pub max_frame_bytes: usize,
@@ -108,6 +115,7 @@ impl Default for Config {
             client_id: "leaderlink".into(),
             max_in_flight: 1024,
             connections_per_leader: 1,
+            ordering: PartitionOrder::Pipelined,
             max_frame_bytes: 100 * 1024 * 1024,
             max_request_bytes: 8 * 1024 * 1024,
             default_timeout_ms: 30_000,
@@ -385,6 +393,7 @@ impl Config {
     /// Settings of the forwarding core.
     pub fn forward(&self) -> ForwardConfig {
         ForwardConfig {
+            ordering: self.ordering,
             max_request_bytes: self.max_request_bytes,
             kafka_timeout_ms: self.kafka_timeout_ms,
             retry_backoff: Duration::from_millis(self.retry_backoff_ms),
@@ -424,6 +433,9 @@ pub struct ServeArgs {
     /// Grace for in-flight calls on SIGTERM/SIGINT, in milliseconds [default: 20000].
     #[arg(long, env = "LEADERLINK_SHUTDOWN_GRACE_MS", value_name = "MS")]
     pub shutdown_grace_ms: Option<u64>,
+    /// Ordering of each partition's batches [default: pipelined].
+    #[arg(long, env = "LEADERLINK_ORDERING", value_enum)]
+    pub ordering: Option<PartitionOrder>,
     /// Pipelined connections per leader broker [default: 1].
     #[arg(long, env = "LEADERLINK_CONNECTIONS_PER_LEADER", value_name = "K")]
     pub connections_per_leader: Option<usize>,
@@ -464,6 +476,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.admin_listen {
             cfg.admin_listen = v;
+        }
+        if let Some(v) = self.ordering {
+            cfg.ordering = v;
         }
         if let Some(v) = self.max_concurrent_calls {
             cfg.max_concurrent_calls = v;

@@ -13,7 +13,10 @@ use std::{
 
 use futures::future::join_all;
 use kafka_protocol::{error::ResponseError, messages::ApiKey};
-use tokio::{sync::oneshot, time::Instant};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore, oneshot},
+    time::Instant,
+};
 use tracing::debug;
 
 use crate::{
@@ -71,9 +74,39 @@ pub enum ForwardError {
     Internal(String),
 }
 
+/// How much ordering a partition's batches get (see the README's "Ordering").
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionOrder {
+    /// Batches for a partition are pipelined: many requests in flight. A retry after a failed
+    /// request can land behind a later one (reordering), which idempotent batches prevent.
+    #[default]
+    Pipelined,
+    /// At most one request in flight per partition, held through its retries: a later batch
+    /// waits until the earlier one has its final answer, so retries cannot reorder.
+    Strict,
+}
+
+/// Requests in flight per partition for batches that carry a producer id: the most a broker
+/// keeps sequence state for (Kafka's `max.in.flight.requests.per.connection` limit for
+/// idempotence). A further batch of the partition waits for one to be answered.
+pub const MAX_IDEMPOTENT_IN_FLIGHT: usize = 5;
+
 /// Settings of the forwarding core.
 #[derive(Debug, Clone)]
 pub struct ForwardConfig {
+    /// Ordering of each partition's batches.
+    pub ordering: PartitionOrder,
     /// Largest accepted `ForwardRequest`, encoded; larger ones get INVALID_ARGUMENT.
     pub max_request_bytes: usize,
     /// Kafka `timeout_ms` sent when a request says 0; always cut to fit the caller's deadline.
@@ -133,6 +166,8 @@ struct ItemState {
     possibly_duplicated: bool,
     /// A connection bound refused the batch.
     overloaded: Option<ConnError>,
+    /// Refreshed metadata rounds that still did not know the topic.
+    unknown_rounds: u32,
 }
 
 /// The forwarding core. Cheap to clone.
@@ -142,6 +177,10 @@ pub struct Forwarder {
 }
 
 struct Inner {
+    /// Per-partition gates: one permit in strict mode, [`MAX_IDEMPOTENT_IN_FLIGHT`] for
+    /// idempotent batches otherwise.
+    gates: std::sync::Mutex<HashMap<(String, i32), Arc<Semaphore>>>,
+    allow_auto_topic_creation: bool,
     cfg: ForwardConfig,
     metadata: MetadataClient,
     pool: Pool,
@@ -165,8 +204,10 @@ impl Forwarder {
         Self {
             inner: Arc::new(Inner {
                 metadata: MetadataClient::new(bootstrap, conn.clone(), allow_auto_topic_creation),
-                pool: Pool::new(conn),
+                pool: Pool::new(conn, (cfg.retry_backoff, cfg.retry_backoff_max)),
                 stats: Arc::new(Stats::default()),
+                gates: std::sync::Mutex::new(HashMap::new()),
+                allow_auto_topic_creation,
                 cfg,
             }),
         }
@@ -193,6 +234,66 @@ impl Forwarder {
             .fetch_add(u64::from(it.records), Ordering::Relaxed);
         s.bytes_forwarded
             .fetch_add(it.batch.len() as u64, Ordering::Relaxed);
+    }
+
+    fn gate(&self, topic: &str, partition: i32) -> Arc<Semaphore> {
+        let permits = match self.inner.cfg.ordering {
+            PartitionOrder::Strict => 1,
+            PartitionOrder::Pipelined => MAX_IDEMPOTENT_IN_FLIGHT,
+        };
+        let mut gates = self.inner.gates.lock().unwrap_or_else(|p| p.into_inner());
+        if gates.len() > 16 * 1024 {
+            // Forget idle gates (nobody holds or waits on them).
+            gates.retain(|_, g| Arc::strong_count(g) > 1 || g.available_permits() < permits);
+        }
+        gates
+            .entry((topic.to_string(), partition))
+            .or_insert_with(|| Arc::new(Semaphore::new(permits)))
+            .clone()
+    }
+
+    /// Strict ordering: takes every partition's single permit, in a fixed order (no deadlock
+    /// between calls sharing partitions), for the whole call.
+    async fn enter_strict(
+        &self,
+        v: &Validated,
+        deadline: Instant,
+    ) -> Result<Vec<OwnedSemaphorePermit>, ForwardError> {
+        let mut tps: Vec<(&str, i32)> = v
+            .items
+            .iter()
+            .map(|it| (it.topic.as_str(), it.partition))
+            .collect();
+        tps.sort_unstable();
+        tps.dedup();
+        let mut held = Vec::with_capacity(tps.len());
+        for (topic, partition) in tps {
+            match tokio::time::timeout_at(deadline, self.gate(topic, partition).acquire_owned())
+                .await
+            {
+                Ok(Ok(p)) => held.push(p),
+                _ => {
+                    return Err(ForwardError::DeadlineExceeded {
+                        detail: format!(
+                            "still waiting behind earlier requests for {topic}-{partition} \
+                             (ordering = strict)"
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(held)
+    }
+
+    /// Metadata rounds an unknown topic is retried: a broker creating it on our request (Apache
+    /// Kafka answers UNKNOWN_TOPIC_OR_PARTITION while it does) needs a few; without
+    /// auto-creation one refresh settles it.
+    fn unknown_topic_rounds(&self) -> u32 {
+        if self.inner.allow_auto_topic_creation {
+            5
+        } else {
+            1
+        }
     }
 
     fn conn_index(&self, topic: &str, partition: i32) -> usize {
@@ -235,6 +336,12 @@ impl Forwarder {
         mut enqueued: Option<oneshot::Sender<()>>,
     ) -> Result<ForwardResponse, ForwardError> {
         let v = validate(req, self.inner.cfg.max_request_bytes, now_ms())?;
+        let strict = self.inner.cfg.ordering == PartitionOrder::Strict;
+        let _strict = if strict {
+            self.enter_strict(&v, deadline).await?
+        } else {
+            Vec::new()
+        };
         let mut st: Vec<ItemState> = (0..v.items.len()).map(|_| ItemState::default()).collect();
         let mut pending: Vec<usize> = (0..v.items.len()).collect();
         let mut refresh = false;
@@ -266,9 +373,19 @@ impl Forwarder {
             let map = self.inner.metadata.leader_map();
 
             let mut retry = Vec::new();
+            // Gated batches (strict mode, or idempotent ones) go one per partition per round:
+            // a later batch of the partition waits for the earlier one's final answer.
+            let mut deferred = Vec::new();
+            let mut gated_seen: HashSet<(&str, i32)> = HashSet::new();
             let mut groups: BTreeMap<(i32, usize), (Broker, Vec<usize>)> = BTreeMap::new();
             for &i in &pending {
                 let it = &v.items[i];
+                if (strict || it.idempotent)
+                    && !gated_seen.insert((it.topic.as_str(), it.partition))
+                {
+                    deferred.push(i);
+                    continue;
+                }
                 let fail = |code: i16, msg: &str| Failure::Kafka {
                     code,
                     message: Some(msg.to_string()),
@@ -287,7 +404,27 @@ impl Forwarder {
                         refresh = true;
                         retry.push(i);
                     }
-                    Route::Error(code) if (code == 3 && refreshed) || !retriable(code) => {
+                    // An unknown topic is final once a refresh confirmed it — after a few
+                    // rounds when the broker may be creating it on our request.
+                    Route::Error(3)
+                        if refreshed && st[i].unknown_rounds >= self.unknown_topic_rounds() =>
+                    {
+                        st[i].result = Some(error_result(
+                            it,
+                            3,
+                            "the cluster's metadata does not know this topic".into(),
+                            -1,
+                            &st[i],
+                        ));
+                    }
+                    Route::Error(3) => {
+                        st[i].unknown_rounds += u32::from(refreshed);
+                        st[i].last =
+                            Some(fail(3, "the cluster's metadata does not know this topic"));
+                        refresh = true;
+                        retry.push(i);
+                    }
+                    Route::Error(code) if !retriable(code) => {
                         st[i].result = Some(error_result(
                             it,
                             code,
@@ -362,6 +499,23 @@ impl Forwarder {
                         not_sent(&mut st, &mut retry, ConnError::NotSentInTime);
                         continue;
                     };
+                    // Idempotent batches: at most MAX_IDEMPOTENT_IN_FLIGHT requests in flight per
+                    // partition (strict mode already holds the partition's only permit).
+                    let mut permits = Vec::new();
+                    if !strict {
+                        let mut timed_out = false;
+                        for &i in chunk.iter().filter(|&&i| v.items[i].idempotent) {
+                            let gate = self.gate(&v.items[i].topic, v.items[i].partition);
+                            match tokio::time::timeout_at(deadline, gate.acquire_owned()).await {
+                                Ok(Ok(p)) => permits.push(p),
+                                _ => timed_out = true,
+                            }
+                        }
+                        if timed_out {
+                            not_sent(&mut st, &mut retry, ConnError::NotSentInTime);
+                            continue;
+                        }
+                    }
                     let batches: Vec<_> = chunk
                         .iter()
                         .map(|&i| PartitionBatch {
@@ -387,7 +541,7 @@ impl Forwarder {
                                 st[i].attempts += 1;
                                 st[i].possibly_duplicated |= st[i].may_be_in_log;
                             }
-                            waits.push((conn.clone(), broker.id, chunk, f));
+                            waits.push((conn.clone(), broker.id, chunk, f, permits));
                         }
                         Ok(Err(RequestError {
                             cause:
@@ -411,14 +565,14 @@ impl Forwarder {
                 let _ = tx.send(());
             }
 
-            let answers = join_all(
-                waits
-                    .into_iter()
-                    .map(|(conn, broker, chunk, f)| async move {
-                        let r = f.wait(deadline).await;
-                        (conn, broker, chunk, r)
-                    }),
-            )
+            let answers = join_all(waits.into_iter().map(
+                |(conn, broker, chunk, f, permits)| async move {
+                    let r = f.wait(deadline).await;
+                    // The answer is in: this request no longer counts as in flight.
+                    drop(permits);
+                    (conn, broker, chunk, r)
+                },
+            ))
             .await;
             for (conn, broker, chunk, r) in answers {
                 let answers = match r {
@@ -458,7 +612,8 @@ impl Forwarder {
                 };
                 for i in chunk {
                     let it = &v.items[i];
-                    let Some(a) = answers.remove(&(it.topic.clone(), it.partition)) else {
+                    let Some(a) = answers.partitions.remove(&(it.topic.clone(), it.partition))
+                    else {
                         let cause = ConnError::Malformed {
                             api: "Produce",
                             reason: format!("answer omits {}-{}", it.topic, it.partition),
@@ -482,7 +637,18 @@ impl Forwarder {
                             &st[i],
                         ));
                     } else if retriable(a.error_code) {
-                        refresh |= needs_refresh(a.error_code);
+                        // KIP-951: a newer leader named in the answer saves a full refresh.
+                        let hinted = matches!(a.error_code, 6 | 74)
+                            && a.current_leader.is_some_and(|(leader, epoch)| {
+                                self.inner.metadata.apply_hint(
+                                    &it.topic,
+                                    it.partition,
+                                    leader,
+                                    epoch,
+                                    &answers.endpoints,
+                                )
+                            });
+                        refresh |= needs_refresh(a.error_code) && !hinted;
                         st[i].may_be_in_log |= may_have_appended(a.error_code, v.acks);
                         st[i].last = Some(Failure::Kafka {
                             code: a.error_code,
@@ -506,6 +672,8 @@ impl Forwarder {
             if let Some(cause) = st.iter().find_map(|s| s.overloaded.clone()) {
                 return Err(self.overloaded(&v, &st, cause));
             }
+            let failed = !retry.is_empty();
+            retry.extend(deferred);
             retry.sort_unstable();
             pending = retry;
             if pending.is_empty() {
@@ -514,6 +682,10 @@ impl Forwarder {
             let now = Instant::now();
             if now >= deadline {
                 return Err(self.expired(&v, &st, &pending));
+            }
+            if !failed {
+                // Only batches deferred behind an earlier one of their partition: go on.
+                continue;
             }
             debug!(pending = pending.len(), ?backoff, "retrying partitions");
             tokio::time::sleep_until((now + backoff).min(deadline)).await;

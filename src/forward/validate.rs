@@ -23,6 +23,10 @@ pub struct Item {
     pub batch: Bytes,
     /// Records in the batch.
     pub records: u32,
+    /// The batch carries a producer id (an idempotent or transactional producer's batch): its
+    /// bytes and sequence must survive retries unchanged, with at most 5 requests in flight
+    /// for its partition.
+    pub idempotent: bool,
 }
 
 /// A request that passed validation.
@@ -116,7 +120,7 @@ pub fn validate(
                 format!("is {}; must be >= 0", p.partition),
             ));
         }
-        let (batch, records) = match (p.record_batch.is_empty(), p.records.is_empty()) {
+        let (batch, records, idempotent) = match (p.record_batch.is_empty(), p.records.is_empty()) {
             (false, false) => {
                 return Err(invalid(
                     field("record_batch"),
@@ -132,15 +136,20 @@ pub fn validate(
             (false, true) => {
                 let info =
                     batch::check(&p.record_batch).map_err(|r| invalid(field("record_batch"), r))?;
-                (p.record_batch, info.records as u32)
+                (p.record_batch, info.records as u32, info.producer_id >= 0)
             }
-            (true, false) => (batch::encode(&p.records, now_ms), p.records.len() as u32),
+            (true, false) => (
+                batch::encode(&p.records, now_ms),
+                p.records.len() as u32,
+                false,
+            ),
         };
         items.push(Item {
             topic: p.topic,
             partition: p.partition,
             batch,
             records,
+            idempotent,
         });
     }
     Ok(Validated {

@@ -249,6 +249,45 @@ impl MetadataClient {
         Err(last_err)
     }
 
+    /// Applies a KIP-951 leader hint from a Produce answer if its epoch is newer than the one
+    /// known. Returns whether the map changed (then no full refresh is needed).
+    pub fn apply_hint(
+        &self,
+        topic: &str,
+        partition: i32,
+        leader_id: i32,
+        leader_epoch: i32,
+        endpoints: &[Broker],
+    ) -> bool {
+        let mut guard = self.map.write().unwrap_or_else(|p| p.into_inner());
+        let Some(TopicState::Partitions(parts)) = guard.topics.get(topic) else {
+            return false;
+        };
+        let Some(known) = usize::try_from(partition).ok().and_then(|i| parts.get(i)) else {
+            return false;
+        };
+        let endpoint = endpoints.iter().find(|b| b.id == leader_id);
+        if leader_epoch <= known.leader_epoch
+            || (endpoint.is_none() && !guard.brokers.contains_key(&leader_id))
+        {
+            return false;
+        }
+        let mut next = (**guard).clone();
+        if let Some(b) = endpoint {
+            next.brokers.insert(b.id, b.clone());
+        }
+        if let Some(TopicState::Partitions(parts)) = next.topics.get_mut(topic) {
+            parts[partition as usize] = PartitionLeader {
+                leader_id,
+                leader_epoch,
+                error_code: 0,
+            };
+        }
+        next.generation += 1;
+        *guard = Arc::new(next);
+        true
+    }
+
     async fn fetch(
         &self,
         conn: &Arc<Connection>,

@@ -26,6 +26,9 @@ pub struct Slot {
     current: Mutex<Option<(Arc<Connection>, String)>>,
     /// Connections taken out of service by a drain, shown until they close.
     retired: Mutex<Vec<(Weak<Connection>, String)>>,
+    /// The last failed connect: until `retry_at`, requests fail at once with its cause instead
+    /// of dialling again (jittered exponential backoff per slot).
+    failed: Mutex<Option<Failed>>,
     connecting: tokio::sync::Mutex<()>,
 }
 
@@ -64,17 +67,28 @@ impl Slot {
     }
 }
 
+#[derive(Clone)]
+struct Failed {
+    retry_at: Instant,
+    cause: ConnError,
+    attempts: u32,
+}
+
 /// The pool of leader connections.
 pub struct Pool {
     config: ConnectionConfig,
+    backoff: (Duration, Duration),
     slots: Mutex<HashMap<(i32, usize), Arc<Slot>>>,
 }
 
 impl Pool {
-    /// An empty pool; connections open on first use.
-    pub fn new(config: ConnectionConfig) -> Self {
+    /// An empty pool; connections open on first use. After a failed connect, a slot waits
+    /// `backoff.0`, doubling per further failure up to `backoff.1`, each wait jittered to
+    /// 50–100%, before dialling again.
+    pub fn new(config: ConnectionConfig, backoff: (Duration, Duration)) -> Self {
         Self {
             config,
+            backoff,
             slots: Mutex::new(HashMap::new()),
         }
     }
@@ -90,6 +104,7 @@ impl Pool {
                     stats: Arc::new(ConnStats::default()),
                     current: Mutex::new(None),
                     retired: Mutex::new(Vec::new()),
+                    failed: Mutex::new(None),
                     connecting: tokio::sync::Mutex::new(()),
                 })
             })
@@ -122,8 +137,35 @@ impl Pool {
         if let Some(c) = slot.healthy_for(&addr) {
             return Ok(c);
         }
+        let failed = slot
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(f) = &failed
+            && Instant::now() < f.retry_at
+        {
+            return Err(f.cause.clone());
+        }
         let span = info_span!("leader_conn", broker = broker.id, index, addr = %addr);
-        let conn = connect(&addr, &self.config, slot.stats.clone(), deadline, span).await?;
+        let conn = match connect(&addr, &self.config, slot.stats.clone(), deadline, span).await {
+            Ok(c) => c,
+            Err(cause) => {
+                let attempts = failed.map_or(1, |f| f.attempts.saturating_add(1));
+                let (base, max) = self.backoff;
+                let wait = base
+                    .saturating_mul(1 << attempts.saturating_sub(1).min(16))
+                    .min(max)
+                    .mul_f64(0.5 + rand::random::<f64>() / 2.0);
+                *slot.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Failed {
+                    retry_at: Instant::now() + wait,
+                    cause: cause.clone(),
+                    attempts,
+                });
+                return Err(cause);
+            }
+        };
+        *slot.failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
         slot.stats.connects.fetch_add(1, Ordering::Relaxed);
         *slot.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((conn.clone(), addr));
         Ok(conn)

@@ -14,6 +14,7 @@ use kafka_protocol::{
 use super::{
     error::ConnError,
     frame::{decode_response, encode_body},
+    metadata::Broker,
 };
 
 /// Kafka `acks` values.
@@ -84,12 +85,27 @@ pub struct PartitionAnswer {
     pub current_leader: Option<(i32, i32)>,
 }
 
-/// Decodes a Produce response frame into answers keyed by (topic, partition).
-pub fn decode(
-    version: i16,
-    frame: Bytes,
-) -> Result<HashMap<(String, i32), PartitionAnswer>, ConnError> {
+/// A decoded Produce response.
+#[derive(Debug, Default)]
+pub struct Answers {
+    /// Per (topic, partition).
+    pub partitions: HashMap<(String, i32), PartitionAnswer>,
+    /// KIP-951 (Produce v10+): addresses of the brokers named in `current_leader` hints.
+    pub endpoints: Vec<Broker>,
+}
+
+/// Decodes a Produce response frame.
+pub fn decode(version: i16, frame: Bytes) -> Result<Answers, ConnError> {
     let resp: ProduceResponse = decode_response(ApiKey::Produce, version, frame)?;
+    let endpoints = resp
+        .node_endpoints
+        .iter()
+        .map(|e| Broker {
+            id: e.node_id.0,
+            host: e.host.as_str().to_string(),
+            port: e.port,
+        })
+        .collect();
     let mut out = HashMap::new();
     for t in resp.responses {
         let topic = t.name.0.as_str().to_string();
@@ -127,5 +143,8 @@ pub fn decode(
             );
         }
     }
-    Ok(out)
+    Ok(Answers {
+        partitions: out,
+        endpoints,
+    })
 }
