@@ -1,0 +1,220 @@
+//! Failover behaviour against librdkafka's mock cluster: leaders that move mid-stream, brokers
+//! that go down and come back, ordering modes, and the in-flight bound of idempotent batches.
+
+mod common;
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use bytes::{Bytes, BytesMut};
+use common::{forward_one, records, request, start, topic};
+use futures::StreamExt;
+use kafka_protocol::records::{
+    Compression, Record as KRecord, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+};
+use leaderlink::{
+    forward::PartitionOrder,
+    proto::v1::{Acks, ForwardRequest, PartitionData},
+};
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_moved_mid_stream_keeps_the_stream_going_in_order() {
+    let h = start(|_| {}).await;
+    let t = topic("stream-move");
+    h.dev.create_topic(&t, 1).unwrap();
+    h.dev.set_leader(&t, 0, 1).unwrap();
+    let mut c = h.client.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut responses = c
+        .forward_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut offsets = Vec::new();
+    let mut leaders = std::collections::HashSet::new();
+    for i in 0..60u64 {
+        if i == 20 {
+            h.dev.set_leader(&t, 0, 2).unwrap();
+        }
+        if i == 40 {
+            h.dev.set_leader(&t, 0, 3).unwrap();
+        }
+        tx.send(request(i, Acks::All, &t, 0, records("m", 1)))
+            .await
+            .unwrap();
+        let r = responses.next().await.unwrap().unwrap();
+        assert_eq!(r.id, i);
+        assert_eq!(r.partitions[0].error_code, 0, "{r:?}");
+        offsets.push(r.partitions[0].base_offset);
+        leaders.insert(r.partitions[0].leader_id);
+    }
+    assert_eq!(offsets, (0..60).collect::<Vec<i64>>());
+    assert_eq!(leaders.len(), 3, "{leaders:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_down_then_up_is_retried_within_the_deadline() {
+    let h = start(|_| {}).await;
+    let t = topic("down-up");
+    h.dev.create_topic(&t, 1).unwrap();
+    let mut c = h.client.clone();
+    let warm = forward_one(&mut c, request(0, Acks::All, &t, 0, records("w", 1)))
+        .await
+        .unwrap();
+    let leader = warm.leader_id;
+    h.dev.with(move |m| m.broker_down(leader)).unwrap();
+
+    // While it is down, a short call ends UNAVAILABLE with the cause, not at a later time.
+    let mut short = tonic::Request::new(request(1, Acks::All, &t, 0, records("s", 1)));
+    short.set_timeout(Duration::from_millis(800));
+    let e = c.forward(short).await.unwrap_err();
+    assert!(
+        matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded),
+        "{e:?}"
+    );
+
+    // A call with room in its deadline survives the outage.
+    let mut patient = c.clone();
+    let t2 = t.clone();
+    let call = tokio::spawn(async move {
+        forward_one(&mut patient, request(2, Acks::All, &t2, 0, records("p", 1))).await
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    h.dev.with(move |m| m.broker_up(leader)).unwrap();
+    let r = call.await.unwrap().unwrap();
+    assert_eq!(r.error_code, 0, "{r:?}");
+    assert_eq!(r.leader_id, leader);
+    let slots = h.server.forwarder.pool().slots();
+    let slot = slots.iter().find(|s| s.broker_id == leader).unwrap();
+    assert!(
+        slot.stats.connects.load(Ordering::Relaxed) >= 2,
+        "reconnected"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_cluster_answers_unavailable_quickly() {
+    let h = start(|_| {}).await;
+    let t = topic("gone");
+    h.dev.create_topic(&t, 1).unwrap();
+    let mut c = h.client.clone();
+    forward_one(&mut c, request(0, Acks::All, &t, 0, records("w", 1)))
+        .await
+        .unwrap();
+    h.dev.with(|m| m.broker_down(-1)).unwrap();
+    let started = tokio::time::Instant::now();
+    let mut r = tonic::Request::new(request(1, Acks::All, &t, 0, records("x", 1)));
+    r.set_timeout(Duration::from_secs(5));
+    let e = c.forward(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains("connect"),
+        "names the last cause: {e:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// Runs 24 concurrent one-record calls on one partition with a slow leader; returns the peak
+/// in flight on the leader connection.
+async fn peak_for(ordering: PartitionOrder, batch: impl Fn(u64) -> PartitionData) -> (u64, u64) {
+    let h = start(|cfg| cfg.ordering = ordering).await;
+    let t = topic("order");
+    h.dev.create_topic(&t, 1).unwrap();
+    let mut c = h.client.clone();
+    let warm = forward_one(&mut c, request(0, Acks::All, &t, 0, records("w", 1)))
+        .await
+        .unwrap();
+    h.dev
+        .set_leader_latency(Duration::from_millis(100))
+        .unwrap();
+    let calls: Vec<_> = (1..=24u64)
+        .map(|i| {
+            let mut c = h.client.clone();
+            let mut p = batch(i);
+            p.topic = t.clone();
+            tokio::spawn(async move {
+                let req = ForwardRequest {
+                    id: i,
+                    acks: Acks::All as i32,
+                    timeout_ms: 0,
+                    partitions: vec![p],
+                };
+                forward_one(&mut c, req).await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for call in calls {
+        if call.await.unwrap().is_ok() {
+            ok += 1;
+        }
+    }
+    let slots = h.server.forwarder.pool().slots();
+    let slot = slots
+        .iter()
+        .find(|s| s.broker_id == warm.leader_id)
+        .unwrap();
+    (slot.stats.peak_in_flight.load(Ordering::Relaxed), ok)
+}
+
+fn plain(i: u64) -> PartitionData {
+    PartitionData {
+        topic: String::new(),
+        partition: 0,
+        record_batch: Bytes::new(),
+        records: records(&format!("r{i}"), 1),
+    }
+}
+
+fn idempotent(i: u64) -> PartitionData {
+    let rec = KRecord {
+        transactional: false,
+        control: false,
+        delete_horizon: false,
+        partition_leader_epoch: -1,
+        producer_id: 4242,
+        producer_epoch: 0,
+        timestamp_type: TimestampType::Creation,
+        offset: 0,
+        sequence: i as i32,
+        timestamp: 1_700_000_000_000,
+        key: None,
+        value: Some(Bytes::from(format!("i{i}"))),
+        headers: Default::default(),
+    };
+    let mut buf = BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        [&rec],
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .unwrap();
+    PartitionData {
+        topic: String::new(),
+        partition: 0,
+        record_batch: buf.freeze(),
+        records: vec![],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_ordering_keeps_one_request_in_flight_per_partition() {
+    let (peak, ok) = peak_for(PartitionOrder::Strict, plain).await;
+    assert_eq!(ok, 24);
+    assert_eq!(peak, 1);
+    let (peak, ok) = peak_for(PartitionOrder::Pipelined, plain).await;
+    assert_eq!(ok, 24);
+    assert!(peak > 5, "pipelined: {peak}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_batches_have_at_most_five_requests_in_flight_per_partition() {
+    let (peak, ok) = peak_for(PartitionOrder::Pipelined, idempotent).await;
+    // Whatever the mock answers about the sequences, the gRPC calls complete...
+    assert_eq!(ok, 24);
+    // ...and never more than five of these batches were in flight at once.
+    assert_eq!(peak, 5);
+}
