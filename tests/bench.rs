@@ -1,0 +1,105 @@
+//! The benchmark tool's correctness (not its numbers): the JSON has every field, records
+//! counted equal records the leaders hold, `--max-in-flight 1` keeps one request in flight.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn bench(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_leaderlink-bench"))
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("records/s"),
+        "progress and table on stderr: {stderr}"
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+#[test]
+fn forwarder_mode_reports_every_field_and_counts_what_the_leaders_hold() {
+    let v = bench(&[
+        "--mode",
+        "forwarder",
+        "-d",
+        "2s",
+        "-c",
+        "8",
+        "-p",
+        "3",
+        "-b",
+        "5",
+    ]);
+    for key in [
+        "mode",
+        "acks",
+        "concurrency",
+        "record_size",
+        "batch_records",
+        "partitions",
+        "duration_s",
+        "records",
+        "requests",
+        "errors",
+        "records_per_sec",
+        "requests_per_sec",
+        "mb_per_sec",
+    ] {
+        assert!(v.get(key).is_some(), "{key} missing: {v}");
+    }
+    for q in ["p50", "p90", "p99", "p999", "max"] {
+        assert!(v["latency_ms"][q].as_f64().is_some(), "latency_ms.{q}: {v}");
+    }
+    assert_eq!(v["mode"], "forwarder");
+    assert_eq!(v["batch_records"], 5);
+    assert_eq!(v["errors"], 0);
+    let records = v["records"].as_u64().unwrap();
+    assert!(records > 0);
+    assert_eq!(records, v["requests"].as_u64().unwrap() * 5);
+    assert_eq!(
+        v["records_in_log"].as_i64().unwrap(),
+        records as i64,
+        "acknowledged records equal the leaders' offsets: {v}"
+    );
+}
+
+#[test]
+fn max_in_flight_one_keeps_one_request_in_flight() {
+    let v = bench(&[
+        "--mode",
+        "direct",
+        "-d",
+        "1s",
+        "-c",
+        "16",
+        "-p",
+        "1",
+        "--max-in-flight",
+        "1",
+    ]);
+    assert_eq!(v["leader_peak_in_flight"], 1, "{v}");
+    let v = bench(&["--mode", "direct", "-d", "1s", "-c", "16", "-p", "1"]);
+    assert!(v["leader_peak_in_flight"].as_u64().unwrap() > 1, "{v}");
+}
+
+#[test]
+fn rdkafka_baseline_runs_against_the_same_cluster() {
+    let v = bench(&[
+        "--mode", "rdkafka", "-d", "1s", "-c", "8", "-p", "2", "--acks", "all",
+    ]);
+    assert_eq!(v["mode"], "rdkafka");
+    assert_eq!(v["acks"], "all");
+    assert_eq!(v["errors"], 0);
+    assert_eq!(
+        v["records_in_log"].as_i64().unwrap(),
+        v["records"].as_i64().unwrap()
+    );
+}
