@@ -225,6 +225,8 @@ pub async fn start(
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
+        // Answers are small and latency-bound: do not let Nagle hold them back.
+        .tcp_nodelay(true)
         .add_service(health.clone())
         .add_service(v1()?)
         .add_service(v1alpha()?)

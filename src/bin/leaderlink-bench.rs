@@ -91,6 +91,9 @@ struct Args {
     /// leaderlink's connections_per_leader (in-process modes).
     #[arg(long, value_name = "K")]
     connections_per_leader: Option<usize>,
+    /// Forwarder mode: HTTP/2 connections the workers share (worker w uses connection w % N).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    grpc_connections: usize,
     /// Topic to write to.
     #[arg(long, default_value = "bench")]
     topic: String,
@@ -310,11 +313,9 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let r = server::start(&cfg, l, a).await.expect("leaderlink starts");
-            let client = ForwarderClient::connect(format!("http://{}", r.addr))
-                .await
-                .expect("connect");
+            let url = format!("http://{}", r.addr);
             running = Some(r);
-            Target::Grpc(client.max_decoding_message_size(64 << 20))
+            Target::Grpc(ForwarderClient::connect(url).await.expect("connect"))
         }
         (Mode::Direct, _) => Target::Direct(Forwarder::new(
             cfg.forward(),
@@ -355,10 +356,26 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
     });
     let args = Arc::new(args);
     let started = Instant::now();
+    // Extra HTTP/2 connections for the gRPC modes (each `connect` opens its own).
+    let mut targets = vec![target.clone()];
+    if let Target::Grpc(_) = &target {
+        let url = match (&args.forwarder, &running) {
+            (Some(u), _) => u.clone(),
+            (None, Some(r)) => format!("http://{}", r.addr),
+            (None, None) => unreachable!("grpc target without a server"),
+        };
+        for _ in 1..args.grpc_connections.max(1) {
+            targets.push(Target::Grpc(
+                ForwarderClient::connect(url.clone())
+                    .await
+                    .expect("connect"),
+            ));
+        }
+    }
     let workers: Vec<_> = (0..args.concurrency)
         .map(|w| {
             let (shared, args, value) = (shared.clone(), args.clone(), value.clone());
-            let mut target = target.clone();
+            let mut target = targets[w % targets.len()].clone();
             tokio::spawn(async move {
                 let mut n = w as u64;
                 while !shared.stop.load(Ordering::Relaxed) {
