@@ -4,20 +4,14 @@ mod common;
 
 use std::time::Duration;
 
-use common::{forward_one, records, request, start, topic};
+use common::{admin, connections, forward_one, records, request, start, topic, warm_topic};
 use leaderlink::proto::v1::{
-    Acks, DrainConnectionRequest, GetConfigRequest, GetStatsRequest, ListConnectionsRequest,
-    ListLeadersRequest, RefreshMetadataRequest, admin_client::AdminClient,
+    Acks, DrainConnectionRequest, GetConfigRequest, GetStatsRequest, ListLeadersRequest,
+    RefreshMetadataRequest,
 };
-use tonic::{Code, Request, transport::Channel};
+use tonic::{Code, Request};
 
 const TOKEN: &str = "let-me-in";
-
-async fn admin(h: &common::Harness) -> AdminClient<Channel> {
-    AdminClient::connect(format!("http://{}", h.server.admin_addr))
-        .await
-        .unwrap()
-}
 
 fn with_token<T>(msg: T, token: &str) -> Request<T> {
     let mut r = Request::new(msg);
@@ -56,12 +50,7 @@ async fn read_only_calls_describe_leaders_connections_stats_and_config() {
         assert!(l.metadata_age_ms >= 0);
     }
 
-    let conns = a
-        .list_connections(ListConnectionsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .connections;
+    let conns = connections(&mut a).await;
     let open: Vec<_> = conns.iter().filter(|c| c.state == "OPEN").collect();
     assert!(!open.is_empty(), "{conns:?}");
     let sent: u64 = open.iter().map(|c| c.sent).sum();
@@ -131,12 +120,8 @@ async fn mutating_calls_need_the_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_a_connection_lets_in_flight_requests_finish_and_reconnects() {
     let h = start(|_| {}).await;
-    let t = topic("drain");
-    h.dev.create_topic(&t, 1).unwrap();
+    let (t, warm) = warm_topic(&h, "drain", 1).await;
     let mut c = h.client.clone();
-    let warm = forward_one(&mut c, request(0, Acks::Leader, &t, 0, records("w", 1)))
-        .await
-        .unwrap();
     let leader = warm.leader_id;
     h.dev
         .set_leader_latency(Duration::from_millis(400))
@@ -155,12 +140,7 @@ async fn draining_a_connection_lets_in_flight_requests_finish_and_reconnects() {
     // Wait until the requests are on the wire, then drain their connection.
     let mut seen_in_flight = 0;
     for _ in 0..100 {
-        let conns = a
-            .list_connections(ListConnectionsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .connections;
+        let conns = connections(&mut a).await;
         seen_in_flight = conns
             .iter()
             .filter(|c| c.broker_id == leader)
@@ -179,12 +159,7 @@ async fn draining_a_connection_lets_in_flight_requests_finish_and_reconnects() {
         .into_inner();
     assert_eq!(d.drained, 1);
     assert_eq!(d.in_flight, 20);
-    let draining = a
-        .list_connections(ListConnectionsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .connections;
+    let draining = connections(&mut a).await;
     assert!(
         draining
             .iter()
@@ -204,12 +179,7 @@ async fn draining_a_connection_lets_in_flight_requests_finish_and_reconnects() {
         .await
         .unwrap();
     assert_eq!(r.error_code, 0);
-    let conns = a
-        .list_connections(ListConnectionsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .connections;
+    let conns = connections(&mut a).await;
     let slot = conns
         .iter()
         .find(|c| c.broker_id == leader && c.state == "OPEN")

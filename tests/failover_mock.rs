@@ -5,12 +5,9 @@ mod common;
 
 use std::{sync::atomic::Ordering, time::Duration};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use common::{forward_one, records, request, start, topic};
 use futures::StreamExt;
-use kafka_protocol::records::{
-    Compression, Record as KRecord, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-};
 use leaderlink::{
     forward::PartitionOrder,
     proto::v1::{Acks, ForwardRequest, PartitionData},
@@ -118,12 +115,7 @@ async fn an_unreachable_cluster_answers_unavailable_quickly() {
 /// in flight on the leader connection.
 async fn peak_for(ordering: PartitionOrder, batch: impl Fn(u64) -> PartitionData) -> (u64, u64) {
     let h = start(|cfg| cfg.ordering = ordering).await;
-    let t = topic("order");
-    h.dev.create_topic(&t, 1).unwrap();
-    let mut c = h.client.clone();
-    let warm = forward_one(&mut c, request(0, Acks::All, &t, 0, records("w", 1)))
-        .await
-        .unwrap();
+    let (t, warm) = common::warm_topic(&h, "order", 1).await;
     h.dev
         .set_leader_latency(Duration::from_millis(100))
         .unwrap();
@@ -167,35 +159,10 @@ fn plain(i: u64) -> PartitionData {
 }
 
 fn idempotent(i: u64) -> PartitionData {
-    let rec = KRecord {
-        transactional: false,
-        control: false,
-        delete_horizon: false,
-        partition_leader_epoch: -1,
-        producer_id: 4242,
-        producer_epoch: 0,
-        timestamp_type: TimestampType::Creation,
-        offset: 0,
-        sequence: i as i32,
-        timestamp: 1_700_000_000_000,
-        key: None,
-        value: Some(Bytes::from(format!("i{i}"))),
-        headers: Default::default(),
-    };
-    let mut buf = BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut buf,
-        [&rec],
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )
-    .unwrap();
     PartitionData {
         topic: String::new(),
         partition: 0,
-        record_batch: buf.freeze(),
+        record_batch: common::raw_batch(&[&format!("i{i}")], 4242, i as i32),
         records: vec![],
     }
 }

@@ -4,15 +4,9 @@ mod common;
 
 use std::collections::HashSet;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use common::{forward, forward_one, records, request, start, topic};
 use futures::StreamExt;
-use kafka_protocol::{
-    protocol::StrBytes,
-    records::{
-        Compression, Record as KRecord, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-    },
-};
 use leaderlink::proto::v1::{Acks, ForwardRequest, PartitionData};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -56,45 +50,6 @@ async fn records_get_increasing_offsets_under_every_acks_setting() {
     h.client = c;
 }
 
-fn raw_batch(values: &[&str]) -> Bytes {
-    let recs: Vec<KRecord> = values
-        .iter()
-        .enumerate()
-        .map(|(i, v)| KRecord {
-            transactional: false,
-            control: false,
-            delete_horizon: false,
-            partition_leader_epoch: -1,
-            producer_id: -1,
-            producer_epoch: -1,
-            timestamp_type: TimestampType::Creation,
-            offset: i as i64,
-            // kafka-protocol starts a new batch unless offset - sequence stays constant.
-            sequence: i as i32 - 1,
-            timestamp: 1_700_000_000_000 + i as i64,
-            key: None,
-            value: Some(Bytes::from(v.to_string())),
-            headers: [(
-                StrBytes::from_static_str("h"),
-                Some(Bytes::from_static(b"1")),
-            )]
-            .into_iter()
-            .collect(),
-        })
-        .collect();
-    let mut buf = BytesMut::new();
-    RecordBatchEncoder::encode(
-        &mut buf,
-        &recs,
-        &RecordEncodeOptions {
-            version: 2,
-            compression: Compression::None,
-        },
-    )
-    .unwrap();
-    buf.freeze()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_record_batches_are_forwarded() {
     let h = start(|_| {}).await;
@@ -108,7 +63,7 @@ async fn raw_record_batches_are_forwarded() {
         partitions: vec![PartitionData {
             topic: t.clone(),
             partition: 0,
-            record_batch: raw_batch(values),
+            record_batch: common::raw_batch(values, -1, -1),
             records: vec![],
         }],
     };

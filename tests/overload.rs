@@ -6,10 +6,8 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{forward_one, records, request, start, topic};
-use leaderlink::proto::v1::{
-    Acks, GetStatsRequest, ListConnectionsRequest, Record, admin_client::AdminClient,
-};
+use common::{admin, connections, forward_one, records, request, start, topic, warm_topic};
+use leaderlink::proto::v1::{Acks, GetStatsRequest, Record};
 use tonic::Code;
 
 /// Runs `callers` concurrent one-record calls; returns (ok, resource_exhausted, messages of
@@ -42,12 +40,7 @@ async fn surge(h: &common::Harness, t: &str, callers: u64) -> (u64, u64, Vec<Str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_times_the_concurrency_limit_sheds_the_surplus() {
     let h = start(|cfg| cfg.max_concurrent_calls = 8).await;
-    let t = topic("shed");
-    h.dev.create_topic(&t, 1).unwrap();
-    let mut c = h.client.clone();
-    forward_one(&mut c, request(0, Acks::Leader, &t, 0, records("w", 1)))
-        .await
-        .unwrap();
+    let (t, _) = warm_topic(&h, "shed", 1).await;
     h.dev
         .set_leader_latency(Duration::from_millis(300))
         .unwrap();
@@ -61,19 +54,12 @@ async fn ten_times_the_concurrency_limit_sheds_the_surplus() {
     );
     assert!(ok >= 8, "admitted calls succeed: ok={ok}");
 
-    let mut a = AdminClient::connect(format!("http://{}", h.server.admin_addr))
-        .await
-        .unwrap();
+    let mut a = admin(&h).await;
     let stats = a.get_stats(GetStatsRequest {}).await.unwrap().into_inner();
     assert_eq!(stats.sheds, shed, "{stats:?}");
     assert_eq!(stats.calls_resource_exhausted, shed);
     assert_eq!(stats.calls_ok, ok + 1);
-    let conns = a
-        .list_connections(ListConnectionsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .connections;
+    let conns = connections(&mut a).await;
     let peak = conns.iter().map(|c| c.peak_in_flight).max().unwrap();
     assert!(
         peak <= 8,
@@ -88,12 +74,7 @@ async fn a_full_connection_queue_answers_resource_exhausted_and_stays_bounded() 
         cfg.max_queued_per_connection = 4;
     })
     .await;
-    let t = topic("queue");
-    h.dev.create_topic(&t, 1).unwrap();
-    let mut c = h.client.clone();
-    forward_one(&mut c, request(0, Acks::Leader, &t, 0, records("w", 1)))
-        .await
-        .unwrap();
+    let (t, _) = warm_topic(&h, "queue", 1).await;
     h.dev
         .set_leader_latency(Duration::from_millis(200))
         .unwrap();
@@ -102,15 +83,8 @@ async fn a_full_connection_queue_answers_resource_exhausted_and_stays_bounded() 
     assert!(other.is_empty(), "{other:?}");
     assert!(shed >= 1 && ok >= 6, "ok={ok} shed={shed}");
 
-    let mut a = AdminClient::connect(format!("http://{}", h.server.admin_addr))
-        .await
-        .unwrap();
-    let conns = a
-        .list_connections(ListConnectionsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .connections;
+    let mut a = admin(&h).await;
+    let conns = connections(&mut a).await;
     let leader = conns.iter().find(|c| c.sent > 0).unwrap();
     assert!(leader.peak_queued <= 4, "{leader:?}");
     assert_eq!(leader.peak_in_flight, 2, "{leader:?}");

@@ -835,6 +835,19 @@ mod tests {
         peer.write_all(&f).await.unwrap();
     }
 
+    static BIG: [u8; 200_000] = [7u8; 200_000];
+
+    /// A connection on a 64-byte pipe whose writer is busy with a 200 KB frame (the peer reads
+    /// nothing yet), and that frame's request.
+    async fn busy_writer() -> (Arc<Connection>, DuplexStream, InFlight) {
+        let (c, peer) = conn(16, 0, 64);
+        let a = c
+            .send(ApiKey::Produce, 9, Bytes::from_static(&BIG), true)
+            .await
+            .unwrap();
+        (c, peer, a)
+    }
+
     fn far() -> Instant {
         Instant::now() + Duration::from_secs(3600)
     }
@@ -1020,13 +1033,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn caller_cancelled_during_the_write_leaves_a_whole_frame() {
-        // A 64-byte pipe and a 200 KB body: the write takes many rounds.
-        let (c, mut peer) = conn(16, 0, 64);
-        static BIG: [u8; 200_000] = [7u8; 200_000];
-        let a = c
-            .send(ApiKey::Produce, 9, Bytes::from_static(&BIG), true)
-            .await
-            .unwrap();
+        let (c, mut peer, a) = busy_writer().await;
         drop(a); // the caller is gone while the frame is being written
         let (_, _, id, rest) = read_request(&mut peer).await;
         assert!(rest.ends_with(&BIG), "the whole body arrived");
@@ -1090,13 +1097,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_request_still_queued_at_its_deadline_is_withdrawn_without_poisoning() {
-        // A 64-byte pipe that the peer does not read yet: the 200 KB frame blocks the writer.
-        let (c, mut peer) = conn(16, 0, 64);
-        static BIG: [u8; 200_000] = [7u8; 200_000];
-        let a = c
-            .send(ApiKey::Produce, 9, Bytes::from_static(&BIG), true)
-            .await
-            .unwrap();
+        let (c, mut peer, a) = busy_writer().await;
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }

@@ -11,7 +11,8 @@ use leaderlink::{
     config::Config,
     dev::DevCluster,
     proto::v1::{
-        Acks, ForwardRequest, ForwardResponse, PartitionData, PartitionResult, Record,
+        Acks, ForwardRequest, ForwardResponse, LeaderConnection, ListConnectionsRequest,
+        PartitionData, PartitionResult, Record, admin_client::AdminClient,
         forwarder_client::ForwarderClient,
     },
     server::{self, Running},
@@ -115,4 +116,81 @@ pub async fn forward(
     let mut r = tonic::Request::new(req);
     r.set_timeout(Duration::from_secs(10));
     client.forward(r).await.map(|r| r.into_inner())
+}
+
+/// Creates a fresh topic with `partitions` and forwards one record to partition 0, so the
+/// leader map and the leader connection exist before a test's load. Returns the topic and that
+/// first result.
+pub async fn warm_topic(h: &Harness, prefix: &str, partitions: i32) -> (String, PartitionResult) {
+    let t = topic(prefix);
+    h.dev.create_topic(&t, partitions).unwrap();
+    let mut c = h.client.clone();
+    let r = forward_one(&mut c, request(0, Acks::Leader, &t, 0, records("warm", 1)))
+        .await
+        .unwrap();
+    assert_eq!(r.error_code, 0, "warm-up: {r:?}");
+    (t, r)
+}
+
+/// A client of the harness's Admin service.
+pub async fn admin(h: &Harness) -> AdminClient<Channel> {
+    AdminClient::connect(format!("http://{}", h.server.admin_addr))
+        .await
+        .unwrap()
+}
+
+/// Admin/ListConnections.
+pub async fn connections(a: &mut AdminClient<Channel>) -> Vec<LeaderConnection> {
+    a.list_connections(ListConnectionsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .connections
+}
+
+/// One v2 record batch built with kafka-protocol's encoder: `values` as records, with
+/// `producer_id` (-1 for none) and sequences from `first_sequence`.
+pub fn raw_batch(values: &[&str], producer_id: i64, first_sequence: i32) -> Bytes {
+    use kafka_protocol::{
+        protocol::StrBytes,
+        records::{
+            Compression, Record as KRecord, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+        },
+    };
+    let recs: Vec<KRecord> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| KRecord {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: -1,
+            producer_id,
+            producer_epoch: if producer_id < 0 { -1 } else { 0 },
+            timestamp_type: TimestampType::Creation,
+            offset: i as i64,
+            // kafka-protocol starts a new batch unless offset - sequence stays constant.
+            sequence: first_sequence + i as i32,
+            timestamp: 1_700_000_000_000 + i as i64,
+            key: None,
+            value: Some(Bytes::from(v.to_string())),
+            headers: [(
+                StrBytes::from_static_str("h"),
+                Some(Bytes::from_static(b"1")),
+            )]
+            .into_iter()
+            .collect(),
+        })
+        .collect();
+    let mut buf = bytes::BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        &recs,
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::None,
+        },
+    )
+    .unwrap();
+    buf.freeze()
 }
