@@ -48,6 +48,9 @@ pub struct Config {
     pub max_request_bytes: usize,
     /// Deadline of calls whose caller sends no `grpc-timeout`.
     pub default_timeout_ms: u64,
+    /// Longest a new broker connection may take (TCP connect and ApiVersions), within the
+    /// call's deadline; an address that takes longer is given up for the next one.
+    pub connect_timeout_ms: u64,
     /// Kafka `timeout_ms` sent to leaders when a request says 0. Always cut to fit inside the
     /// call's deadline.
     pub kafka_timeout_ms: u32,
@@ -119,6 +122,7 @@ impl Default for Config {
             max_frame_bytes: 100 * 1024 * 1024,
             max_request_bytes: 8 * 1024 * 1024,
             default_timeout_ms: 30_000,
+            connect_timeout_ms: 5_000,
             kafka_timeout_ms: 30_000,
             metadata_max_age_ms: 30_000,
             retry_backoff_ms: 50,
@@ -325,6 +329,7 @@ impl Config {
         }
         for (key, v) in [
             ("default_timeout_ms", self.default_timeout_ms),
+            ("connect_timeout_ms", self.connect_timeout_ms),
             ("metadata_max_age_ms", self.metadata_max_age_ms),
             ("retry_backoff_ms", self.retry_backoff_ms),
             ("retry_backoff_max_ms", self.retry_backoff_max_ms),
@@ -352,6 +357,12 @@ impl Config {
             return Err(bad(
                 "max_in_flight_bytes_per_connection",
                 "must be 1024..=1099511627776",
+            ));
+        }
+        if self.max_in_flight_bytes_per_connection < self.max_request_bytes {
+            return Err(bad(
+                "max_in_flight_bytes_per_connection",
+                "must be >= max_request_bytes, or a valid request could never be sent",
             ));
         }
         if self.shutdown_grace_ms > 3600 * 1000 {
@@ -387,6 +398,7 @@ impl Config {
             max_in_flight_bytes: self.max_in_flight_bytes_per_connection,
             max_frame_bytes: self.max_frame_bytes,
             client_id: Some(StrBytes::from_string(self.client_id.clone())),
+            connect_timeout: Duration::from_millis(self.connect_timeout_ms),
         }
     }
 

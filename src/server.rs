@@ -206,11 +206,13 @@ pub async fn start(
     };
 
     let (abort_tx, abort_rx) = watch::channel(false);
+    let calls = Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_calls));
     let service = ForwarderService::new(
         forwarder.clone(),
         Duration::from_millis(cfg.default_timeout_ms),
         cfg.max_stream_in_flight,
         abort_rx,
+        calls.clone(),
     );
     let forwarder_server = ForwarderServer::new(service)
         // Requests between max_request_bytes and twice that reach validation, which answers
@@ -219,7 +221,7 @@ pub async fn start(
     let stack = forwarder_stack(
         forwarder_server,
         forwarder.stats().clone(),
-        cfg.max_concurrent_calls,
+        calls,
         Duration::from_millis(cfg.default_timeout_ms),
     );
 

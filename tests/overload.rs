@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{admin, connections, forward_one, records, request, start, topic, warm_topic};
+use common::{admin, connections, forward_one, records, request, start, warm_topic};
 use leaderlink::proto::v1::{Acks, GetStatsRequest, Record};
 use tonic::Code;
 
@@ -93,19 +93,24 @@ async fn a_full_connection_queue_answers_resource_exhausted_and_stays_bounded() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_larger_than_the_byte_budget_is_refused() {
-    let h = start(|cfg| cfg.max_in_flight_bytes_per_connection = 1024).await;
-    let t = topic("bytes");
-    h.dev.create_topic(&t, 1).unwrap();
+    // The smallest budgets: a request under max_request_bytes whose Produce encoding (batch
+    // header, topic, framing) exceeds the connection's byte budget can never be sent.
+    let h = start(|cfg| {
+        cfg.max_request_bytes = 1024;
+        cfg.max_in_flight_bytes_per_connection = 1024;
+    })
+    .await;
+    let (t, _) = warm_topic(&h, "bytes", 1).await;
     let mut c = h.client.clone();
     let mut big = request(1, Acks::Leader, &t, 0, vec![]);
     big.partitions[0].records = vec![Record {
         key: None,
-        value: Some(Bytes::from(vec![b'x'; 2000])),
+        value: Some(Bytes::from(vec![b'x'; 960])),
         headers: vec![],
         timestamp_ms: 0,
     }];
     let e = forward_one(&mut c, big).await.unwrap_err();
-    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
     assert!(
         e.message().contains("max_in_flight_bytes_per_connection"),
         "{e:?}"
@@ -115,4 +120,41 @@ async fn a_request_larger_than_the_byte_budget_is_refused() {
         .await
         .unwrap();
     assert_eq!(r.error_code, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_requests_count_against_the_concurrency_limit() {
+    use futures::StreamExt;
+    let h = start(|cfg| cfg.max_concurrent_calls = 4).await;
+    let (t, _) = warm_topic(&h, "stream-shed", 6).await;
+    h.dev
+        .set_leader_latency(std::time::Duration::from_millis(300))
+        .unwrap();
+    let mut c = h.client.clone();
+    // One request per partition: nothing orders them, so they run concurrently.
+    let reqs: Vec<_> = (0..24u64)
+        .map(|i| request(i, Acks::Leader, &t, (i % 6) as i32, records("s", 1)))
+        .collect();
+    let all: Vec<_> = c
+        .forward_stream(futures::stream::iter(reqs))
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|r| r.unwrap())
+        .collect()
+        .await;
+    assert_eq!(all.len(), 24);
+    let shed = all
+        .iter()
+        .filter(|r| r.status_code == Code::ResourceExhausted as i32)
+        .count();
+    let ok = all
+        .iter()
+        .filter(|r| r.status_code == 0 && r.partitions[0].error_code == 0)
+        .count();
+    assert_eq!(ok + shed, 24);
+    assert!(shed >= 1 && ok >= 4, "ok={ok} shed={shed}");
+    let conns = connections(&mut admin(&h).await).await;
+    let peak = conns.iter().map(|c| c.peak_in_flight).max().unwrap();
+    assert!(peak <= 4, "{peak}");
 }

@@ -494,21 +494,29 @@ impl Forwarder {
                                 retry.push(i);
                             }
                         };
-                    // Computed per request, right before it is queued (DESIGN.md §3.14).
-                    let Some(kafka_timeout) = self.kafka_timeout(v.timeout_ms, deadline) else {
-                        not_sent(&mut st, &mut retry, ConnError::NotSentInTime);
-                        continue;
-                    };
                     // Idempotent batches: at most MAX_IDEMPOTENT_IN_FLIGHT requests in flight per
-                    // partition (strict mode already holds the partition's only permit).
+                    // partition (strict mode already holds the partition's only permit). Taken in
+                    // (topic, partition) order, so calls sharing partitions cannot deadlock.
                     let mut permits = Vec::new();
                     if !strict {
+                        let mut gated: Vec<usize> = chunk
+                            .iter()
+                            .copied()
+                            .filter(|&i| v.items[i].idempotent)
+                            .collect();
+                        gated.sort_by(|&a, &b| {
+                            (&v.items[a].topic, v.items[a].partition)
+                                .cmp(&(&v.items[b].topic, v.items[b].partition))
+                        });
                         let mut timed_out = false;
-                        for &i in chunk.iter().filter(|&&i| v.items[i].idempotent) {
+                        for i in gated {
                             let gate = self.gate(&v.items[i].topic, v.items[i].partition);
                             match tokio::time::timeout_at(deadline, gate.acquire_owned()).await {
                                 Ok(Ok(p)) => permits.push(p),
-                                _ => timed_out = true,
+                                _ => {
+                                    timed_out = true;
+                                    break;
+                                }
                             }
                         }
                         if timed_out {
@@ -524,16 +532,33 @@ impl Forwarder {
                             batch: v.items[i].batch.clone(),
                         })
                         .collect();
-                    let body = produce::encode(version, v.acks, kafka_timeout, &batches)
+                    let encoded = produce::encode(version, v.acks, 0, &batches)
                         .map_err(|e| ForwardError::Internal(e.to_string()))?;
-                    // Waiting for an in-flight slot counts against the deadline too.
-                    let sent = tokio::time::timeout_at(
-                        deadline,
-                        conn.send(ApiKey::Produce, version, body, v.acks != acks::NONE),
-                    )
-                    .await;
+                    // Waiting for room on the connection counts against the deadline too.
+                    let admitted = tokio::time::timeout_at(deadline, conn.admit(encoded.len()))
+                        .await
+                        .unwrap_or(Err(RequestError {
+                            cause: ConnError::NotSentInTime,
+                            maybe_sent: false,
+                        }));
+                    // The Kafka timeout is fixed only now, after every wait, so the leader gives
+                    // up before the caller does (DESIGN.md §3.14).
+                    let kafka_timeout = self.kafka_timeout(v.timeout_ms, deadline);
+                    let sent = match (admitted, kafka_timeout) {
+                        (Ok(room), Some(t)) => room.send(
+                            ApiKey::Produce,
+                            version,
+                            produce::with_timeout(encoded, version, t),
+                            v.acks != acks::NONE,
+                        ),
+                        (Ok(_), None) => Err(RequestError {
+                            cause: ConnError::NotSentInTime,
+                            maybe_sent: false,
+                        }),
+                        (Err(e), _) => Err(e),
+                    };
                     match sent {
-                        Ok(Ok(f)) => {
+                        Ok(f) => {
                             for &i in &chunk {
                                 if st[i].attempts > 0 {
                                     self.inner.stats.retries.fetch_add(1, Ordering::Relaxed);
@@ -543,26 +568,40 @@ impl Forwarder {
                             }
                             waits.push((conn.clone(), broker.id, chunk, f, permits));
                         }
-                        Ok(Err(RequestError {
-                            cause:
-                                cause @ (ConnError::QueueFull { .. } | ConnError::TooLarge { .. }),
+                        Err(RequestError {
+                            cause: ConnError::TooLarge { limit, actual },
                             ..
-                        })) => {
+                        }) => {
+                            // No retry can make it fit: the caller must send less.
+                            return Err(ForwardError::Invalid {
+                                field: "request".into(),
+                                reason: format!(
+                                    "encodes to {actual} bytes for one leader; the limit \
+                                     (max_in_flight_bytes_per_connection) is {limit}"
+                                ),
+                            });
+                        }
+                        Err(RequestError {
+                            cause: cause @ ConnError::QueueFull { .. },
+                            ..
+                        }) => {
                             // A bound was hit: answer RESOURCE_EXHAUSTED rather than queue more.
                             for &i in &chunk {
                                 st[i].overloaded = Some(cause.clone());
                             }
                         }
-                        Ok(Err(e)) => {
+                        Err(e) => {
+                            // A deadline in the queue says nothing about the leader.
+                            refresh |= !matches!(e.cause, ConnError::NotSentInTime);
                             not_sent(&mut st, &mut retry, e.cause);
-                            refresh = true;
                         }
-                        Err(_) => not_sent(&mut st, &mut retry, ConnError::NotSentInTime),
                     }
                 }
             }
-            if let Some(tx) = enqueued.take() {
-                let _ = tx.send(());
+            // The caller may read its next request once this one's batches are all on their
+            // connections (or final): only then does wire order follow arrival order.
+            if enqueued.is_some() && st.iter().all(|s| s.attempts > 0 || s.result.is_some()) {
+                let _ = enqueued.take().map(|tx| tx.send(()));
             }
 
             let answers = join_all(waits.into_iter().map(
@@ -597,7 +636,11 @@ impl Forwarder {
                 let mut answers = match answers {
                     Ok(a) => a,
                     Err(RequestError { cause, maybe_sent }) => {
-                        conn.poison(cause.clone());
+                        // A request taken back unsent leaves the connection healthy; anything
+                        // else has already poisoned it or must now.
+                        if maybe_sent {
+                            conn.poison(cause.clone());
+                        }
                         for i in chunk {
                             st[i].may_be_in_log |= maybe_sent;
                             st[i].last = Some(Failure::Conn {

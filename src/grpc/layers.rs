@@ -223,7 +223,8 @@ where
 ///    once instead of waiting, so a surge costs a fast "retry later", not a growing queue.
 /// 3. **Global concurrency limit** — at most `max_concurrent_calls` calls in the Forwarder,
 ///    counted across all HTTP/2 connections (a per-connection limit would let a few brokers
-///    multiplexing many calls over one connection each exceed any budget).
+///    multiplexing many calls over one connection each exceed any budget). `calls` is that
+///    budget; ForwardStream requests draw on it too.
 /// 4. **Deadline** — the caller's `grpc-timeout` or the default, handed to the handler in the
 ///    request's extensions; a backstop ends a call that outlives it with DEADLINE_EXCEEDED
 ///    (tonic's own `.timeout()` would answer CANCELLED).
@@ -232,7 +233,7 @@ where
 pub fn forwarder_stack<S>(
     forwarder: S,
     stats: Arc<Stats>,
-    max_concurrent_calls: usize,
+    calls: Arc<tokio::sync::Semaphore>,
     default_timeout: Duration,
 ) -> Named<Rescue<tower::load_shed::LoadShed<tower::limit::ConcurrencyLimit<DeadlineService<S>>>>>
 where
@@ -242,6 +243,7 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    let max_concurrent_calls = calls.available_permits();
     Named(
         ServiceBuilder::new()
             .layer(RescueLayer {
@@ -249,7 +251,7 @@ where
                 max_concurrent_calls,
             })
             .layer(LoadShedLayer::new())
-            .layer(GlobalConcurrencyLimitLayer::new(max_concurrent_calls))
+            .layer(GlobalConcurrencyLimitLayer::with_semaphore(calls))
             .layer(DeadlineLayer {
                 default: default_timeout,
             })

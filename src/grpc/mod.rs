@@ -89,6 +89,9 @@ pub struct ForwarderService {
     max_stream_in_flight: usize,
     /// Becomes true when the shutdown grace expired: calls still running answer UNAVAILABLE.
     abort: watch::Receiver<bool>,
+    /// The `max_concurrent_calls` budget shared with the global concurrency limit layer: each
+    /// request on a ForwardStream takes a permit too, so streams cannot exceed it.
+    calls: Arc<Semaphore>,
 }
 
 /// Resolves once `abort` turns true (never, if its sender goes away without doing so).
@@ -131,12 +134,14 @@ impl ForwarderService {
         default_timeout: Duration,
         max_stream_in_flight: usize,
         abort: watch::Receiver<bool>,
+        calls: Arc<Semaphore>,
     ) -> Self {
         Self {
             forwarder,
             default_timeout,
             max_stream_in_flight: max_stream_in_flight.max(1),
             abort,
+            calls,
         }
     }
 
@@ -232,14 +237,30 @@ impl forwarder_server::Forwarder for ForwarderService {
                 let forwarder = this.forwarder.clone();
                 let abort = this.abort.clone();
                 let tx = tx.clone();
+                // A stream's requests count against max_concurrent_calls like unary calls; one
+                // over the budget is shed (answered in band, in its partitions' order).
+                let call = this.calls.clone().try_acquire_owned();
+                if call.is_err() {
+                    forwarder.stats().sheds.fetch_add(1, Ordering::Relaxed);
+                }
                 tokio::spawn(async move {
-                    let result = tokio::select! {
-                        r = forwarder.forward(req, deadline, Some(enq_tx)) => {
-                            r.map_err(|e| status(&e))
+                    let stats = forwarder.stats().clone();
+                    let result = match call {
+                        Err(_) => Err(Status::resource_exhausted(
+                            "leaderlink is serving its limit of concurrent calls \
+                             (max_concurrent_calls); retry later",
+                        )),
+                        Ok(_call) => {
+                            let _in_progress = InProgress::enter(&stats.calls_in_progress);
+                            tokio::select! {
+                                r = forwarder.forward(req, deadline, Some(enq_tx)) => {
+                                    r.map_err(|e| status(&e))
+                                }
+                                () = aborted(abort) => Err(shutdown_status()),
+                            }
                         }
-                        () = aborted(abort) => Err(shutdown_status()),
                     };
-                    forwarder.stats().record(code_of(&result));
+                    stats.record(code_of(&result));
                     for mut prev in before {
                         let _ = prev.wait_for(|done| *done).await;
                     }

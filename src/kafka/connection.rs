@@ -60,6 +60,9 @@ pub struct ConnectionConfig {
     pub max_frame_bytes: usize,
     /// `client_id` sent in every request header.
     pub client_id: Option<StrBytes>,
+    /// Longest a new connection may take (TCP connect and ApiVersions), within the caller's
+    /// deadline: one unresponsive address must not use up a whole call or metadata refresh.
+    pub connect_timeout: std::time::Duration,
 }
 
 /// How many answered-or-skipped acks=0 slots are remembered at most. Apache Kafka never answers
@@ -128,11 +131,13 @@ struct Entry {
     seq: u64,
     reply: Reply,
     queued_at: Instant,
-    bytes: u64,
     /// Held until the answer arrives, so `max_in_flight` and `max_in_flight_bytes` bound
     /// requests awaiting answers.
-    _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    _hold: Option<Hold>,
 }
+
+/// An in-flight slot, the request's bytes, and its share of the bytes gauge.
+type Hold = ((OwnedSemaphorePermit, OwnedSemaphorePermit), BytesGuard);
 
 struct Outgoing {
     seq: u64,
@@ -140,10 +145,8 @@ struct Outgoing {
     body: Bytes,
     /// Signalled once the frame is flushed (acks=0 callers wait for this).
     written: Option<oneshot::Sender<()>>,
-    /// acks=0 requests hold their permits only until written.
-    _permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
-    /// Bytes to release from the in-flight gauge once written (acks=0).
-    release_bytes: u64,
+    /// acks=0 requests hold their room only until written (or dropped unwritten).
+    _hold: Option<Hold>,
 }
 
 struct State {
@@ -182,6 +185,153 @@ struct Shared {
 pub struct Connection {
     shared: Arc<Shared>,
     versions: OnceLock<Versions>,
+}
+
+/// Room on a connection for one request, from [`Connection::admit`]. Dropping it gives the
+/// room back.
+pub struct Admission {
+    conn: Arc<Connection>,
+    permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    size: usize,
+    queued_at: Instant,
+}
+
+/// Releases a request's bytes from the in-flight gauge when the request is done with, however
+/// that happens (answered, written with acks=0, withdrawn, or failed by a poison).
+struct BytesGuard {
+    stats: Arc<ConnStats>,
+    bytes: u64,
+}
+
+impl Drop for BytesGuard {
+    fn drop(&mut self) {
+        self.stats
+            .in_flight_bytes
+            .fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+impl Admission {
+    /// Registers the request and queues its frame for the writer, under one lock: the pending
+    /// entry exists before a byte is written, and queue order is wire order.
+    pub fn send(
+        self,
+        api_key: ApiKey,
+        api_version: i16,
+        body: Bytes,
+        expect_answer: bool,
+    ) -> Result<InFlight, RequestError> {
+        let Admission {
+            conn,
+            permits,
+            size,
+            queued_at,
+        } = self;
+        let shared = &conn.shared;
+        let not_sent = |cause: ConnError| RequestError {
+            cause,
+            maybe_sent: false,
+        };
+        let mut st = lock(&shared.state);
+        if let Some(cause) = &st.poisoned {
+            return Err(not_sent(cause.clone()));
+        }
+        if st.draining {
+            return Err(not_sent(ConnError::Shutdown));
+        }
+        let correlation_id = st.next_correlation_id;
+        let head = encode_request_head(
+            api_key,
+            api_version,
+            correlation_id,
+            &shared.client_id,
+            body.len(),
+        )
+        .map_err(not_sent)?;
+        let Some(to_writer) = st.to_writer.clone() else {
+            return Err(not_sent(ConnError::Shutdown));
+        };
+        // Correlation ids are i32 and wrap (DESIGN.md §3.7); in-flight requests are bounded far
+        // below 2^32, so ids stay unique among them.
+        st.next_correlation_id = correlation_id.wrapping_add(1);
+        st.next_seq += 1;
+        let seq = st.next_seq;
+        // Counted under the lock, before the reader can see (and complete) the entry.
+        shared
+            .stats
+            .in_flight_bytes
+            .fetch_add(size as u64, Ordering::Relaxed);
+        let guard = BytesGuard {
+            stats: shared.stats.clone(),
+            bytes: size as u64,
+        };
+        let (reply, kind, entry_hold, out_hold, written) = if expect_answer {
+            let (tx, rx) = oneshot::channel();
+            (
+                Reply::Answer(tx),
+                Waiting::Answer(rx),
+                Some((permits, guard)),
+                None,
+                None,
+            )
+        } else {
+            let (tx, rx) = oneshot::channel();
+            (
+                Reply::None,
+                Waiting::Written(rx),
+                None,
+                Some((permits, guard)),
+                Some(tx),
+            )
+        };
+        if to_writer
+            .send(Outgoing {
+                seq,
+                head,
+                body,
+                written,
+                _hold: out_hold,
+            })
+            .is_err()
+        {
+            return Err(not_sent(ConnError::Shutdown));
+        }
+        if expect_answer {
+            let now = shared.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+            shared
+                .stats
+                .peak_in_flight
+                .fetch_max(now, Ordering::Relaxed);
+        } else {
+            st.no_response_slots += 1;
+        }
+        st.fifo.push_back(Entry {
+            correlation_id,
+            seq,
+            reply,
+            queued_at,
+            _hold: entry_hold,
+        });
+        while st.no_response_slots > MAX_NO_RESPONSE_SLOTS
+            && matches!(
+                st.fifo.front(),
+                Some(Entry {
+                    reply: Reply::None,
+                    ..
+                })
+            )
+        {
+            st.fifo.pop_front();
+            st.no_response_slots -= 1;
+        }
+        drop(st);
+        Ok(InFlight {
+            conn: conn.clone(),
+            seq,
+            correlation_id,
+            kind,
+        })
+    }
 }
 
 /// A request that was queued on a connection; [`InFlight::wait`] yields its answer.
@@ -270,7 +420,13 @@ impl Connection {
         let r = tokio::spawn(read_loop(shared.clone(), reader, decoder).instrument(span.clone()));
         let w = tokio::spawn(write_loop(shared.clone(), rx, writer).instrument(span));
         lock(&shared.tasks).extend([r.abort_handle(), w.abort_handle()]);
-        // A task that already finished (peer closed at once) is fine: aborting it is a no-op.
+        // The peer may have closed before the handles were stored: the poison then found no
+        // task to stop, so stop them now.
+        if lock(&shared.state).poisoned.is_some() {
+            for t in lock(&shared.tasks).drain(..) {
+                t.abort();
+            }
+        }
         Arc::new(Connection {
             shared,
             versions: OnceLock::new(),
@@ -290,12 +446,12 @@ impl Connection {
         let _ = self.versions.set(versions);
     }
 
-    /// Queues one request.
+    /// Queues one request: [`Self::admit`] then [`Admission::send`].
     ///
-    /// Waits while `max_in_flight` requests await answers. Returns once the frame is queued for
-    /// the writer; the returned [`InFlight`] yields the answer (or, with `expect_answer = false`,
-    /// completes once the frame is written). Cancelling this future before it returns sends
-    /// nothing.
+    /// Waits while `max_in_flight` requests (or `max_in_flight_bytes`) await answers. Returns once
+    /// the frame is queued for the writer; the returned [`InFlight`] yields the answer (or, with
+    /// `expect_answer = false`, completes once the frame is written). Cancelling this future
+    /// before it returns sends nothing.
     pub async fn send(
         self: &Arc<Self>,
         api_key: ApiKey,
@@ -303,6 +459,16 @@ impl Connection {
         body: Bytes,
         expect_answer: bool,
     ) -> Result<InFlight, RequestError> {
+        self.admit(body.len())
+            .await?
+            .send(api_key, api_version, body, expect_answer)
+    }
+
+    /// Waits for room for a request of `size` body bytes: an in-flight slot and the bytes,
+    /// counted as *queued* meanwhile. Fails at once when the queue is full
+    /// ([`ConnError::QueueFull`]) or `size` exceeds the whole byte budget
+    /// ([`ConnError::TooLarge`]). Cancelling it sends nothing and holds nothing.
+    pub async fn admit(self: &Arc<Self>, size: usize) -> Result<Admission, RequestError> {
         let shared = &self.shared;
         let refuse = |cause: ConnError| {
             shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -311,8 +477,6 @@ impl Connection {
                 maybe_sent: false,
             })
         };
-        // Frame size as counted against max_in_flight_bytes (header bytes are negligible).
-        let size = body.len();
         if size > shared.max_in_flight_bytes {
             return refuse(ConnError::TooLarge {
                 limit: shared.max_in_flight_bytes,
@@ -343,116 +507,18 @@ impl Connection {
         }
         .await;
         drop(dec_queued);
-        let mut st = lock(&shared.state);
-        let permits = match (permits, &st.poisoned, st.draining) {
-            (Ok(p), None, false) => p,
-            (_, cause, _) => {
-                return Err(RequestError {
-                    cause: cause.clone().unwrap_or(ConnError::Shutdown),
-                    maybe_sent: false,
-                });
-            }
-        };
-        let correlation_id = st.next_correlation_id;
-        let head = encode_request_head(
-            api_key,
-            api_version,
-            correlation_id,
-            &shared.client_id,
-            body.len(),
-        )
-        .map_err(|cause| RequestError {
-            cause,
-            maybe_sent: false,
-        })?;
-        // Correlation ids are i32 and wrap (DESIGN.md §3.7); in-flight requests are bounded far
-        // below 2^32, so ids stay unique among them.
-        st.next_correlation_id = correlation_id.wrapping_add(1);
-        st.next_seq += 1;
-        let seq = st.next_seq;
-
-        let (reply, kind, entry_permits, out_permits, written) = if expect_answer {
-            let (tx, rx) = oneshot::channel();
-            (
-                Reply::Answer(tx),
-                Waiting::Answer(rx),
-                Some(permits),
-                None,
-                None,
-            )
-        } else {
-            let (tx, rx) = oneshot::channel();
-            (
-                Reply::None,
-                Waiting::Written(rx),
-                None,
-                Some(permits),
-                Some(tx),
-            )
-        };
-        let Some(to_writer) = st.to_writer.as_ref() else {
-            return Err(RequestError {
-                cause: ConnError::Shutdown,
+        match permits {
+            Ok(permits) => Ok(Admission {
+                conn: self.clone(),
+                permits,
+                size,
+                queued_at,
+            }),
+            Err(_) => Err(RequestError {
+                cause: self.poisoned().unwrap_or(ConnError::Shutdown),
                 maybe_sent: false,
-            });
-        };
-        if to_writer
-            .send(Outgoing {
-                seq,
-                head,
-                body,
-                written,
-                _permits: out_permits,
-                release_bytes: if expect_answer { 0 } else { size as u64 },
-            })
-            .is_err()
-        {
-            return Err(RequestError {
-                cause: ConnError::Shutdown,
-                maybe_sent: false,
-            });
+            }),
         }
-        // Counted under the lock, before the reader can see (and complete) the entry.
-        shared
-            .stats
-            .in_flight_bytes
-            .fetch_add(size as u64, Ordering::Relaxed);
-        if expect_answer {
-            let now = shared.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-            shared
-                .stats
-                .peak_in_flight
-                .fetch_max(now, Ordering::Relaxed);
-        } else {
-            st.no_response_slots += 1;
-        }
-        st.fifo.push_back(Entry {
-            correlation_id,
-            seq,
-            reply,
-            queued_at,
-            bytes: if expect_answer { size as u64 } else { 0 },
-            _permits: entry_permits,
-        });
-        while st.no_response_slots > MAX_NO_RESPONSE_SLOTS
-            && matches!(
-                st.fifo.front(),
-                Some(Entry {
-                    reply: Reply::None,
-                    ..
-                })
-            )
-        {
-            st.fifo.pop_front();
-            st.no_response_slots -= 1;
-        }
-        drop(st);
-        Ok(InFlight {
-            conn: self.clone(),
-            seq,
-            correlation_id,
-            kind,
-        })
     }
 
     /// Poisons the connection: every pending request fails with `cause`, later sends fail at
@@ -569,14 +635,17 @@ impl State {
 impl Shared {
     /// The writer has written everything it was given after a drain: close now if nothing
     /// awaits an answer.
-    fn writer_finished(&self) {
+    /// Returns whether the writer should keep its half open (a drain still waits for answers).
+    fn writer_finished(&self) -> bool {
         let mut st = lock(&self.state);
         st.writer_done = true;
-        let close = st.draining && !st.awaits_answers();
+        let draining = st.draining;
+        let close = draining && !st.awaits_answers();
         drop(st);
         if close {
             self.poison(ConnError::Shutdown);
         }
+        draining && !close
     }
 
     /// Takes back a request the writer has not begun to write: its FIFO entry goes, and the
@@ -590,9 +659,6 @@ impl Shared {
             return false;
         };
         let entry = st.fifo.remove(pos).expect("position is valid");
-        self.stats
-            .in_flight_bytes
-            .fetch_sub(entry.bytes, Ordering::Relaxed);
         match entry.reply {
             Reply::Answer(_) => {
                 self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -616,10 +682,6 @@ impl Shared {
         };
         self.permits.close();
         self.bytes.close();
-        self.stats.in_flight_bytes.fetch_sub(
-            entries.iter().map(|e| e.bytes).sum::<u64>(),
-            Ordering::Relaxed,
-        );
         if !matches!(cause, ConnError::Shutdown) {
             self.stats.poisoned.fetch_add(1, Ordering::Relaxed);
         }
@@ -673,9 +735,6 @@ impl Shared {
             }
             let drained = st.draining && st.writer_done && !st.awaits_answers();
             drop(st);
-            self.stats
-                .in_flight_bytes
-                .fetch_sub(entry.bytes, Ordering::Relaxed);
             if let Reply::Answer(tx) = entry.reply {
                 self.stats.latency.record(entry.queued_at.elapsed());
                 self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -739,8 +798,15 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             }
             st.claimed_seq = batch.last().map_or(st.claimed_seq, |o| o.seq);
             if !st.withdrawn.is_empty() {
-                let withdrawn = std::mem::take(&mut st.withdrawn);
-                batch.retain(|o| !withdrawn.contains(&o.seq));
+                // Drop withdrawn frames of this batch; the others are still in the queue.
+                let in_batch: Vec<u64> = st
+                    .withdrawn
+                    .iter()
+                    .copied()
+                    .filter(|seq| batch.iter().any(|o| o.seq == *seq))
+                    .collect();
+                st.withdrawn.retain(|seq| !in_batch.contains(seq));
+                batch.retain(|o| !in_batch.contains(&o.seq));
             }
         }
         let mut result = Ok(());
@@ -766,10 +832,6 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             .sent
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         for o in batch.drain(..) {
-            shared
-                .stats
-                .in_flight_bytes
-                .fetch_sub(o.release_bytes, Ordering::Relaxed);
             if let Some(tx) = o.written {
                 let _ = tx.send(());
             }
@@ -778,9 +840,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     // The queue was closed by a drain (a poison aborts this task instead). Keep the write half
     // open: dropping it would send FIN, and a broker may close the connection before
     // answering what is in flight. The task is aborted when the connection closes.
-    shared.writer_finished();
-    let _keep_open = w;
-    std::future::pending::<()>().await
+    if shared.writer_finished() {
+        let _keep_open = w;
+        std::future::pending::<()>().await
+    }
 }
 
 #[cfg(test)]
@@ -805,6 +868,7 @@ mod tests {
             max_in_flight_bytes: 1 << 30,
             max_frame_bytes: MAX_FRAME,
             client_id: Some(StrBytes::from_static_str("test")),
+            connect_timeout: Duration::from_secs(5),
         };
         let c = Connection::start_at(
             r,

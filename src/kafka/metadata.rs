@@ -232,7 +232,7 @@ impl MetadataClient {
             };
             match self.fetch(&c, &wanted, deadline).await {
                 Ok(resp) => {
-                    let map = self.merge(&current, resp);
+                    let map = self.merge(resp);
                     self.refreshes.fetch_add(1, Ordering::Relaxed);
                     return Ok(map);
                 }
@@ -320,8 +320,14 @@ impl MetadataClient {
         decode_response(ApiKey::Metadata, version, frame)
     }
 
-    fn merge(&self, current: &LeaderMap, resp: MetadataResponse) -> Arc<LeaderMap> {
-        let mut next = current.clone();
+    /// Lays a Metadata answer over the latest map (under the write lock, so a leader hint
+    /// applied during the fetch is not lost). A partition whose known leader epoch is newer
+    /// than the answer's keeps its entry: a broker with a stale cache must not bring an old
+    /// leader back.
+    fn merge(&self, resp: MetadataResponse) -> Arc<LeaderMap> {
+        let mut guard = self.map.write().unwrap_or_else(|p| p.into_inner());
+        let current = guard.clone();
+        let mut next = (*current).clone();
         next.brokers = resp
             .brokers
             .into_iter()
@@ -364,6 +370,13 @@ impl MetadataClient {
                         };
                     }
                 }
+                if let Some(TopicState::Partitions(known)) = current.topics.get(name.0.as_str()) {
+                    for (new, old) in parts.iter_mut().zip(known) {
+                        if old.leader_epoch > new.leader_epoch {
+                            *new = *old;
+                        }
+                    }
+                }
                 TopicState::Partitions(parts)
             };
             next.topics.insert(name.0.as_str().to_string(), state);
@@ -371,7 +384,7 @@ impl MetadataClient {
         next.fetched_at = Some(Instant::now());
         next.generation = current.generation + 1;
         let next = Arc::new(next);
-        *self.map.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
+        *guard = next.clone();
         next
     }
 }
@@ -396,6 +409,7 @@ mod tests {
                 max_in_flight_bytes: 1024,
                 max_frame_bytes: 1024,
                 client_id: None,
+                connect_timeout: std::time::Duration::from_secs(1),
             },
             true,
         )
@@ -427,7 +441,7 @@ mod tests {
                         partition(-3, 1),
                     ]),
             ]);
-        let map = c.merge(&LeaderMap::empty(), resp);
+        let map = c.merge(resp);
         let Some(TopicState::Partitions(parts)) = map.topics.get("t") else {
             panic!("topic missing")
         };

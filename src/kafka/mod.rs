@@ -20,7 +20,8 @@ use error::ConnError;
 
 /// Dials `addr`, starts a pipelined connection on it and negotiates API versions.
 ///
-/// Everything (TCP connect and ApiVersions) must finish before `deadline`.
+/// Everything (TCP connect and ApiVersions) must finish before `deadline` and within
+/// `config.connect_timeout`.
 pub async fn connect(
     addr: &str,
     config: &ConnectionConfig,
@@ -29,6 +30,7 @@ pub async fn connect(
     span: Span,
 ) -> Result<Arc<Connection>, ConnError> {
     let started = Instant::now();
+    let deadline = deadline.min(started + config.connect_timeout);
     let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -50,7 +52,13 @@ pub async fn connect(
     let conn = Connection::start(r, w, config, stats, span);
     let versions = versions::negotiate(&conn, deadline)
         .await
-        .map_err(|e| e.cause)?;
+        .map_err(|e| match e.cause {
+            ConnError::TimedOut => ConnError::ConnectTimeout {
+                addr: addr.to_string(),
+                after: started.elapsed(),
+            },
+            other => other,
+        })?;
     conn.set_versions(versions);
     Ok(conn)
 }

@@ -192,10 +192,9 @@ impl Pool {
                 in_flight += conn.pending();
                 conn.drain();
                 drained += 1;
-                slot.retired
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push((Arc::downgrade(&conn), addr));
+                let mut retired = slot.retired.lock().unwrap_or_else(|p| p.into_inner());
+                retired.retain(|(w, _)| w.upgrade().is_some_and(|c| c.poisoned().is_none()));
+                retired.push((Arc::downgrade(&conn), addr));
             }
         }
         (drained, in_flight)

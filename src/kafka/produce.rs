@@ -67,6 +67,20 @@ pub fn encode(
     encode_body(ApiKey::Produce, version, &req)
 }
 
+/// Sets `timeout_ms` in a body from [`encode`], in place when the buffer is not shared.
+///
+/// `encode` writes no transactional id, so the field sits at a fixed offset: after a null
+/// nullable string (int16 -1, or a compact varint 0 from v9 on) and the int16 acks.
+pub fn with_timeout(body: Bytes, version: i16, timeout_ms: i32) -> Bytes {
+    let at = if version >= 9 { 1 + 2 } else { 2 + 2 };
+    let mut b = match body.try_into_mut() {
+        Ok(b) => b,
+        Err(shared) => bytes::BytesMut::from(&shared[..]),
+    };
+    b[at..at + 4].copy_from_slice(&timeout_ms.to_be_bytes());
+    b.freeze()
+}
+
 /// The leader's answer for one partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionAnswer {
@@ -147,4 +161,31 @@ pub fn decode(version: i16, frame: Bytes) -> Result<Answers, ConnError> {
         partitions: out,
         endpoints,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use kafka_protocol::protocol::Decodable;
+
+    use super::*;
+
+    #[test]
+    fn the_timeout_can_be_set_after_encoding_in_every_version() {
+        for version in 3..=12 {
+            let batches = [PartitionBatch {
+                topic: "t",
+                partition: 2,
+                batch: Bytes::from_static(b"not a real batch"),
+            }];
+            let body = with_timeout(
+                encode(version, acks::ALL, 0, &batches).unwrap(),
+                version,
+                4321,
+            );
+            let req = ProduceRequest::decode(&mut body.clone(), version).unwrap();
+            assert_eq!(req.timeout_ms, 4321, "v{version}");
+            assert_eq!(req.acks, acks::ALL);
+            assert_eq!(req.topic_data[0].partition_data[0].index, 2);
+        }
+    }
 }
