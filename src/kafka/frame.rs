@@ -126,6 +126,11 @@ pub fn decode_response_counting<R: Decodable>(
     // `response_header_version` already encodes that rule.
     let header_version = api_key.response_header_version(api_version);
     ResponseHeader::decode(&mut frame, header_version).map_err(malformed)?;
+    // kafka-protocol reserves memory from counts read off the wire; walk the shape first.
+    super::guard::check(api_key, api_version, &frame).map_err(|reason| ConnError::Malformed {
+        api: api_name(api_key),
+        reason: format!("refused before decoding: {reason}"),
+    })?;
     let body = R::decode(&mut frame, api_version).map_err(malformed)?;
     // Bytes after the body are ignored, as Apache Kafka's Java client and librdkafka do (the
     // mock broker, for one, appends a byte to its Metadata v12 answers).
@@ -191,5 +196,26 @@ mod tests {
             Err(ConnError::FrameTooLarge { limit: 1024, .. })
         ));
         assert_eq!(buf.capacity(), before);
+    }
+}
+
+#[cfg(test)]
+mod hostile_tests {
+    use bytes::{BufMut, BytesMut};
+    use kafka_protocol::messages::{ApiKey, ProduceResponse};
+
+    use super::*;
+
+    #[test]
+    fn a_produce_answer_announcing_billions_of_topics_is_refused_not_allocated() {
+        let mut f = BytesMut::new();
+        f.put_i32(7); // correlation id
+        f.put_u8(0); // response header v1: no tagged fields
+        f.put_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]); // compact array of 2^32 - 2 topics
+        let err = decode_response::<ProduceResponse>(ApiKey::Produce, 9, f.freeze()).unwrap_err();
+        assert!(
+            matches!(&err, ConnError::Malformed { reason, .. } if reason.contains("refused before decoding")),
+            "{err:?}"
+        );
     }
 }

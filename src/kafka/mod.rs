@@ -4,6 +4,7 @@
 pub mod connection;
 pub mod error;
 pub mod frame;
+pub mod guard;
 pub mod histogram;
 pub mod metadata;
 pub mod pool;
