@@ -103,3 +103,19 @@ fn rdkafka_baseline_runs_against_the_same_cluster() {
         v["records"].as_i64().unwrap()
     );
 }
+
+#[test]
+fn a_rate_caps_the_calls_made() {
+    // 100 calls/s for 2 s: the token bucket cannot hand out more than ~one second of backlog
+    // on top of what the elapsed time allows.
+    let v = bench(&[
+        "--mode", "direct", "-d", "2s", "-c", "16", "-p", "1", "--rate", "100",
+    ]);
+    let requests = v["requests"].as_u64().unwrap();
+    let secs = v["duration_s"].as_f64().unwrap();
+    assert!(requests > 0);
+    assert!(
+        (requests as f64) <= 100.0 * secs + 100.0 + 16.0,
+        "{requests} calls in {secs} s"
+    );
+}

@@ -91,6 +91,11 @@ struct Args {
     /// leaderlink's connections_per_leader (in-process modes).
     #[arg(long, value_name = "K")]
     connections_per_leader: Option<usize>,
+    /// Calls per second across all workers (0: as fast as answers come). With a rate, each
+    /// call waits for its turn from a token bucket filled every millisecond; latency is counted
+    /// from the call's start.
+    #[arg(long, default_value_t = 0, value_name = "CALLS")]
+    rate: u64,
     /// Forwarder mode: HTTP/2 connections the workers share (worker w uses connection w % N).
     #[arg(long, default_value_t = 1, value_name = "N")]
     grpc_connections: usize,
@@ -356,6 +361,26 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
     });
     let args = Arc::new(args);
     let started = Instant::now();
+    // Open-loop pacing: a bucket of call tokens refilled every millisecond.
+    let tokens = (args.rate > 0).then(|| Arc::new(tokio::sync::Semaphore::new(0)));
+    if let Some(tokens) = tokens.clone() {
+        let (rate, shared) = (args.rate, shared.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            let mut owed = 0.0f64;
+            while !shared.stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                owed += rate as f64 / 1000.0;
+                let whole = owed.floor();
+                owed -= whole;
+                // Bounded: a backlog larger than one second of calls is not kept.
+                if tokens.available_permits() < rate as usize {
+                    tokens.add_permits(whole as usize);
+                }
+            }
+            tokens.close();
+        });
+    }
     // Extra HTTP/2 connections for the gRPC modes (each `connect` opens its own).
     let mut targets = vec![target.clone()];
     if let Target::Grpc(_) = &target {
@@ -376,9 +401,16 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
         .map(|w| {
             let (shared, args, value) = (shared.clone(), args.clone(), value.clone());
             let mut target = targets[w % targets.len()].clone();
+            let tokens = tokens.clone();
             tokio::spawn(async move {
                 let mut n = w as u64;
                 while !shared.stop.load(Ordering::Relaxed) {
+                    if let Some(tokens) = &tokens {
+                        match tokens.acquire().await {
+                            Ok(t) => t.forget(),
+                            Err(_) => break,
+                        }
+                    }
                     let partition = (n % args.partitions as u64) as i32;
                     n += args.concurrency as u64;
                     shared.in_flight.fetch_add(1, Ordering::Relaxed);
