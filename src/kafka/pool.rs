@@ -33,14 +33,6 @@ pub struct Slot {
 }
 
 impl Slot {
-    /// The slot's connection if it is open and healthy.
-    pub fn connection(&self) -> Option<Arc<Connection>> {
-        let cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        cur.as_ref()
-            .filter(|(c, _)| c.poisoned().is_none())
-            .map(|(c, _)| c.clone())
-    }
-
     /// The slot's current connection (in any state) and its address.
     pub fn current(&self) -> Option<(Arc<Connection>, String)> {
         self.current
