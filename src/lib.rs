@@ -5,15 +5,18 @@
 //!
 //! The modules follow the data path:
 //!
-//! * [`grpc`] — thin tonic handlers and the one error → `Status` mapping.
+//! * [`grpc`] — thin tonic handlers, the one error → `Status` mapping, and the tower layers in
+//!   front of the Forwarder (shedding, concurrency limit, deadline).
 //! * [`forward`] — the core: validate a request, route each partition to its leader, send,
-//!   retry within the caller's deadline, assemble the results.
+//!   retry within the caller's deadline (with the ordering mode's gates), assemble the results.
 //! * [`kafka`] — the Kafka-wire side, with no gRPC types: framing, the pipelined
-//!   [`kafka::connection::Connection`], version negotiation, the connection pool and the leader map.
+//!   [`kafka::connection::Connection`], version negotiation, the shape guard run before decoding,
+//!   the connection pool and the leader map.
 //!
-//! Side rooms: [`config`] (flags, environment, TOML), [`server`] (builds and runs the gRPC
-//! server with health and reflection), [`dev`] (librdkafka's mock cluster as an embedded dev
-//! cluster), [`proto`] (generated types).
+//! Side rooms: [`config`] (flags, environment, TOML), [`server`] (builds and runs both gRPC
+//! servers with health and reflection, and drains them), [`admin`] (the operator's service),
+//! [`stats`] (counters), [`dev`] (librdkafka's mock cluster as an embedded dev cluster),
+//! [`proto`] (generated types). The benchmark is `src/bin/leaderlink-bench.rs`.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]

@@ -1,5 +1,5 @@
-//! The Kafka-wire side: framing, the pipelined connection, version negotiation, the connection
-//! pool and the leader map. Nothing in here knows about gRPC.
+//! The Kafka-wire side: framing, the pipelined connection, version negotiation, the shape guard
+//! run before decoding, the connection pool and the leader map. Nothing in here knows about gRPC.
 
 pub mod connection;
 pub mod error;
