@@ -42,12 +42,17 @@ impl<'a> Walk<'a> {
         Ok(i32::from_be_bytes([s[0], s[1], s[2], s[3]]))
     }
 
+    /// An unsigned varint. kafka-protocol reads these as u32 (dropping higher bits), so a
+    /// value that does not fit is refused: the two readings must never disagree.
     fn uvarint(&mut self) -> Result<u64, Refusal> {
         let mut v = 0u64;
         for shift in (0..35).step_by(7) {
             let byte = self.take(1)?[0];
             v |= u64::from(byte & 0x7f) << shift;
             if byte & 0x80 == 0 {
+                if v > u64::from(u32::MAX) {
+                    return Err(format!("varint {v} does not fit 32 bits"));
+                }
                 return Ok(v);
             }
         }
@@ -99,11 +104,14 @@ impl<'a> Walk<'a> {
         Ok(())
     }
 
-    /// Tagged fields (flexible versions only); `known` walks the data of tags that hold
-    /// arrays kafka-protocol decodes.
+    /// Tagged fields (flexible versions only). `known` walks the value of every tag that
+    /// kafka-protocol decodes into a field (it reads those values in place, ignoring the
+    /// declared size) and returns `Ok(true)` for them; such a value must fill its declared size
+    /// exactly, or the two readings would part ways. Other tags are skipped by size, as
+    /// kafka-protocol does.
     fn tags(
         &mut self,
-        mut known: impl FnMut(u64, &mut Walk<'a>) -> Result<(), Refusal>,
+        mut known: impl FnMut(u64, &mut Walk<'a>) -> Result<bool, Refusal>,
     ) -> Result<(), Refusal> {
         if !self.flexible {
             return Ok(());
@@ -122,13 +130,18 @@ impl<'a> Walk<'a> {
                 b: self.take(size)?,
                 flexible: true,
             };
-            known(tag, &mut inner)?;
+            if known(tag, &mut inner)? && !inner.b.is_empty() {
+                return Err(format!(
+                    "tagged field {tag} declares {size} bytes, its value leaves {} over",
+                    inner.b.len()
+                ));
+            }
         }
         Ok(())
     }
 
     fn no_known_tags(&mut self) -> Result<(), Refusal> {
-        self.tags(|_, _| Ok(()))
+        self.tags(|_, _| Ok(false))
     }
 }
 
@@ -165,7 +178,15 @@ fn produce(v: i16, body: &[u8]) -> Result<(), Refusal> {
                 })?;
                 w.string()?; // error message
             }
-            w.no_known_tags() // current_leader (tag 0) is fixed-size
+            w.tags(|tag, inner| {
+                if tag == 0 && v >= 10 {
+                    // current_leader: leader id, leader epoch, its own tagged fields.
+                    inner.fixed(8)?;
+                    inner.no_known_tags()?;
+                    return Ok(true);
+                }
+                Ok(false)
+            })
         })?;
         w.no_known_tags()
     })?;
@@ -173,7 +194,7 @@ fn produce(v: i16, body: &[u8]) -> Result<(), Refusal> {
         w.fixed(4)?; // throttle time
     }
     w.tags(|tag, inner| {
-        if tag == 0 {
+        if tag == 0 && v >= 10 {
             // node_endpoints
             inner.array(4, |w| {
                 w.fixed(4)?;
@@ -182,8 +203,9 @@ fn produce(v: i16, body: &[u8]) -> Result<(), Refusal> {
                 w.string()?;
                 w.no_known_tags()
             })?;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     })
 }
 
@@ -255,16 +277,20 @@ fn api_versions(v: i16, body: &[u8]) -> Result<(), Refusal> {
     if v >= 1 {
         w.fixed(4)?; // throttle time
     }
-    w.tags(|tag, inner| {
-        if tag == 0 || tag == 2 {
-            // supported_features / finalized_features
+    w.tags(|tag, inner| match tag {
+        // supported_features / finalized_features
+        0 | 2 => {
             inner.array(5, |w| {
                 w.string()?;
                 w.fixed(4)?;
                 w.no_known_tags()
             })?;
+            Ok(true)
         }
-        Ok(())
+        // finalized_features_epoch (int64), zk_migration_ready (bool)
+        1 => inner.fixed(8).map(|()| true),
+        3 => inner.fixed(1).map(|()| true),
+        _ => Ok(false),
     })
 }
 
@@ -393,6 +419,26 @@ mod tests {
         tagged.pop(); // top-level tag count 0
         tagged.extend_from_slice(&[1, 0, 5, 0xff, 0xff, 0xff, 0xff, 0x0f]);
         assert!(check(ApiKey::Produce, 10, &tagged).is_err());
+        // A tag number beyond 32 bits (kafka-protocol would read tag 0).
+        let body = [
+            0, 0, 1, 0, 0, 0, 0, 1, 0x80, 0x80, 0x80, 0x80, 0x10, 5, 0xff, 0xff, 0xff, 0xff, 0x0f,
+        ];
+        assert!(
+            check(ApiKey::ApiVersions, 3, &body)
+                .unwrap_err()
+                .contains("32 bits")
+        );
+        // A known tag whose value is shorter than its declared size: the rest would be read by
+        // kafka-protocol as more fields.
+        // (Built without node_endpoints, so the body ends in a top-level tag count of 0.)
+        let mut short = enc(&produce_resp(9), 10);
+        assert_eq!(short.pop(), Some(0));
+        short.extend_from_slice(&[2, 0, 8, 1, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x0f, 5, 0]);
+        assert!(
+            check(ApiKey::Produce, 10, &short)
+                .unwrap_err()
+                .contains("declares")
+        );
         // Metadata replica list claiming a million brokers.
         let mut m = enc(
             &MetadataResponse::default().with_topics(vec![
