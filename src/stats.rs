@@ -32,6 +32,24 @@ pub struct Stats {
     pub sheds: AtomicU64,
 }
 
+/// Counts one unit in a gauge for as long as it lives, however its holder ends (return, error
+/// or cancellation).
+pub struct GaugeGuard<'a>(&'a AtomicU64);
+
+impl<'a> GaugeGuard<'a> {
+    /// Adds one to `gauge`; returns the guard and the gauge's new value.
+    pub fn enter(gauge: &'a AtomicU64) -> (Self, u64) {
+        let now = gauge.fetch_add(1, Ordering::Relaxed) + 1;
+        (Self(gauge), now)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl Stats {
     /// Counts one answered call or stream request by its gRPC code.
     pub fn record(&self, code: Code) {

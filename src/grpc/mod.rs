@@ -5,10 +5,7 @@ pub mod layers;
 use std::{
     collections::HashMap,
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -25,6 +22,7 @@ use crate::{
     forward::{ForwardError, Forwarder},
     kafka::error::chain,
     proto::v1::{ForwardRequest, ForwardResponse, forwarder_server},
+    stats::GaugeGuard,
 };
 
 /// Turns a forwarding error into the gRPC status the caller sees. Every error path of the
@@ -107,22 +105,6 @@ fn shutdown_status() -> Status {
     )
 }
 
-/// Keeps `calls_in_progress` right however a call ends (including cancellation).
-struct InProgress<'a>(&'a AtomicU64);
-
-impl<'a> InProgress<'a> {
-    fn enter(c: &'a AtomicU64) -> Self {
-        c.fetch_add(1, Ordering::Relaxed);
-        Self(c)
-    }
-}
-
-impl Drop for InProgress<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 impl ForwarderService {
     /// A service over `forwarder`. `default_timeout` is the deadline of unary calls that carry
     /// none (and of each request of a stream); `max_stream_in_flight` bounds the requests one
@@ -171,7 +153,7 @@ impl forwarder_server::Forwarder for ForwarderService {
             .deadline(&request)
             .unwrap_or_else(|| Instant::now() + self.default_timeout);
         let stats = self.forwarder.stats().clone();
-        let _in_progress = InProgress::enter(&stats.calls_in_progress);
+        let _in_progress = GaugeGuard::enter(&stats.calls_in_progress);
         let result = tokio::select! {
             r = self.forwarder.forward(request.into_inner(), deadline, None) => {
                 r.map(Response::new).map_err(|e| status(&e))
@@ -251,7 +233,7 @@ impl forwarder_server::Forwarder for ForwarderService {
                              (max_concurrent_calls); retry later",
                         )),
                         Ok(_call) => {
-                            let _in_progress = InProgress::enter(&stats.calls_in_progress);
+                            let _in_progress = GaugeGuard::enter(&stats.calls_in_progress);
                             tokio::select! {
                                 r = forwarder.forward(req, deadline, Some(enq_tx)) => {
                                     r.map_err(|e| status(&e))

@@ -36,6 +36,8 @@ use tokio::{
 };
 use tracing::{Instrument, Span, debug, warn};
 
+use crate::stats::GaugeGuard;
+
 use super::{
     error::{ConnError, RequestError},
     frame::{FrameDecoder, correlation_id, encode_request_head},
@@ -248,9 +250,9 @@ impl Admission {
             body.len(),
         )
         .map_err(not_sent)?;
-        let Some(to_writer) = st.to_writer.clone() else {
+        if st.to_writer.is_none() {
             return Err(not_sent(ConnError::Shutdown));
-        };
+        }
         // Correlation ids are i32 and wrap (DESIGN.md §3.7); in-flight requests are bounded far
         // below 2^32, so ids stay unique among them.
         st.next_correlation_id = correlation_id.wrapping_add(1);
@@ -284,15 +286,17 @@ impl Admission {
                 Some(tx),
             )
         };
-        if to_writer
-            .send(Outgoing {
-                seq,
-                head,
-                body,
-                written,
-                _hold: out_hold,
-            })
-            .is_err()
+        let outgoing = Outgoing {
+            seq,
+            head,
+            body,
+            written,
+            _hold: out_hold,
+        };
+        if st
+            .to_writer
+            .as_ref()
+            .is_none_or(|w| w.send(outgoing).is_err())
         {
             return Err(not_sent(ConnError::Shutdown));
         }
@@ -351,13 +355,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave the state half-updated in a way that matters
     // more than losing the connection, so poisoning of the std mutex is ignored.
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-struct DecOnDrop<'a>(&'a AtomicU64);
-impl Drop for DecOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 impl Connection {
@@ -483,8 +480,7 @@ impl Connection {
                 actual: size,
             });
         }
-        let queued = shared.stats.queued.fetch_add(1, Ordering::Relaxed) + 1;
-        let dec_queued = DecOnDrop(&shared.stats.queued);
+        let (dec_queued, queued) = GaugeGuard::enter(&shared.stats.queued);
         if queued > shared.max_queued as u64 {
             drop(dec_queued);
             return refuse(ConnError::QueueFull {
