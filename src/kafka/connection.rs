@@ -88,7 +88,7 @@ pub struct ConnStats {
     pub peak_in_flight: AtomicU64,
     /// Requests waiting for an in-flight permit now.
     pub queued: AtomicU64,
-    /// Frames written to the socket.
+    /// Frames handed to the socket (counted as the write starts; a failed write poisons).
     pub sent: AtomicU64,
     /// Answers delivered to their caller.
     pub completed: AtomicU64,
@@ -804,6 +804,14 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 st.withdrawn.retain(|seq| !in_batch.contains(seq));
                 batch.retain(|o| !in_batch.contains(&o.seq));
             }
+            // Counted before the write, not after: an answer can reach its caller before this
+            // task runs again, and a caller that reads `sent` after its answer must see its
+            // request counted. A write that then fails poisons the connection, and those
+            // requests are reported as maybe written, so counting them as sent is accurate.
+            shared
+                .stats
+                .sent
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
         }
         let mut result = Ok(());
         for o in &batch {
@@ -823,10 +831,6 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             shared.poison(ConnError::io(e));
             return;
         }
-        shared
-            .stats
-            .sent
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         for o in batch.drain(..) {
             if let Some(tx) = o.written {
                 let _ = tx.send(());
