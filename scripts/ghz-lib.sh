@@ -17,7 +17,7 @@ ghz_run() {
     local port admin
     port="$(free_port)"
     admin="$(free_port)"
-    target/release/leaderlink serve --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" "$@" \
+    target/release/leaderlink serve --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" --metrics-listen 127.0.0.1:0 "$@" \
         >"/tmp/leaderlink-$label.log" 2>&1 &
     local pid=$!
     sleep 2

@@ -3,7 +3,7 @@
 use std::{sync::Arc, time::Duration};
 
 use tokio::time::Instant;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use crate::{
     config::Config,
@@ -200,12 +200,12 @@ impl admin_server::Admin for AdminService {
         let s = self.forwarder.stats();
         let get = Stats::get;
         Ok(Response::new(GetStatsResponse {
-            calls_ok: get(&s.calls_ok),
-            calls_invalid_argument: get(&s.calls_invalid_argument),
-            calls_deadline_exceeded: get(&s.calls_deadline_exceeded),
-            calls_unavailable: get(&s.calls_unavailable),
-            calls_resource_exhausted: get(&s.calls_resource_exhausted),
-            calls_internal: get(&s.calls_internal),
+            calls_ok: s.calls_with_code(Code::Ok),
+            calls_invalid_argument: s.calls_with_code(Code::InvalidArgument),
+            calls_deadline_exceeded: s.calls_with_code(Code::DeadlineExceeded),
+            calls_unavailable: s.calls_with_code(Code::Unavailable),
+            calls_resource_exhausted: s.calls_with_code(Code::ResourceExhausted),
+            calls_internal: s.calls_with_code(Code::Internal),
             records_forwarded: get(&s.records_forwarded),
             bytes_forwarded: get(&s.bytes_forwarded),
             retries: get(&s.retries),

@@ -82,8 +82,33 @@ pub struct Config {
     /// On SIGTERM/SIGINT, how long in-flight calls may take to finish. Calls still running when
     /// it expires get UNAVAILABLE and a warning is logged.
     pub shutdown_grace_ms: u64,
+    /// Address of the Prometheus endpoint (`GET /metrics`, text exposition format).
+    pub metrics_listen: SocketAddr,
+    /// OTLP/gRPC collector (e.g. `http://127.0.0.1:4317`) that spans are exported to. Unset:
+    /// the standard `OTEL_EXPORTER_OTLP_ENDPOINT` is used if set; otherwise no spans leave the
+    /// process.
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces (those whose caller sent no sampled `traceparent`) that are
+    /// recorded, 0.0..=1.0. A caller's sampling decision is always followed (parent-based).
+    pub trace_sample_ratio: f64,
+    /// Add a `traceparent` header to each record leaderlink encodes (from `records`), so
+    /// consumers can continue the caller's trace. Raw `record_batch` bytes are never altered.
+    pub trace_record_header: bool,
+    /// `"text"` (default, for people) or `"json"` (one object per line, for log pipelines).
+    pub log_format: LogFormat,
     /// The embedded dev cluster, used when `bootstrap` is empty.
     pub dev: DevConfig,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The embedded dev cluster (librdkafka's mock brokers, in memory).
@@ -133,6 +158,11 @@ impl Default for Config {
             max_queued_per_connection: 4096,
             max_in_flight_bytes_per_connection: 64 * 1024 * 1024,
             shutdown_grace_ms: 20_000,
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            otlp_endpoint: None,
+            trace_sample_ratio: 1.0,
+            trace_record_header: true,
+            log_format: LogFormat::Text,
             dev: DevConfig::default(),
         }
     }
@@ -228,6 +258,11 @@ fn overlay_env(
                     .parse()
                     .map_err(|_| bad(format!("{raw:?} is not a whole number")))?,
             ),
+            toml::Value::Float(_) => toml::Value::Float(
+                raw.trim()
+                    .parse()
+                    .map_err(|_| bad(format!("{raw:?} is not a number")))?,
+            ),
             toml::Value::Boolean(_) => toml::Value::Boolean(
                 raw.trim()
                     .parse()
@@ -248,7 +283,7 @@ fn overlay_env(
 }
 
 /// Keys of `Option<String>` fields.
-const OPTIONAL_STRING_KEYS: &[&str] = &["admin_token"];
+const OPTIONAL_STRING_KEYS: &[&str] = &["admin_token", "otlp_endpoint"];
 
 /// Keys whose values are secrets: never printed.
 const SECRET_KEYS: &[&str] = &["admin_token"];
@@ -378,6 +413,26 @@ impl Config {
         if self.admin_listen == self.listen {
             return Err(bad("admin_listen", "must differ from listen"));
         }
+        if self.metrics_listen == self.listen || self.metrics_listen == self.admin_listen {
+            return Err(bad(
+                "metrics_listen",
+                "must differ from listen and admin_listen",
+            ));
+        }
+        if let Some(e) = &self.otlp_endpoint {
+            let ok = e.parse::<http::Uri>().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()
+            });
+            if !ok {
+                return Err(bad(
+                    "otlp_endpoint",
+                    format!("{e:?} is not an http:// or https:// URL"),
+                ));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
+            return Err(bad("trace_sample_ratio", "must be 0.0..=1.0"));
+        }
         if !(1..=16).contains(&self.dev.brokers) {
             return Err(bad("dev.brokers", "must be 1..=16"));
         }
@@ -411,6 +466,7 @@ impl Config {
             retry_backoff: Duration::from_millis(self.retry_backoff_ms),
             retry_backoff_max: Duration::from_millis(self.retry_backoff_max_ms),
             connections_per_leader: self.connections_per_leader,
+            trace_record_header: self.trace_record_header,
         }
     }
 }
@@ -457,6 +513,15 @@ pub struct ServeArgs {
     /// Largest accepted ForwardRequest in bytes [default: 8388608].
     #[arg(long, env = "LEADERLINK_MAX_REQUEST_BYTES", value_name = "BYTES")]
     pub max_request_bytes: Option<usize>,
+    /// Address of the Prometheus /metrics endpoint [default: 127.0.0.1:9464].
+    #[arg(long, env = "LEADERLINK_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// OTLP/gRPC endpoint to export spans to (also read from OTEL_EXPORTER_OTLP_ENDPOINT).
+    #[arg(long, env = "LEADERLINK_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+    /// Log line format [default: text].
+    #[arg(long, env = "LEADERLINK_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
     /// Dev cluster: topics to create at start, as NAME:PARTITIONS,...
     #[arg(
         long,
@@ -516,6 +581,19 @@ impl ServeArgs {
         }
         if let Some(v) = self.max_request_bytes {
             cfg.max_request_bytes = v;
+        }
+        if let Some(v) = self.metrics_listen {
+            cfg.metrics_listen = v;
+        }
+        if let Some(v) = &self.otlp_endpoint {
+            cfg.otlp_endpoint = Some(v.clone());
+        }
+        // The standard OpenTelemetry variable, when leaderlink's own settings name none.
+        if cfg.otlp_endpoint.is_none() {
+            cfg.otlp_endpoint = env("OTEL_EXPORTER_OTLP_ENDPOINT").filter(|e| !e.trim().is_empty());
+        }
+        if let Some(v) = self.log_format {
+            cfg.log_format = v;
         }
         if let Some(v) = &self.dev_topics {
             cfg.dev.topics = v.clone();

@@ -15,7 +15,8 @@
 //!
 //! Side rooms: [`config`] (flags, environment, TOML), [`server`] (builds and runs both gRPC
 //! servers with health and reflection, and drains them), [`admin`] (the operator's service),
-//! [`stats`] (counters), [`dev`] (librdkafka's mock cluster as an embedded dev cluster),
+//! [`stats`] (counters), [`metrics`] (`/metrics` for Prometheus, read from those counters),
+//! [`telemetry`] (log lines and OTLP span export), [`dev`] (librdkafka's mock cluster as an embedded dev cluster),
 //! [`proto`] (generated types). The benchmark is `src/bin/leaderlink-bench.rs`.
 
 #![forbid(unsafe_code)]
@@ -28,6 +29,8 @@ pub mod dev;
 pub mod forward;
 pub mod grpc;
 pub mod kafka;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod stats;
+pub mod telemetry;

@@ -7,7 +7,7 @@ use leaderlink::{
     config::{Config, ServeArgs, parse_dev_topic},
     dev::DevCluster,
     kafka::error::chain,
-    server,
+    server, telemetry,
 };
 use tracing::{error, info, warn};
 
@@ -55,13 +55,6 @@ fn main() -> ExitCode {
             };
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     match cli.command {
         Command::Config(ConfigCommand::Check { file }) => {
             let checked = Config::from_sources(Some(&file), &|v| std::env::var(v).ok())
@@ -90,7 +83,40 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(mut cfg: Config) -> ExitCode {
+fn serve(cfg: Config) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("leaderlink: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The span exporter's gRPC client lives on this runtime.
+    let telemetry = {
+        let _rt = runtime.enter();
+        telemetry::init(
+            cfg.log_format,
+            cfg.otlp_endpoint.as_deref(),
+            cfg.trace_sample_ratio,
+        )
+    };
+    let telemetry = match telemetry {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("leaderlink: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(endpoint) = &cfg.otlp_endpoint {
+        info!(%endpoint, sample_ratio = cfg.trace_sample_ratio, "exporting spans over OTLP");
+    }
+    let code = serve_on(&runtime, cfg);
+    // Flush queued spans while the runtime still drives the exporter.
+    telemetry.shutdown();
+    code
+}
+
+fn serve_on(runtime: &tokio::runtime::Runtime, mut cfg: Config) -> ExitCode {
     // The dev cluster must outlive the server; it is dropped at the end of this function.
     let _dev = if cfg.bootstrap.is_empty() {
         match start_dev(&cfg) {
@@ -105,13 +131,6 @@ fn serve(mut cfg: Config) -> ExitCode {
         }
     } else {
         None
-    };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            error!(cause = %e, "cannot start the async runtime");
-            return ExitCode::FAILURE;
-        }
     };
     runtime.block_on(async {
         let bind = |addr| async move {

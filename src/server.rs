@@ -41,6 +41,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// Where the Admin service listens.
     pub admin_addr: SocketAddr,
+    /// Where `/metrics` is served.
+    pub metrics_addr: SocketAddr,
     /// The forwarding core (for inspection).
     pub forwarder: Forwarder,
     reporter: HealthReporter,
@@ -48,6 +50,7 @@ pub struct Running {
     abort: watch::Sender<bool>,
     task: ServerTask,
     admin_task: ServerTask,
+    metrics_task: JoinHandle<std::io::Result<()>>,
     watcher: JoinHandle<()>,
 }
 
@@ -105,6 +108,8 @@ impl Running {
         {
             self.admin_task.abort();
         }
+        // Scrapes during the drain still see the final counts; the endpoint goes last.
+        self.metrics_task.abort();
         outcome
     }
 }
@@ -114,6 +119,7 @@ impl Drop for Running {
         self.watcher.abort();
         self.task.abort();
         self.admin_task.abort();
+        self.metrics_task.abort();
     }
 }
 
@@ -167,7 +173,7 @@ fn reflection(extra: &'static [u8]) -> tonic_reflection::server::Builder<'static
 }
 
 /// Starts both servers in the background: the Forwarder on `listener`, the Admin service on
-/// `admin_listener`.
+/// `admin_listener`; and `/metrics` on `cfg.metrics_listen`.
 pub async fn start(
     cfg: &Config,
     listener: TcpListener,
@@ -176,6 +182,15 @@ pub async fn start(
     let cfg = Arc::new(cfg.clone());
     let addr = listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
+    let metrics_listener = crate::metrics::bind(cfg.metrics_listen)
+        .await
+        .map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("metrics_listen {}: {e}", cfg.metrics_listen),
+            )
+        })?;
+    let metrics_addr = metrics_listener.local_addr()?;
     let forwarder = Forwarder::new(
         cfg.forward(),
         cfg.connection(),
@@ -257,15 +272,24 @@ pub async fn start(
             })
             .instrument(info_span!("admin", addr = %admin_addr)),
     );
+    let metrics_task = tokio::spawn(
+        crate::metrics::serve(
+            metrics_listener,
+            crate::metrics::registry(forwarder.clone()),
+        )
+        .instrument(info_span!("metrics", addr = %metrics_addr)),
+    );
     Ok(Running {
         addr,
         admin_addr,
+        metrics_addr,
         forwarder,
         reporter,
         stop: Some((stop_tx, stop_admin_tx)),
         abort: abort_tx,
         task,
         admin_task,
+        metrics_task,
         watcher,
     })
 }
@@ -278,7 +302,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<Drained> {
     let running = start(cfg, listener, admin_listener).await?;
-    info!(addr = %running.addr, admin = %running.admin_addr, "leaderlink serving");
+    info!(
+        addr = %running.addr,
+        admin = %running.admin_addr,
+        metrics = %running.metrics_addr,
+        "leaderlink serving"
+    );
     shutdown.await;
     info!(
         grace_ms = cfg.shutdown_grace_ms,

@@ -46,6 +46,8 @@ async fn spawn(extra: &[&str]) -> Server {
             &addr,
             "--admin-listen",
             &admin,
+            "--metrics-listen",
+            "127.0.0.1:0",
             "--dev-topics",
             "d:1",
         ])

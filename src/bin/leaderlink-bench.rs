@@ -17,11 +17,12 @@ use bytes::Bytes;
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use leaderlink::{
-    config::Config,
+    config::{Config, LogFormat},
     dev::DevCluster,
     forward::Forwarder,
     proto::v1::{Acks, ForwardRequest, PartitionData, Record, forwarder_client::ForwarderClient},
     server::{self, Running},
+    telemetry,
 };
 use rdkafka::{
     ClientConfig,
@@ -105,6 +106,10 @@ struct Args {
     /// Print one JSON object with the results on stdout.
     #[arg(long)]
     json: bool,
+    /// forwarder mode, in-process server: export its spans (every call sampled) to this OTLP/gRPC
+    /// collector, to measure what tracing costs.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -202,7 +207,7 @@ async fn call(
                         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
                 }
                 Target::Direct(f) => f
-                    .forward(req, Instant::now() + deadline, None)
+                    .forward(req, Instant::now() + deadline, None, None)
                     .await
                     .map_err(|e| e.to_string())?,
                 Target::Rdkafka(_) => unreachable!(),
@@ -291,12 +296,20 @@ fn main() {
         .clone()
         .or_else(|| dev.as_ref().map(|d| d.bootstrap().to_string()))
         .unwrap_or_default();
+    let telemetry = args.otlp_endpoint.as_deref().map(|endpoint| {
+        let _rt = runtime.enter();
+        telemetry::init(LogFormat::Text, Some(endpoint), 1.0).expect("span export set up")
+    });
     runtime.block_on(run(args, bootstrap, dev));
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
 }
 
 async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
     let mut cfg = Config {
         bootstrap: bootstrap.split(',').map(str::to_string).collect(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
         ..Config::default()
     };
     if let Some(n) = args.max_in_flight {
@@ -509,6 +522,8 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
         },
         "leader_peak_in_flight": leader_peak_in_flight,
         "records_in_log": in_log,
+        "spans_exported": args.otlp_endpoint.as_ref().map(|_| telemetry::spans_exported()),
+        "spans_dropped": args.otlp_endpoint.as_ref().map(|_| telemetry::spans_dropped()),
     });
     eprintln!(
         "\n{:<10} {:>6} {:>4} {:>6} {:>4} {:>12} {:>12} {:>9} {:>9} {:>9} {:>7}",

@@ -17,7 +17,7 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, oneshot},
     time::Instant,
 };
-use tracing::debug;
+use tracing::{Instrument, Span, debug, field::Empty, info_span};
 
 use crate::{
     kafka::{
@@ -117,6 +117,8 @@ pub struct ForwardConfig {
     pub retry_backoff_max: Duration,
     /// Pipelined connections per leader; each partition always uses the same one.
     pub connections_per_leader: usize,
+    /// Add the call's `traceparent` as a header to each record leaderlink encodes.
+    pub trace_record_header: bool,
 }
 
 /// Kafka errors after which the leader map is refreshed before retrying (DESIGN.md §3.13):
@@ -326,16 +328,19 @@ impl Forwarder {
 
     /// Forwards one request.
     ///
-    /// `enqueued`, if given, is signalled (or dropped) once every partition's first attempt is
-    /// queued on its leader connection, so a caller can keep the wire order of consecutive
-    /// requests.
+    /// `traceparent` (W3C trace context of the call) is added as a record header to the
+    /// records leaderlink encodes, when `trace_record_header` is on. `enqueued`, if given, is
+    /// signalled (or dropped) once every partition's first attempt is queued on its leader
+    /// connection, so a caller can keep the wire order of consecutive requests.
     pub async fn forward(
         &self,
         req: ForwardRequest,
         deadline: Instant,
+        traceparent: Option<&str>,
         mut enqueued: Option<oneshot::Sender<()>>,
     ) -> Result<ForwardResponse, ForwardError> {
-        let v = validate(req, self.inner.cfg.max_request_bytes, now_ms())?;
+        let header = traceparent.filter(|_| self.inner.cfg.trace_record_header);
+        let v = validate(req, self.inner.cfg.max_request_bytes, now_ms(), header)?;
         let strict = self.inner.cfg.ordering == PartitionOrder::Strict;
         let _strict = if strict {
             self.enter_strict(&v, deadline).await?
@@ -566,7 +571,15 @@ impl Forwarder {
                                 st[i].attempts += 1;
                                 st[i].possibly_duplicated |= st[i].may_be_in_log;
                             }
-                            waits.push((conn.clone(), broker.id, chunk, f, permits));
+                            let attempt = chunk.iter().map(|&i| st[i].attempts).max();
+                            let span = leader_span(
+                                &v,
+                                &chunk,
+                                &broker,
+                                attempt.unwrap_or(1),
+                                f.correlation_id(),
+                            );
+                            waits.push((conn.clone(), broker.id, chunk, f, permits, span));
                         }
                         Err(RequestError {
                             cause: ConnError::TooLarge { limit, actual },
@@ -605,15 +618,20 @@ impl Forwarder {
             }
 
             let answers = join_all(waits.into_iter().map(
-                |(conn, broker, chunk, f, permits)| async move {
-                    let r = f.wait(deadline).await;
-                    // The answer is in: this request no longer counts as in flight.
-                    drop(permits);
-                    (conn, broker, chunk, r)
+                |(conn, broker, chunk, f, permits, span)| {
+                    async move {
+                        let r = f.wait(deadline).await;
+                        // The answer is in: this request no longer counts as in flight.
+                        drop(permits);
+                        (conn, broker, chunk, r, Span::current())
+                    }
+                    .instrument(span)
                 },
             ))
             .await;
-            for (conn, broker, chunk, r) in answers {
+            for (conn, broker, chunk, r, span) in answers {
+                // The span ends when this iteration has read the answer.
+                let _entered = span.enter();
                 let answers = match r {
                     Ok(None) => {
                         // acks=0: done once written (DESIGN.md §3.4).
@@ -641,6 +659,9 @@ impl Forwarder {
                         if maybe_sent {
                             conn.poison(cause.clone());
                         }
+                        span.record("error.type", "connection");
+                        span.record("otel.status_code", "error");
+                        span.record("otel.status_description", chain(&cause));
                         for i in chunk {
                             st[i].may_be_in_log |= maybe_sent;
                             st[i].last = Some(Failure::Conn {
@@ -669,6 +690,12 @@ impl Forwarder {
                         retry.push(i);
                         continue;
                     };
+                    if a.error_code != 0 {
+                        // A request answers for several partitions; the span shows the first
+                        // error (each partition's is in its result).
+                        span.record("leaderlink.kafka_error_code", a.error_code);
+                        span.record("error.type", error_name(a.error_code));
+                    }
                     if a.error_code == 0 {
                         self.count_forwarded(it);
                         st[i].result = Some(ok_result(
@@ -830,6 +857,55 @@ impl Forwarder {
 }
 
 /// "; answered: t-0 at offset 5, …" for the partitions that already have a result.
+/// The span of one Produce request to a leader (OpenTelemetry messaging conventions, client
+/// side): entered while the request awaits its answer, ended once the answer is read.
+fn leader_span(
+    v: &Validated,
+    chunk: &[usize],
+    broker: &Broker,
+    attempt: u32,
+    correlation_id: i32,
+) -> Span {
+    let first = &v.items[chunk[0]];
+    let one_topic = chunk.iter().all(|&i| v.items[i].topic == first.topic);
+    let records: u64 = chunk.iter().map(|&i| u64::from(v.items[i].records)).sum();
+    let span = info_span!(
+        "produce",
+        otel.name = Empty,
+        otel.kind = "client",
+        otel.status_code = Empty,
+        otel.status_description = Empty,
+        messaging.system = "kafka",
+        messaging.operation.type = "send",
+        messaging.operation.name = "produce",
+        messaging.destination.name = Empty,
+        messaging.destination.partition.id = Empty,
+        messaging.batch.message_count = records,
+        server.address = broker.host.as_str(),
+        server.port = broker.port,
+        leaderlink.leader_id = broker.id,
+        leaderlink.partitions = chunk.len(),
+        leaderlink.attempt = attempt,
+        leaderlink.acks = v.acks,
+        leaderlink.correlation_id = correlation_id,
+        leaderlink.kafka_error_code = Empty,
+        error.type = Empty,
+    );
+    if one_topic {
+        span.record("otel.name", format!("send {}", first.topic));
+        span.record("messaging.destination.name", first.topic.as_str());
+    } else {
+        span.record("otel.name", "send");
+    }
+    if chunk.len() == 1 {
+        span.record(
+            "messaging.destination.partition.id",
+            first.partition.to_string(),
+        );
+    }
+    span
+}
+
 fn answered_list(v: &Validated, st: &[ItemState]) -> String {
     let answered: Vec<String> = st
         .iter()

@@ -6,7 +6,7 @@ use prost::Message;
 use super::{ForwardError, batch};
 use crate::{
     kafka::produce::acks,
-    proto::v1::{Acks, ForwardRequest},
+    proto::v1::{Acks, ForwardRequest, Header},
 };
 
 /// Longest topic name Kafka accepts.
@@ -72,14 +72,21 @@ pub fn check_topic(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Name of the record header that carries the call's W3C trace context.
+pub const TRACEPARENT: &str = "traceparent";
+
 /// Validates `req` and turns every payload into one record batch.
 ///
 /// `max_request_bytes` bounds the encoded request; `now_ms` stamps records without a timestamp.
+/// `traceparent`, when given, is added as a header to every record in `records` that has no
+/// `traceparent` header of its own; `record_batch` bytes are never altered.
 pub fn validate(
     req: ForwardRequest,
     max_request_bytes: usize,
     now_ms: i64,
+    traceparent: Option<&str>,
 ) -> Result<Validated, ForwardError> {
+    let traceparent = traceparent.map(|t| Bytes::copy_from_slice(t.as_bytes()));
     let size = req.encoded_len();
     if size > max_request_bytes {
         return Err(invalid(
@@ -138,11 +145,20 @@ pub fn validate(
                     batch::check(&p.record_batch).map_err(|r| invalid(field("record_batch"), r))?;
                 (p.record_batch, info.records as u32, info.producer_id >= 0)
             }
-            (true, false) => (
-                batch::encode(&p.records, now_ms),
-                p.records.len() as u32,
-                false,
-            ),
+            (true, false) => {
+                let mut records = p.records;
+                if let Some(tp) = &traceparent {
+                    for r in &mut records {
+                        if !r.headers.iter().any(|h| h.key == TRACEPARENT) {
+                            r.headers.push(Header {
+                                key: TRACEPARENT.into(),
+                                value: Some(tp.clone()),
+                            });
+                        }
+                    }
+                }
+                (batch::encode(&records, now_ms), records.len() as u32, false)
+            }
         };
         items.push(Item {
             topic: p.topic,

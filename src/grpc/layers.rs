@@ -19,7 +19,7 @@ use tower::{
 use tracing::warn;
 
 use super::{answer_within, caller_timeout_headers};
-use crate::stats::Stats;
+use crate::stats::{Outcome, Stats};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -135,22 +135,21 @@ impl<S: Clone> Clone for Rescue<S> {
 }
 
 impl<S> Rescue<S> {
-    fn answer(stats: &Stats, max: usize, err: BoxError) -> http::Response<Body> {
-        let status = if err.is::<tower::load_shed::error::Overloaded>() {
-            stats
-                .sheds
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Status::resource_exhausted(format!(
+    fn answer(stats: &Stats, max: usize, err: BoxError, started: Instant) -> http::Response<Body> {
+        let (status, outcome) = if err.is::<tower::load_shed::error::Overloaded>() {
+            let s = Status::resource_exhausted(format!(
                 "leaderlink is serving its limit of {max} concurrent calls \
                  (max_concurrent_calls); retry later"
-            ))
+            ));
+            (s, Outcome::Shed)
         } else if let Some(e) = err.downcast_ref::<DeadlineElapsed>() {
-            Status::deadline_exceeded(e.to_string())
+            (Status::deadline_exceeded(e.to_string()), Outcome::Timeout)
         } else {
             warn!(error = %err, "unexpected error in the Forwarder stack");
-            Status::internal(format!("internal error: {err}"))
+            let s = Status::internal(format!("internal error: {err}"));
+            (s, Outcome::Error)
         };
-        stats.record(status.code());
+        stats.record(outcome, started.elapsed());
         status.into_http()
     }
 }
@@ -177,16 +176,17 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let started = Instant::now();
         let stats = self.stats.clone();
         let max = self.max_concurrent_calls;
         if let Some(e) = self.not_ready.take() {
-            return Box::pin(async move { Ok(Self::answer(&stats, max, e)) });
+            return Box::pin(async move { Ok(Self::answer(&stats, max, e, started)) });
         }
         let fut = self.inner.call(req);
         Box::pin(async move {
             Ok(match fut.await {
                 Ok(resp) => resp,
-                Err(e) => Self::answer(&stats, max, e.into()),
+                Err(e) => Self::answer(&stats, max, e.into(), started),
             })
         })
     }

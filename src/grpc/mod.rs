@@ -2,12 +2,7 @@
 
 pub mod layers;
 
-use std::{
-    collections::HashMap,
-    pin::Pin,
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
 
 use futures::{Stream, StreamExt};
 use tokio::{
@@ -16,13 +11,14 @@ use tokio::{
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
-use tracing::warn;
+use tracing::{Instrument, Span, field::Empty, info_span, warn};
 
 use crate::{
     forward::{ForwardError, Forwarder},
     kafka::error::chain,
     proto::v1::{ForwardRequest, ForwardResponse, forwarder_server},
-    stats::GaugeGuard,
+    stats::{GaugeGuard, Outcome},
+    telemetry,
 };
 
 /// Turns a forwarding error into the gRPC status the caller sees. Every error path of the
@@ -139,8 +135,53 @@ impl ForwarderService {
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<ForwardResponse, Status>> + Send>>;
 
-fn code_of<T>(r: &Result<T, Status>) -> Code {
-    r.as_ref().map_or_else(Status::code, |_| Code::Ok)
+/// What became of an answered call (sheds are counted where they happen).
+fn outcome_of(r: &Result<ForwardResponse, Status>) -> Outcome {
+    match r {
+        Ok(resp) if resp.partitions.iter().any(|p| p.error_code != 0) => Outcome::PartitionErrors,
+        Ok(_) => Outcome::Ok,
+        Err(s) => Outcome::of_error(s.code()),
+    }
+}
+
+/// The server span of one Forward call or ForwardStream request (OpenTelemetry RPC
+/// conventions). Its parent is the caller's `traceparent`, set by [`telemetry::adopt_caller`].
+fn call_span(method: &'static str, id: u64) -> Span {
+    info_span!(
+        "rpc",
+        otel.name = method,
+        otel.kind = "server",
+        otel.status_code = Empty,
+        otel.status_description = Empty,
+        rpc.system = "grpc",
+        rpc.service = "leaderlink.v1.Forwarder",
+        rpc.method = method.rsplit('/').next().unwrap_or(method),
+        rpc.grpc.status_code = Empty,
+        leaderlink.request_id = id,
+        leaderlink.outcome = Empty,
+    )
+}
+
+/// Records how a call ended on its span. Server spans are errors only for the codes that mean
+/// the server failed (OpenTelemetry gRPC conventions), not for the caller's mistakes.
+fn end_span(span: &Span, outcome: Outcome, r: &Result<ForwardResponse, Status>) {
+    let code = outcome.code();
+    span.record("rpc.grpc.status_code", code as i32);
+    span.record("leaderlink.outcome", outcome.name());
+    if let Err(s) = r
+        && matches!(
+            code,
+            Code::Unknown
+                | Code::DeadlineExceeded
+                | Code::Unimplemented
+                | Code::Internal
+                | Code::Unavailable
+                | Code::DataLoss
+        )
+    {
+        span.record("otel.status_code", "error");
+        span.record("otel.status_description", s.message());
+    }
 }
 
 #[tonic::async_trait]
@@ -149,19 +190,29 @@ impl forwarder_server::Forwarder for ForwarderService {
         &self,
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
+        let started = Instant::now();
         let deadline = self
             .deadline(&request)
             .unwrap_or_else(|| Instant::now() + self.default_timeout);
+        let span = call_span("leaderlink.v1.Forwarder/Forward", request.get_ref().id);
+        let traceparent = telemetry::adopt_caller(&span, request.metadata());
         let stats = self.forwarder.stats().clone();
         let _in_progress = GaugeGuard::enter(&stats.calls_in_progress);
-        let result = tokio::select! {
-            r = self.forwarder.forward(request.into_inner(), deadline, None) => {
-                r.map(Response::new).map_err(|e| status(&e))
+        let call =
+            self.forwarder
+                .forward(request.into_inner(), deadline, traceparent.as_deref(), None);
+        let result = async {
+            tokio::select! {
+                r = call => r.map_err(|e| status(&e)),
+                () = aborted(self.abort.clone()) => Err(shutdown_status()),
             }
-            () = aborted(self.abort.clone()) => Err(shutdown_status()),
-        };
-        stats.record(code_of(&result));
-        result
+        }
+        .instrument(span.clone())
+        .await;
+        let outcome = outcome_of(&result);
+        end_span(&span, outcome, &result);
+        stats.record(outcome, started.elapsed());
+        result.map(Response::new)
     }
 
     type ForwardStreamStream = ResponseStream;
@@ -172,6 +223,10 @@ impl forwarder_server::Forwarder for ForwarderService {
     ) -> Result<Response<Self::ForwardStreamStream>, Status> {
         // The stream's own deadline, if it has one, bounds every request on it.
         let stream_deadline = self.deadline(&request);
+        // Streams carry metadata only at their start: each request's span is a child of the
+        // caller's `traceparent` given then (one span per request, not one per stream, so a
+        // long stream does not build an unbounded trace).
+        let metadata = request.metadata().clone();
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
@@ -196,6 +251,9 @@ impl forwarder_server::Forwarder for ForwarderService {
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     break;
                 };
+                let started = Instant::now();
+                let span = call_span("leaderlink.v1.Forwarder/ForwardStream", req.id);
+                let traceparent = telemetry::adopt_caller(&span, &metadata);
                 let mut deadline = Instant::now() + this.default_timeout;
                 if let Some(d) = stream_deadline {
                     deadline = deadline.min(d);
@@ -222,27 +280,38 @@ impl forwarder_server::Forwarder for ForwarderService {
                 // A stream's requests count against max_concurrent_calls like unary calls; one
                 // over the budget is shed (answered in band, in its partitions' order).
                 let call = this.calls.clone().try_acquire_owned();
-                if call.is_err() {
-                    forwarder.stats().sheds.fetch_add(1, Ordering::Relaxed);
-                }
                 tokio::spawn(async move {
                     let stats = forwarder.stats().clone();
-                    let result = match call {
-                        Err(_) => Err(Status::resource_exhausted(
-                            "leaderlink is serving its limit of concurrent calls \
-                             (max_concurrent_calls); retry later",
-                        )),
+                    let (result, outcome) = match call {
+                        Err(_) => (
+                            Err(Status::resource_exhausted(
+                                "leaderlink is serving its limit of concurrent calls \
+                                 (max_concurrent_calls); retry later",
+                            )),
+                            Outcome::Shed,
+                        ),
                         Ok(_call) => {
                             let _in_progress = GaugeGuard::enter(&stats.calls_in_progress);
-                            tokio::select! {
-                                r = forwarder.forward(req, deadline, Some(enq_tx)) => {
-                                    r.map_err(|e| status(&e))
+                            let call = forwarder.forward(
+                                req,
+                                deadline,
+                                traceparent.as_deref(),
+                                Some(enq_tx),
+                            );
+                            let r = async {
+                                tokio::select! {
+                                    r = call => r.map_err(|e| status(&e)),
+                                    () = aborted(abort) => Err(shutdown_status()),
                                 }
-                                () = aborted(abort) => Err(shutdown_status()),
                             }
+                            .instrument(span.clone())
+                            .await;
+                            let outcome = outcome_of(&r);
+                            (r, outcome)
                         }
                     };
-                    stats.record(code_of(&result));
+                    end_span(&span, outcome, &result);
+                    stats.record(outcome, started.elapsed());
                     for mut prev in before {
                         let _ = prev.wait_for(|done| *done).await;
                     }

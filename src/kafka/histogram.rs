@@ -1,4 +1,5 @@
-//! A lock-free latency histogram for per-connection p50/p99.
+//! A lock-free latency histogram: per-connection p50/p99 for the admin service, and the
+//! histograms on `/metrics`.
 //!
 //! Hand-written rather than `hdrhistogram`: the reader task records every answer, and
 //! `hdrhistogram::Histogram::record` needs `&mut self`, i.e. a lock on that path. Buckets are
@@ -15,16 +16,24 @@ const SUB: usize = 1 << SUB_BITS;
 /// Covers up to 2^40 µs (about 12.7 days); larger values land in the last bucket.
 const BUCKETS: usize = (40 - SUB_BITS as usize + 1) * SUB + SUB;
 
+/// Prometheus `le` bounds are bucket upper bounds of the form 2^k - 1 µs, for k in this range
+/// (127 µs .. about 16.8 s): each is exactly the upper bound of one fine bucket, so the coarse
+/// cumulative counts are exact, not interpolated.
+const PROMETHEUS_POWERS: std::ops::RangeInclusive<u32> = 7..=24;
+
 /// Counts of durations in log-linear buckets.
 #[derive(Debug)]
 pub struct Histogram {
     buckets: Box<[AtomicU64]>,
+    /// Sum of recorded durations, in microseconds (Prometheus' `_sum`).
+    sum_micros: AtomicU64,
 }
 
 impl Default for Histogram {
     fn default() -> Self {
         Self {
             buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
         }
     }
 }
@@ -54,6 +63,44 @@ impl Histogram {
     pub fn record(&self, d: Duration) {
         let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
         self.buckets[index(micros)].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Sum of the recorded durations.
+    pub fn sum(&self) -> Duration {
+        Duration::from_micros(self.sum_micros.load(Ordering::Relaxed))
+    }
+
+    /// Adds every count and the sum of `other` into `self` (to merge per-connection
+    /// histograms into one per broker).
+    pub fn add(&self, other: &Histogram) {
+        for (a, b) in self.buckets.iter().zip(other.buckets.iter()) {
+            a.fetch_add(b.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        self.sum_micros
+            .fetch_add(other.sum_micros.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// Coarse buckets for Prometheus: `(upper bound in seconds, count in the bucket)`, not
+    /// cumulative, the last bound `+Inf`. See [`PROMETHEUS_POWERS`].
+    pub fn prometheus_buckets(&self) -> Vec<(f64, u64)> {
+        let mut out: Vec<(f64, u64)> = PROMETHEUS_POWERS
+            .map(|k| (((1u64 << k) - 1) as f64 / 1e6, 0))
+            .collect();
+        out.push((f64::INFINITY, 0));
+        let mut coarse = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            let n = b.load(Ordering::Relaxed);
+            if n == 0 {
+                continue;
+            }
+            let up = upper(i) as f64 / 1e6;
+            while coarse < out.len() - 1 && up > out[coarse].0 {
+                coarse += 1;
+            }
+            out[coarse].1 += n;
+        }
+        out
     }
 
     /// Number of recorded durations.
@@ -103,6 +150,33 @@ mod tests {
             }
         }
         assert_eq!(index(u64::MAX), BUCKETS - 1);
+    }
+
+    #[test]
+    fn prometheus_buckets_are_exact_at_their_bounds() {
+        for k in PROMETHEUS_POWERS {
+            // A power-of-two-minus-one bound is the last value of a fine bucket.
+            let b = (1u64 << k) - 1;
+            assert_eq!(upper(index(b)), b, "2^{k}-1");
+            assert_eq!(index(b + 1), index(b) + 1, "2^{k}");
+        }
+        let h = Histogram::default();
+        for micros in [0u64, 127, 128, 1_000, 1_023, 1_024, 20_000_000] {
+            h.record(Duration::from_micros(micros));
+        }
+        let b = h.prometheus_buckets();
+        assert_eq!(b[0], (0.000127, 2), "0 and 127 µs are <= 127 µs");
+        assert_eq!(b[1], (0.000255, 1), "128 µs");
+        assert_eq!(b[3].1, 2, "1000 and 1023 µs are <= 1023 µs");
+        assert_eq!(b[4].1, 1, "1024 µs");
+        assert_eq!(*b.last().unwrap(), (f64::INFINITY, 1), "20 s");
+        assert_eq!(b.iter().map(|x| x.1).sum::<u64>(), 7);
+        assert_eq!(h.sum(), Duration::from_micros(20_003_302));
+        let merged = Histogram::default();
+        merged.add(&h);
+        merged.add(&h);
+        assert_eq!(merged.count(), 14);
+        assert_eq!(merged.sum(), h.sum() * 2);
     }
 
     #[test]

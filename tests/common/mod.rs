@@ -46,11 +46,13 @@ pub async fn start(tweak: impl FnOnce(&mut Config)) -> Harness {
     }
 }
 
-/// Starts leaderlink with `cfg` on two free loopback ports.
+/// Starts leaderlink with `cfg` on free loopback ports (gRPC, admin and metrics).
 pub async fn start_server(cfg: &Config) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    server::start(cfg, listener, admin)
+    let mut cfg = cfg.clone();
+    cfg.metrics_listen = "127.0.0.1:0".parse().unwrap();
+    server::start(&cfg, listener, admin)
         .await
         .expect("server starts")
 }

@@ -1,0 +1,346 @@
+//! `/metrics` against the mock cluster: counters that say what happened, sheds and timeouts
+//! included; and the `traceparent` record header read back from the leader.
+
+mod common;
+
+use std::{net::SocketAddr, time::Duration};
+
+use bytes::Bytes;
+use common::{admin, forward, forward_one, records, request, start, topic, warm_topic};
+use leaderlink::proto::v1::{Acks, ForwardRequest, GetStatsRequest, PartitionData};
+use prometheus_parse::{Scrape, Value};
+use rdkafka::{
+    ClientConfig, Message, Offset, TopicPartitionList,
+    consumer::{BaseConsumer, Consumer},
+    message::Headers,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::Code;
+
+/// GETs `/metrics` over plain HTTP/1.1 and returns the body.
+async fn scrape_text(addr: SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: leaderlink\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    body.to_string()
+}
+
+/// Scrapes and parses; every sample belongs to a family with a `# TYPE` line.
+async fn scrape(addr: SocketAddr) -> Scrape {
+    let text = scrape_text(addr).await;
+    let typed: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let name = line.split(['{', ' ']).next().unwrap();
+        assert!(
+            typed.iter().any(|t| name.starts_with(t)),
+            "sample without a TYPE: {line}"
+        );
+        let value = line.rsplit(' ').next().unwrap();
+        assert!(
+            value.parse::<f64>().is_ok() || value == "+Inf",
+            "bad value: {line}"
+        );
+    }
+    Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text")
+}
+
+/// The value of the sample `name` whose labels include `labels`.
+fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let hits: Vec<f64> = s
+        .samples
+        .iter()
+        .filter(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match &x.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            Value::Histogram(b) => b.iter().map(|c| c.count).fold(0.0, f64::max),
+            Value::Summary(_) => f64::NAN,
+        })
+        .collect();
+    assert_eq!(hits.len(), 1, "{name}{labels:?}: {hits:?}");
+    hits[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_forwards_sheds_and_timeouts() {
+    let h = start(|cfg| cfg.max_concurrent_calls = 2).await;
+    let addr = h.server.metrics_addr;
+    let (t, _) = warm_topic(&h, "metrics", 2).await;
+    let mut c = h.client.clone();
+    const N: u64 = 7;
+    for i in 0..N {
+        let r = forward_one(&mut c, request(i, Acks::All, &t, 1, records("m", 3)))
+            .await
+            .unwrap();
+        assert_eq!(r.error_code, 0);
+    }
+    // A Kafka error is data: OK, but counted apart.
+    let r = forward_one(&mut c, request(99, Acks::All, &t, 7, records("m", 1)))
+        .await
+        .unwrap();
+    assert_ne!(r.error_code, 0);
+
+    let s = scrape(addr).await;
+    let ok = value(
+        &s,
+        "leaderlink_forward_calls_total",
+        &[("code", "OK"), ("outcome", "ok")],
+    );
+    assert_eq!(ok, (N + 1) as f64, "N forwards and the warm-up");
+    let part = value(
+        &s,
+        "leaderlink_forward_calls_total",
+        &[("code", "OK"), ("outcome", "partition_errors")],
+    );
+    assert_eq!(part, 1.0);
+    assert_eq!(
+        value(&s, "leaderlink_records_forwarded_total", &[]),
+        (3 * N + 1) as f64
+    );
+    assert_eq!(
+        value(&s, "leaderlink_forward_duration_seconds_count", &[]),
+        (N + 2) as f64
+    );
+    assert!(value(&s, "leaderlink_forwarded_bytes_total", &[]) > 0.0);
+    assert!(value(&s, "leaderlink_metadata_refreshes_total", &[]) >= 1.0);
+    // One leader took every request; its histogram counted each answer.
+    let leader_requests: f64 = s
+        .samples
+        .iter()
+        .filter(|x| x.metric == "leaderlink_leader_request_duration_seconds_count")
+        .map(|x| match x.value {
+            Value::Untyped(v) | Value::Counter(v) | Value::Gauge(v) => v,
+            _ => 0.0,
+        })
+        .sum();
+    assert!(leader_requests >= (N + 2) as f64, "{leader_requests}");
+    let connects: f64 = s
+        .samples
+        .iter()
+        .filter(|x| {
+            x.metric == "leaderlink_leader_connection_events_total"
+                && x.labels.get("event") == Some("connect")
+        })
+        .map(|x| match x.value {
+            Value::Counter(v) | Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum();
+    assert!(connects >= 1.0, "{connects}");
+    assert_eq!(value(&s, "leaderlink_sheds_total", &[]), 0.0);
+
+    // A timeout: the leader takes longer than the caller allows.
+    h.dev
+        .set_leader_latency(Duration::from_millis(600))
+        .unwrap();
+    let mut r = tonic::Request::new(request(100, Acks::All, &t, 1, records("slow", 1)));
+    r.set_timeout(Duration::from_millis(200));
+    let e = c.forward(r).await.unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+
+    // A shed: two calls hold both permits, a third is refused at once.
+    let slow = |id| {
+        let mut c = h.client.clone();
+        let t = t.clone();
+        tokio::spawn(async move {
+            forward(&mut c, request(id, Acks::All, &t, 0, records("s", 1))).await
+        })
+    };
+    let (a, b) = (slow(200), slow(201));
+    // Both are in the Forwarder before the third arrives.
+    let mut adm = admin(&h).await;
+    for _ in 0..200 {
+        let st = adm
+            .get_stats(GetStatsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if st.calls_in_progress == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let e = forward(&mut c, request(202, Acks::All, &t, 0, records("s", 1)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    a.await.unwrap().unwrap();
+    b.await.unwrap().unwrap();
+
+    let s = scrape(addr).await;
+    assert_eq!(value(&s, "leaderlink_sheds_total", &[]), 1.0);
+    let shed = value(
+        &s,
+        "leaderlink_forward_calls_total",
+        &[("code", "RESOURCE_EXHAUSTED"), ("outcome", "shed")],
+    );
+    assert_eq!(shed, 1.0);
+    let timeouts = value(
+        &s,
+        "leaderlink_forward_calls_total",
+        &[("code", "DEADLINE_EXCEEDED"), ("outcome", "timeout")],
+    );
+    assert_eq!(timeouts, 1.0);
+    assert_eq!(
+        value(
+            &s,
+            "leaderlink_forward_calls_total",
+            &[("code", "OK"), ("outcome", "ok")]
+        ),
+        (N + 3) as f64,
+        "the two slow calls succeeded"
+    );
+    assert_eq!(value(&s, "leaderlink_forward_calls_in_progress", &[]), 0.0);
+    // No topic labels: label values come from fixed sets and broker ids.
+    assert!(!scrape_text(addr).await.contains(&t));
+}
+
+/// Reads `n` messages of `topic`/`partition` from the beginning: (value, traceparent header).
+fn read_back(
+    bootstrap: &str,
+    topic: &str,
+    partition: i32,
+    n: usize,
+) -> Vec<(Vec<u8>, Option<String>)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("read-{topic}"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let started = tokio::time::Instant::now();
+    while out.len() < n {
+        assert!(started.elapsed() < Duration::from_secs(30), "read {out:?}");
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = m.unwrap();
+        let tp = m.headers().and_then(|hs| {
+            hs.iter()
+                .find(|h| h.key == "traceparent")
+                .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+        });
+        out.push((m.payload().unwrap_or_default().to_vec(), tp));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_carry_the_callers_traceparent_and_raw_batches_stay_untouched() {
+    let h = start(|_| {}).await;
+    let t = topic("trace");
+    h.dev.create_topic(&t, 2).unwrap();
+    let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let raw = leaderlink::forward::batch::encode(
+        &[leaderlink::proto::v1::Record {
+            key: None,
+            value: Some(Bytes::from_static(b"raw")),
+            headers: vec![],
+            timestamp_ms: 1,
+        }],
+        1,
+    );
+    let req = ForwardRequest {
+        id: 1,
+        acks: Acks::All as i32,
+        timeout_ms: 0,
+        partitions: vec![
+            PartitionData {
+                topic: t.clone(),
+                partition: 0,
+                record_batch: Bytes::new(),
+                records: records("traced", 2),
+            },
+            PartitionData {
+                topic: t.clone(),
+                partition: 1,
+                record_batch: raw,
+                records: vec![],
+            },
+        ],
+    };
+    let mut r = tonic::Request::new(req);
+    r.set_timeout(Duration::from_secs(10));
+    r.metadata_mut()
+        .insert("traceparent", caller.parse().unwrap());
+    let mut c = h.client.clone();
+    let resp = c.forward(r).await.unwrap().into_inner();
+    assert!(
+        resp.partitions.iter().all(|p| p.error_code == 0),
+        "{resp:?}"
+    );
+
+    let bootstrap = h.dev.bootstrap().to_string();
+    let (t2, bs) = (t.clone(), bootstrap.clone());
+    let traced = tokio::task::spawn_blocking(move || read_back(&bs, &t2, 0, 2))
+        .await
+        .unwrap();
+    for (v, tp) in &traced {
+        // Without span export, the caller's own context is passed on unchanged.
+        assert_eq!(
+            tp.as_deref(),
+            Some(caller),
+            "{}",
+            String::from_utf8_lossy(v)
+        );
+    }
+    let untouched = tokio::task::spawn_blocking(move || read_back(&bootstrap, &t, 1, 1))
+        .await
+        .unwrap();
+    assert_eq!(untouched, vec![(b"raw".to_vec(), None)]);
+
+    // Without a traceparent from the caller, and no span export, nothing is added.
+    let t3 = topic("untraced");
+    h.dev.create_topic(&t3, 1).unwrap();
+    forward_one(&mut c, request(2, Acks::All, &t3, 0, records("plain", 1)))
+        .await
+        .unwrap();
+    let bs = h.dev.bootstrap().to_string();
+    let plain = tokio::task::spawn_blocking(move || read_back(&bs, &t3, 0, 1))
+        .await
+        .unwrap();
+    assert_eq!(plain[0].1, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_record_header_can_be_turned_off() {
+    let h = start(|cfg| cfg.trace_record_header = false).await;
+    let t = topic("noheader");
+    h.dev.create_topic(&t, 1).unwrap();
+    let mut r = tonic::Request::new(request(1, Acks::All, &t, 0, records("x", 1)));
+    r.set_timeout(Duration::from_secs(10));
+    r.metadata_mut().insert(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap(),
+    );
+    let mut c = h.client.clone();
+    c.forward(r).await.unwrap();
+    let bs = h.dev.bootstrap().to_string();
+    let got = tokio::task::spawn_blocking(move || read_back(&bs, &t, 0, 1))
+        .await
+        .unwrap();
+    assert_eq!(got[0].1, None);
+}
