@@ -25,6 +25,7 @@ use crate::{
         self,
         v1::{admin_server::AdminServer, forwarder_server::ForwarderServer},
     },
+    telemetry::TASK_TARGET,
 };
 
 /// Name under which health reports the Forwarder service.
@@ -205,7 +206,7 @@ pub async fn start(
     }
     let watcher = tokio::spawn(
         watch_cluster(forwarder.clone(), reporter.clone(), cfg.clone())
-            .instrument(info_span!("cluster_watch")),
+            .instrument(info_span!(target: TASK_TARGET, "cluster_watch")),
     );
 
     let v1 = || {
@@ -253,7 +254,7 @@ pub async fn start(
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = stop_rx.await;
             })
-            .instrument(info_span!("grpc", %addr)),
+            .instrument(info_span!(target: TASK_TARGET, "grpc", %addr)),
     );
 
     let (stop_admin_tx, stop_admin_rx) = oneshot::channel::<()>();
@@ -270,14 +271,14 @@ pub async fn start(
             .serve_with_incoming_shutdown(TcpListenerStream::new(admin_listener), async {
                 let _ = stop_admin_rx.await;
             })
-            .instrument(info_span!("admin", addr = %admin_addr)),
+            .instrument(info_span!(target: TASK_TARGET, "admin", addr = %admin_addr)),
     );
     let metrics_task = tokio::spawn(
         crate::metrics::serve(
             metrics_listener,
             crate::metrics::registry(forwarder.clone()),
         )
-        .instrument(info_span!("metrics", addr = %metrics_addr)),
+        .instrument(info_span!(target: TASK_TARGET, "metrics", addr = %metrics_addr)),
     );
     Ok(Running {
         addr,

@@ -31,13 +31,18 @@ use opentelemetry_sdk::{
         SpanExporter, SpanProcessor,
     },
 };
-use tracing::Level;
+use tracing::{Level, level_filters::LevelFilter};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
     EnvFilter, Layer, filter::Targets, layer::SubscriberExt, util::SubscriberInitExt,
 };
 
 use crate::config::LogFormat;
+
+/// Target of the spans of long-lived tasks (servers, the cluster watcher, connections). They
+/// give log lines their context but are not exported: a span open for the life of the process
+/// is no trace.
+pub const TASK_TARGET: &str = "leaderlink::task";
 
 /// Most finished spans waiting for export (or being exported). Bounds the memory tracing can
 /// take while the collector is slow or down; a span that finds the queue full is dropped and
@@ -123,9 +128,18 @@ pub fn init(format: LogFormat, otlp: Option<&str>, sample_ratio: f64) -> Result<
         None => (None, None),
         Some(endpoint) => {
             let provider = tracer_provider(endpoint, sample_ratio)?;
+            // Source locations, thread names and busy/idle times are left out: they cost on
+            // every span and say nothing the span names do not.
             let layer = tracing_opentelemetry::layer()
                 .with_tracer(provider.tracer("leaderlink"))
-                .with_filter(Targets::new().with_target("leaderlink", Level::DEBUG));
+                .with_location(false)
+                .with_threads(false)
+                .with_tracked_inactivity(false)
+                .with_filter(
+                    Targets::new()
+                        .with_target("leaderlink", Level::DEBUG)
+                        .with_target(TASK_TARGET, LevelFilter::OFF),
+                );
             (Some(provider), Some(layer))
         }
     };

@@ -868,7 +868,8 @@ fn leader_span(
 ) -> Span {
     let first = &v.items[chunk[0]];
     let one_topic = chunk.iter().all(|&i| v.items[i].topic == first.topic);
-    let records: u64 = chunk.iter().map(|&i| u64::from(v.items[i].records)).sum();
+    // Integers as i64: OpenTelemetry has no unsigned attributes (u64 would export as a string).
+    let records: i64 = chunk.iter().map(|&i| i64::from(v.items[i].records)).sum();
     let span = info_span!(
         "produce",
         otel.name = Empty,
@@ -884,8 +885,8 @@ fn leader_span(
         server.address = broker.host.as_str(),
         server.port = broker.port,
         leaderlink.leader_id = broker.id,
-        leaderlink.partitions = chunk.len(),
-        leaderlink.attempt = attempt,
+        leaderlink.partitions = chunk.len() as i64,
+        leaderlink.attempt = i64::from(attempt),
         leaderlink.acks = v.acks,
         leaderlink.correlation_id = correlation_id,
         leaderlink.kafka_error_code = Empty,

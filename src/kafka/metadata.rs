@@ -16,12 +16,12 @@ use kafka_protocol::{
     protocol::StrBytes,
 };
 use tokio::time::Instant;
-use tracing::{debug, info_span};
+use tracing::{Instrument, debug, field::Empty, info_span};
 
 use super::{
     connect,
     connection::{ConnStats, Connection, ConnectionConfig},
-    error::ConnError,
+    error::{ConnError, chain},
     frame::{decode_response, encode_body},
 };
 
@@ -168,7 +168,31 @@ impl MetadataClient {
 
     /// Fetches metadata for every known topic plus `topics`, unless a refresh newer than
     /// `seen_generation` that covered `topics` completed while this call waited for its turn.
+    /// Traced as a `metadata refresh` span (a child of the call that needed it).
     pub async fn refresh(
+        &self,
+        topics: &[&str],
+        seen_generation: Option<u64>,
+        deadline: Instant,
+    ) -> Result<Arc<LeaderMap>, ConnError> {
+        let span = info_span!(
+            "metadata refresh",
+            leaderlink.topics_asked = topics.len() as i64,
+            otel.status_code = Empty,
+            otel.status_description = Empty,
+        );
+        let r = self
+            .refresh_inner(topics, seen_generation, deadline)
+            .instrument(span.clone())
+            .await;
+        if let Err(e) = &r {
+            span.record("otel.status_code", "error");
+            span.record("otel.status_description", chain(e));
+        }
+        r
+    }
+
+    async fn refresh_inner(
         &self,
         topics: &[&str],
         seen_generation: Option<u64>,
@@ -215,7 +239,13 @@ impl MetadataClient {
                         break;
                     };
                     candidates.remove(0);
-                    let span = info_span!("metadata_conn", addr = %addr);
+                    // A root span: the connection outlives the refresh that opened it.
+                    let span = info_span!(
+                        target: crate::telemetry::TASK_TARGET,
+                        parent: None,
+                        "metadata_conn",
+                        addr = %addr
+                    );
                     match connect(&addr, &self.config, self.stats.clone(), deadline, span).await {
                         Ok(c) => {
                             *conn = Some(c.clone());

@@ -139,7 +139,16 @@ impl Pool {
         {
             return Err(f.cause.clone());
         }
-        let span = info_span!("leader_conn", broker = broker.id, index, addr = %addr);
+        // A root span: the connection outlives the call that opened it (a child span would
+        // keep that call's span open as long as the connection lives).
+        let span = info_span!(
+            target: crate::telemetry::TASK_TARGET,
+            parent: None,
+            "leader_conn",
+            broker = broker.id,
+            index,
+            addr = %addr
+        );
         let conn = match connect(&addr, &self.config, slot.stats.clone(), deadline, span).await {
             Ok(c) => c,
             Err(cause) => {
