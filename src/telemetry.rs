@@ -6,6 +6,10 @@
 //!   rule (leaderlink's spans and events down to `debug`), so `RUST_LOG=warn` quiets the logs
 //!   without silencing the exported spans.
 //!
+//! The per-call spans (the server span, each leader request, each metadata refresh) are at debug
+//! level: the span layer takes them, while the log layer at its default `info` neither sees nor
+//! formats them, so a process that exports no spans pays next to nothing for them.
+//!
 //! Export never blocks forwarding: finished spans go to the SDK's batch processor, whose
 //! queue is bounded by [`SPAN_QUEUE`]; spans that find it full, and spans of a batch the
 //! collector refused or did not take in time, are dropped and counted ([`spans_dropped`]).

@@ -296,14 +296,15 @@ fn main() {
         .clone()
         .or_else(|| dev.as_ref().map(|d| d.bootstrap().to_string()))
         .unwrap_or_default();
-    let telemetry = args.otlp_endpoint.as_deref().map(|endpoint| {
+    // The same log and span layers as `leaderlink serve`, so that the cost of span export is
+    // measured against a production-like baseline.
+    let telemetry = {
         let _rt = runtime.enter();
-        telemetry::init(LogFormat::Text, Some(endpoint), 1.0).expect("span export set up")
-    });
+        telemetry::init(LogFormat::Text, args.otlp_endpoint.as_deref(), 1.0)
+            .expect("log and span layers set up")
+    };
     runtime.block_on(run(args, bootstrap, dev));
-    if let Some(t) = telemetry {
-        t.shutdown();
-    }
+    telemetry.shutdown();
 }
 
 async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {

@@ -17,7 +17,7 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, oneshot},
     time::Instant,
 };
-use tracing::{Instrument, Span, debug, field::Empty, info_span};
+use tracing::{Instrument, Span, debug, debug_span, field::Empty};
 
 use crate::{
     kafka::{
@@ -870,7 +870,7 @@ fn leader_span(
     let one_topic = chunk.iter().all(|&i| v.items[i].topic == first.topic);
     // Integers as i64: OpenTelemetry has no unsigned attributes (u64 would export as a string).
     let records: i64 = chunk.iter().map(|&i| i64::from(v.items[i].records)).sum();
-    let span = info_span!(
+    let span = debug_span!(
         "produce",
         otel.name = Empty,
         otel.kind = "client",

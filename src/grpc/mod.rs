@@ -11,14 +11,14 @@ use tokio::{
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
-use tracing::{Instrument, Span, field::Empty, info_span, warn};
+use tracing::{Instrument, Span, debug_span, field::Empty, info_span, warn};
 
 use crate::{
     forward::{ForwardError, Forwarder},
     kafka::error::chain,
     proto::v1::{ForwardRequest, ForwardResponse, forwarder_server},
     stats::{GaugeGuard, Outcome},
-    telemetry,
+    telemetry::{self, TASK_TARGET},
 };
 
 /// Turns a forwarding error into the gRPC status the caller sees. Every error path of the
@@ -147,7 +147,7 @@ fn outcome_of(r: &Result<ForwardResponse, Status>) -> Outcome {
 /// The server span of one Forward call or ForwardStream request (OpenTelemetry RPC
 /// conventions). Its parent is the caller's `traceparent`, set by [`telemetry::adopt_caller`].
 fn call_span(method: &'static str, id: u64) -> Span {
-    info_span!(
+    debug_span!(
         "rpc",
         otel.name = method,
         otel.kind = "server",
@@ -230,106 +230,109 @@ impl forwarder_server::Forwarder for ForwarderService {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
-        tokio::spawn(async move {
-            let permits = Arc::new(Semaphore::new(this.max_stream_in_flight));
-            // Completion signal of the latest request per partition, so that responses for one
-            // partition leave in arrival order.
-            let mut last: HashMap<(String, i32), watch::Receiver<bool>> = HashMap::new();
-            loop {
-                let msg = tokio::select! {
-                    m = inbound.next() => m,
-                    () = aborted(this.abort.clone()) => None,
-                };
-                let Some(msg) = msg else { break };
-                let req = match msg {
-                    Ok(r) => r,
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
-                        break;
-                    }
-                };
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    break;
-                };
-                let started = Instant::now();
-                let span = call_span("leaderlink.v1.Forwarder/ForwardStream", req.id);
-                let traceparent = telemetry::adopt_caller(&span, &metadata);
-                let mut deadline = Instant::now() + this.default_timeout;
-                if let Some(d) = stream_deadline {
-                    deadline = deadline.min(d);
-                }
-                let (done_tx, done_rx) = watch::channel(false);
-                let mut before = Vec::new();
-                for p in &req.partitions {
-                    let key = (p.topic.clone(), p.partition);
-                    if let Some(prev) = last.insert(key, done_rx.clone()) {
-                        // A partition listed twice in this request must not wait on itself.
-                        if !prev.same_channel(&done_rx) {
-                            before.push(prev);
-                        }
-                    }
-                }
-                if last.len() > 4 * this.max_stream_in_flight {
-                    last.retain(|_, rx| !*rx.borrow());
-                }
-                let (enq_tx, enq_rx) = oneshot::channel();
-                let id = req.id;
-                let forwarder = this.forwarder.clone();
-                let abort = this.abort.clone();
-                let tx = tx.clone();
-                // A stream's requests count against max_concurrent_calls like unary calls; one
-                // over the budget is shed (answered in band, in its partitions' order).
-                let call = this.calls.clone().try_acquire_owned();
-                tokio::spawn(async move {
-                    let stats = forwarder.stats().clone();
-                    let (result, outcome) = match call {
-                        Err(_) => (
-                            Err(Status::resource_exhausted(
-                                "leaderlink is serving its limit of concurrent calls \
-                                 (max_concurrent_calls); retry later",
-                            )),
-                            Outcome::Shed,
-                        ),
-                        Ok(_call) => {
-                            let _in_progress = GaugeGuard::enter(&stats.calls_in_progress);
-                            let call = forwarder.forward(
-                                req,
-                                deadline,
-                                traceparent.as_deref(),
-                                Some(enq_tx),
-                            );
-                            let r = async {
-                                tokio::select! {
-                                    r = call => r.map_err(|e| status(&e)),
-                                    () = aborted(abort) => Err(shutdown_status()),
-                                }
-                            }
-                            .instrument(span.clone())
-                            .await;
-                            let outcome = outcome_of(&r);
-                            (r, outcome)
+        tokio::spawn(
+            async move {
+                let permits = Arc::new(Semaphore::new(this.max_stream_in_flight));
+                // Completion signal of the latest request per partition, so that responses for one
+                // partition leave in arrival order.
+                let mut last: HashMap<(String, i32), watch::Receiver<bool>> = HashMap::new();
+                loop {
+                    let msg = tokio::select! {
+                        m = inbound.next() => m,
+                        () = aborted(this.abort.clone()) => None,
+                    };
+                    let Some(msg) = msg else { break };
+                    let req = match msg {
+                        Ok(r) => r,
+                        Err(status) => {
+                            let _ = tx.send(Err(status)).await;
+                            break;
                         }
                     };
-                    end_span(&span, outcome, &result);
-                    stats.record(outcome, started.elapsed());
-                    for mut prev in before {
-                        let _ = prev.wait_for(|done| *done).await;
+                    let Ok(permit) = permits.clone().acquire_owned().await else {
+                        break;
+                    };
+                    let started = Instant::now();
+                    let span = call_span("leaderlink.v1.Forwarder/ForwardStream", req.id);
+                    let traceparent = telemetry::adopt_caller(&span, &metadata);
+                    let mut deadline = Instant::now() + this.default_timeout;
+                    if let Some(d) = stream_deadline {
+                        deadline = deadline.min(d);
                     }
-                    let resp = result.unwrap_or_else(|s| ForwardResponse {
-                        id,
-                        status_code: s.code() as i32,
-                        status_message: s.message().to_string(),
-                        ..Default::default()
-                    });
-                    let _ = tx.send(Ok(resp)).await;
-                    let _ = done_tx.send(true);
-                    drop(permit);
-                });
-                // Hand this request's batches to the leader connections before reading the
-                // next one, so that requests for one partition reach the leader in order.
-                let _ = enq_rx.await;
+                    let (done_tx, done_rx) = watch::channel(false);
+                    let mut before = Vec::new();
+                    for p in &req.partitions {
+                        let key = (p.topic.clone(), p.partition);
+                        if let Some(prev) = last.insert(key, done_rx.clone()) {
+                            // A partition listed twice in this request must not wait on itself.
+                            if !prev.same_channel(&done_rx) {
+                                before.push(prev);
+                            }
+                        }
+                    }
+                    if last.len() > 4 * this.max_stream_in_flight {
+                        last.retain(|_, rx| !*rx.borrow());
+                    }
+                    let (enq_tx, enq_rx) = oneshot::channel();
+                    let id = req.id;
+                    let forwarder = this.forwarder.clone();
+                    let abort = this.abort.clone();
+                    let tx = tx.clone();
+                    // A stream's requests count against max_concurrent_calls like unary calls; one
+                    // over the budget is shed (answered in band, in its partitions' order).
+                    let call = this.calls.clone().try_acquire_owned();
+                    let task_span = span.clone();
+                    tokio::spawn(
+                        async move {
+                            let stats = forwarder.stats().clone();
+                            let (result, outcome) = match call {
+                                Err(_) => (
+                                    Err(Status::resource_exhausted(
+                                        "leaderlink is serving its limit of concurrent calls \
+                                 (max_concurrent_calls); retry later",
+                                    )),
+                                    Outcome::Shed,
+                                ),
+                                Ok(_call) => {
+                                    let _in_progress = GaugeGuard::enter(&stats.calls_in_progress);
+                                    let call = forwarder.forward(
+                                        req,
+                                        deadline,
+                                        traceparent.as_deref(),
+                                        Some(enq_tx),
+                                    );
+                                    let r = tokio::select! {
+                                        r = call => r.map_err(|e| status(&e)),
+                                        () = aborted(abort) => Err(shutdown_status()),
+                                    };
+                                    let outcome = outcome_of(&r);
+                                    (r, outcome)
+                                }
+                            };
+                            end_span(&span, outcome, &result);
+                            stats.record(outcome, started.elapsed());
+                            for mut prev in before {
+                                let _ = prev.wait_for(|done| *done).await;
+                            }
+                            let resp = result.unwrap_or_else(|s| ForwardResponse {
+                                id,
+                                status_code: s.code() as i32,
+                                status_message: s.message().to_string(),
+                                ..Default::default()
+                            });
+                            let _ = tx.send(Ok(resp)).await;
+                            let _ = done_tx.send(true);
+                            drop(permit);
+                        }
+                        .instrument(task_span),
+                    );
+                    // Hand this request's batches to the leader connections before reading the
+                    // next one, so that requests for one partition reach the leader in order.
+                    let _ = enq_rx.await;
+                }
             }
-        });
+            .instrument(info_span!(target: TASK_TARGET, "forward_stream")),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

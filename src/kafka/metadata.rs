@@ -16,7 +16,7 @@ use kafka_protocol::{
     protocol::StrBytes,
 };
 use tokio::time::Instant;
-use tracing::{Instrument, debug, field::Empty, info_span};
+use tracing::{Instrument, debug, debug_span, field::Empty, info_span};
 
 use super::{
     connect,
@@ -175,7 +175,7 @@ impl MetadataClient {
         seen_generation: Option<u64>,
         deadline: Instant,
     ) -> Result<Arc<LeaderMap>, ConnError> {
-        let span = info_span!(
+        let span = debug_span!(
             "metadata refresh",
             leaderlink.topics_asked = topics.len() as i64,
             otel.status_code = Empty,
