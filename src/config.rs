@@ -9,7 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     forward::{ForwardConfig, PartitionOrder},
-    kafka::connection::ConnectionConfig,
+    kafka::{
+        connection::ConnectionConfig,
+        security::{Sasl, SaslMechanism, Security, tls_connector},
+    },
 };
 
 /// Everything leaderlink can be configured with. Every field is a key of the TOML file and can
@@ -96,8 +99,72 @@ pub struct Config {
     pub trace_record_header: bool,
     /// `"text"` (default, for people) or `"json"` (one object per line, for log pipelines).
     pub log_format: LogFormat,
+    /// PEM certificate chain of the Forwarder listener. With `tls_key_file`, the listener speaks
+    /// TLS only; both files are re-read when they change (certificate rotation without restart).
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key for `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA certificates: when set, callers of the Forwarder listener must present a
+    /// certificate signed by one of them (mTLS). Re-read when it changes.
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Like `tls_cert_file`, for the admin listener (TLS there is configured separately).
+    pub admin_tls_cert_file: Option<PathBuf>,
+    /// Like `tls_key_file`, for the admin listener.
+    pub admin_tls_key_file: Option<PathBuf>,
+    /// Like `tls_client_ca_file`, for the admin listener.
+    pub admin_tls_client_ca_file: Option<PathBuf>,
+    /// How broker connections are secured: `PLAINTEXT` (default), `SSL`, `SASL_PLAINTEXT` or
+    /// `SASL_SSL`, as Kafka's `security.protocol`.
+    pub kafka_security_protocol: SecurityProtocol,
+    /// PEM CA certificates trusted for brokers' certificates (required with SSL and SASL_SSL;
+    /// a system bundle such as /etc/ssl/certs/ca-certificates.crt works too).
+    pub kafka_tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate chain presented to brokers (with `kafka_tls_key_file`).
+    pub kafka_tls_cert_file: Option<PathBuf>,
+    /// PEM private key for `kafka_tls_cert_file`.
+    pub kafka_tls_key_file: Option<PathBuf>,
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` (required with SASL_PLAINTEXT and SASL_SSL).
+    pub kafka_sasl_mechanism: Option<SaslMechanism>,
+    /// SASL user name.
+    pub kafka_sasl_username: Option<String>,
+    /// SASL password. Redacted in GetConfig and `config check`; prefer
+    /// `kafka_sasl_password_file` or `LEADERLINK_KAFKA_SASL_PASSWORD`.
+    pub kafka_sasl_password: Option<String>,
+    /// File holding the SASL password (trailing newline ignored), read at start.
+    pub kafka_sasl_password_file: Option<PathBuf>,
     /// The embedded dev cluster, used when `bootstrap` is empty.
     pub dev: DevConfig,
+}
+
+/// Kafka's `security.protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum SecurityProtocol {
+    /// No TLS, no SASL.
+    #[default]
+    #[serde(rename = "PLAINTEXT")]
+    Plaintext,
+    /// TLS.
+    #[serde(rename = "SSL")]
+    Ssl,
+    /// SASL without TLS.
+    #[serde(rename = "SASL_PLAINTEXT")]
+    SaslPlaintext,
+    /// SASL over TLS.
+    #[serde(rename = "SASL_SSL")]
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    fn tls(self) -> bool {
+        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
+    }
+
+    fn sasl(self) -> bool {
+        matches!(
+            self,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        )
+    }
 }
 
 /// How log lines are written to stderr.
@@ -163,6 +230,20 @@ impl Default for Config {
             trace_sample_ratio: 1.0,
             trace_record_header: true,
             log_format: LogFormat::Text,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
+            admin_tls_cert_file: None,
+            admin_tls_key_file: None,
+            admin_tls_client_ca_file: None,
+            kafka_security_protocol: SecurityProtocol::Plaintext,
+            kafka_tls_ca_file: None,
+            kafka_tls_cert_file: None,
+            kafka_tls_key_file: None,
+            kafka_sasl_mechanism: None,
+            kafka_sasl_username: None,
+            kafka_sasl_password: None,
+            kafka_sasl_password_file: None,
             dev: DevConfig::default(),
         }
     }
@@ -283,10 +364,26 @@ fn overlay_env(
 }
 
 /// Keys of `Option<String>` fields.
-const OPTIONAL_STRING_KEYS: &[&str] = &["admin_token", "otlp_endpoint"];
+const OPTIONAL_STRING_KEYS: &[&str] = &[
+    "admin_token",
+    "otlp_endpoint",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_client_ca_file",
+    "admin_tls_cert_file",
+    "admin_tls_key_file",
+    "admin_tls_client_ca_file",
+    "kafka_tls_ca_file",
+    "kafka_tls_cert_file",
+    "kafka_tls_key_file",
+    "kafka_sasl_mechanism",
+    "kafka_sasl_username",
+    "kafka_sasl_password",
+    "kafka_sasl_password_file",
+];
 
 /// Keys whose values are secrets: never printed.
-const SECRET_KEYS: &[&str] = &["admin_token"];
+const SECRET_KEYS: &[&str] = &["admin_token", "kafka_sasl_password"];
 
 impl Config {
     /// Reads a TOML file (unknown keys are errors).
@@ -433,6 +530,7 @@ impl Config {
         if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
             return Err(bad("trace_sample_ratio", "must be 0.0..=1.0"));
         }
+        self.validate_security()?;
         if !(1..=16).contains(&self.dev.brokers) {
             return Err(bad("dev.brokers", "must be 1..=16"));
         }
@@ -445,16 +543,143 @@ impl Config {
         Ok(())
     }
 
-    /// Settings of each leader connection.
-    pub fn connection(&self) -> ConnectionConfig {
-        ConnectionConfig {
+    /// Consistency of the TLS and SASL keys (files are read when serving, not here, so that a
+    /// file meant for another machine can be checked).
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        for (cert, key, ca, names) in [
+            (
+                &self.tls_cert_file,
+                &self.tls_key_file,
+                &self.tls_client_ca_file,
+                ("tls_cert_file", "tls_key_file", "tls_client_ca_file"),
+            ),
+            (
+                &self.admin_tls_cert_file,
+                &self.admin_tls_key_file,
+                &self.admin_tls_client_ca_file,
+                (
+                    "admin_tls_cert_file",
+                    "admin_tls_key_file",
+                    "admin_tls_client_ca_file",
+                ),
+            ),
+        ] {
+            if cert.is_some() != key.is_some() {
+                return Err(bad(
+                    names.0,
+                    format!("{} and {} go together", names.0, names.1),
+                ));
+            }
+            if ca.is_some() && cert.is_none() {
+                return Err(bad(names.2, format!("needs {} and {}", names.0, names.1)));
+            }
+        }
+        let p = self.kafka_security_protocol;
+        if p.tls() && self.kafka_tls_ca_file.is_none() {
+            return Err(bad(
+                "kafka_tls_ca_file",
+                "required when kafka_security_protocol is SSL or SASL_SSL",
+            ));
+        }
+        if !p.tls()
+            && (self.kafka_tls_ca_file.is_some()
+                || self.kafka_tls_cert_file.is_some()
+                || self.kafka_tls_key_file.is_some())
+        {
+            return Err(bad(
+                "kafka_security_protocol",
+                "kafka_tls_* files are set but the protocol has no TLS; use SSL or SASL_SSL",
+            ));
+        }
+        if self.kafka_tls_cert_file.is_some() != self.kafka_tls_key_file.is_some() {
+            return Err(bad(
+                "kafka_tls_cert_file",
+                "kafka_tls_cert_file and kafka_tls_key_file go together",
+            ));
+        }
+        let sasl_set = self.kafka_sasl_mechanism.is_some()
+            || self.kafka_sasl_username.is_some()
+            || self.kafka_sasl_password.is_some()
+            || self.kafka_sasl_password_file.is_some();
+        if p.sasl() {
+            if self.kafka_sasl_mechanism.is_none() {
+                return Err(bad(
+                    "kafka_sasl_mechanism",
+                    "required with SASL_PLAINTEXT and SASL_SSL: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+                ));
+            }
+            if self
+                .kafka_sasl_username
+                .as_deref()
+                .is_none_or(str::is_empty)
+            {
+                return Err(bad("kafka_sasl_username", "required with SASL"));
+            }
+            if self.kafka_sasl_password.is_some() == self.kafka_sasl_password_file.is_some() {
+                return Err(bad(
+                    "kafka_sasl_password",
+                    "set exactly one of kafka_sasl_password and kafka_sasl_password_file",
+                ));
+            }
+        } else if sasl_set {
+            return Err(bad(
+                "kafka_security_protocol",
+                "kafka_sasl_* keys are set but the protocol has no SASL; use SASL_PLAINTEXT or SASL_SSL",
+            ));
+        }
+        Ok(())
+    }
+
+    /// How broker connections are secured: reads the CA, client certificate and password files.
+    pub fn kafka_security(&self) -> Result<Security, ConfigError> {
+        let p = self.kafka_security_protocol;
+        let tls = match (&self.kafka_tls_ca_file, p.tls()) {
+            (Some(ca), true) => {
+                let client = self
+                    .kafka_tls_cert_file
+                    .as_deref()
+                    .zip(self.kafka_tls_key_file.as_deref());
+                Some(tls_connector(ca, client).map_err(|r| bad("kafka_tls_ca_file", r))?)
+            }
+            _ => None,
+        };
+        let sasl = match (self.kafka_sasl_mechanism, p.sasl()) {
+            (Some(mechanism), true) => {
+                let password = match (&self.kafka_sasl_password, &self.kafka_sasl_password_file) {
+                    (Some(p), _) => p.clone(),
+                    (None, Some(f)) => std::fs::read_to_string(f)
+                        .map_err(|e| {
+                            bad(
+                                "kafka_sasl_password_file",
+                                format!("cannot read {}: {e}", f.display()),
+                            )
+                        })?
+                        .trim_end_matches(['\n', '\r'])
+                        .to_string(),
+                    (None, None) => String::new(),
+                };
+                Some(Sasl {
+                    mechanism,
+                    username: self.kafka_sasl_username.clone().unwrap_or_default(),
+                    password,
+                })
+            }
+            _ => None,
+        };
+        Ok(Security { tls, sasl })
+    }
+
+    /// Settings of each leader connection, with TLS and SASL loaded from their files.
+    pub fn connection(&self) -> Result<ConnectionConfig, ConfigError> {
+        Ok(ConnectionConfig {
             max_in_flight: self.max_in_flight,
             max_queued: self.max_queued_per_connection,
             max_in_flight_bytes: self.max_in_flight_bytes_per_connection,
             max_frame_bytes: self.max_frame_bytes,
             client_id: Some(StrBytes::from_string(self.client_id.clone())),
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
-        }
+            security: self.kafka_security()?,
+        })
     }
 
     /// Settings of the forwarding core.

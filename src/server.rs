@@ -192,9 +192,12 @@ pub async fn start(
             )
         })?;
     let metrics_addr = metrics_listener.local_addr()?;
+    let connection = cfg
+        .connection()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     let forwarder = Forwarder::new(
         cfg.forward(),
-        cfg.connection(),
+        connection,
         cfg.bootstrap.clone(),
         cfg.allow_auto_topic_creation,
     );

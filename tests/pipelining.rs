@@ -11,7 +11,7 @@ use leaderlink::proto::v1::Acks;
 const CALLERS: u64 = 128;
 
 /// Returns (peak requests in flight on the leader connection, successful calls).
-async fn run(max_in_flight: Option<usize>) -> (u64, u64) {
+async fn run(max_in_flight: Option<usize>, leader_latency: Duration) -> (u64, u64) {
     let h = start(|cfg| {
         if let Some(n) = max_in_flight {
             cfg.max_in_flight = n;
@@ -26,7 +26,7 @@ async fn run(max_in_flight: Option<usize>) -> (u64, u64) {
         .await
         .unwrap();
     assert_eq!(warm.error_code, 0);
-    h.dev.set_leader_latency(Duration::from_millis(50)).unwrap();
+    h.dev.set_leader_latency(leader_latency).unwrap();
 
     let tasks: Vec<_> = (1..=CALLERS)
         .map(|i| {
@@ -57,7 +57,9 @@ async fn run(max_in_flight: Option<usize>) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_max_in_flight_pipelines_the_callers() {
-    let (peak, ok) = run(None).await;
+    // Long enough that all callers are in before the first answer, even on a loaded machine:
+    // each request stays in flight for a whole second.
+    let (peak, ok) = run(None, Duration::from_secs(1)).await;
     eprintln!("peak requests in flight on the leader connection: {peak}");
     assert_eq!(ok, CALLERS);
     assert!(
@@ -68,7 +70,7 @@ async fn default_max_in_flight_pipelines_the_callers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_in_flight_one_forwards_one_request_at_a_time() {
-    let (peak, ok) = run(Some(1)).await;
+    let (peak, ok) = run(Some(1), Duration::from_millis(50)).await;
     assert_eq!(ok, CALLERS);
     assert_eq!(peak, 1);
 }

@@ -338,7 +338,7 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
         }
         (Mode::Direct, _) => Target::Direct(Forwarder::new(
             cfg.forward(),
-            cfg.connection(),
+            cfg.connection().expect("connection settings"),
             cfg.bootstrap.clone(),
             true,
         )),

@@ -474,6 +474,18 @@ impl Forwarder {
             for (broker, items, conn) in dialed {
                 let conn = match conn {
                     Ok(c) => c,
+                    // A broker that refuses leaderlink's credentials or certificate will do so
+                    // again: answer now instead of retrying until the deadline.
+                    Err(cause @ (ConnError::Auth { .. } | ConnError::Tls { .. })) => {
+                        return Err(ForwardError::Unavailable {
+                            detail: format!(
+                                "broker {} ({}) refused the connection",
+                                broker.id,
+                                broker.addr()
+                            ),
+                            cause,
+                        });
+                    }
                     Err(cause) => {
                         debug!(broker = broker.id, cause = %cause, "leader connection failed");
                         for i in items {

@@ -65,6 +65,8 @@ pub struct ConnectionConfig {
     /// Longest a new connection may take (TCP connect and ApiVersions), within the caller's
     /// deadline: one unresponsive address must not use up a whole call or metadata refresh.
     pub connect_timeout: std::time::Duration,
+    /// TLS and SASL for new connections.
+    pub security: super::security::Security,
 }
 
 /// How many answered-or-skipped acks=0 slots are remembered at most. Apache Kafka never answers
@@ -869,6 +871,7 @@ mod tests {
             max_frame_bytes: MAX_FRAME,
             client_id: Some(StrBytes::from_static_str("test")),
             connect_timeout: Duration::from_secs(5),
+            security: Default::default(),
         };
         let c = Connection::start_at(
             r,

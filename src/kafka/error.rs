@@ -25,6 +25,24 @@ pub enum ConnError {
         /// How long the attempt ran.
         after: Duration,
     },
+    /// The TLS handshake with the broker failed (certificate not trusted, wrong name, a
+    /// plaintext listener, ...).
+    #[error("TLS with {addr} failed: {reason}")]
+    Tls {
+        /// `host:port` that was dialled.
+        addr: String,
+        /// What rustls reported.
+        reason: String,
+    },
+    /// SASL authentication failed. Not retried on the same connection; the slot's reconnect
+    /// backoff spaces further attempts.
+    #[error("SASL {mechanism} authentication failed: {reason}")]
+    Auth {
+        /// The mechanism used.
+        mechanism: &'static str,
+        /// What the broker (or the exchange) said.
+        reason: String,
+    },
     /// Reading or writing the socket failed.
     #[error("socket I/O failed")]
     Io(#[source] Arc<io::Error>),

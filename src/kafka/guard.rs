@@ -3,8 +3,9 @@
 //! kafka-protocol's decoder reserves `Vec::with_capacity(n)` from array counts read off the
 //! wire, before it has seen a single element: a few hostile (or corrupt) bytes announcing
 //! 2^31 elements make it request hundreds of gigabytes, and a failed allocation aborts the
-//! process. This walker knows the layout of the three responses leaderlink decodes (Produce
-//! 3–12, Metadata 1–12, ApiVersions 0–3) and checks every count against the bytes that remain
+//! process. This walker knows the layout of the responses leaderlink decodes (Produce
+//! 3–12, Metadata 1–12, ApiVersions 0–3, SaslHandshake 0–1, SaslAuthenticate 0–2; any other
+//! API is refused) and checks every count against the bytes that remain
 //! — including counts inside the tagged fields kafka-protocol decodes — so the decoder is only
 //! ever given a body whose arrays really are there. It allocates nothing.
 
@@ -68,6 +69,19 @@ impl<'a> Walk<'a> {
         };
         if len < -1 {
             return Err(format!("string length {len}"));
+        }
+        self.fixed(len.max(0) as usize)
+    }
+
+    /// (Nullable) bytes: classic int32 length, or compact uvarint length + 1.
+    fn bytes(&mut self) -> Result<(), Refusal> {
+        let len = if self.flexible {
+            self.uvarint()? as i64 - 1
+        } else {
+            i64::from(self.i32()?)
+        };
+        if len < -1 {
+            return Err(format!("bytes length {len}"));
         }
         self.fixed(len.max(0) as usize)
     }
@@ -151,7 +165,9 @@ pub fn check(api: ApiKey, version: i16, body: &[u8]) -> Result<(), Refusal> {
         ApiKey::Produce => produce(version, body),
         ApiKey::Metadata => metadata(version, body),
         ApiKey::ApiVersions => api_versions(version, body),
-        _ => Ok(()),
+        ApiKey::SaslHandshake => sasl_handshake(body),
+        ApiKey::SaslAuthenticate => sasl_authenticate(version, body),
+        _ => Err(format!("no shape known for {api:?} responses")),
     }
 }
 
@@ -292,6 +308,29 @@ fn api_versions(v: i16, body: &[u8]) -> Result<(), Refusal> {
         3 => inner.fixed(1).map(|()| true),
         _ => Ok(false),
     })
+}
+
+fn sasl_handshake(body: &[u8]) -> Result<(), Refusal> {
+    let mut w = Walk {
+        b: body,
+        flexible: false,
+    };
+    w.fixed(2)?; // error code
+    w.array(2, |w| w.string())
+}
+
+fn sasl_authenticate(v: i16, body: &[u8]) -> Result<(), Refusal> {
+    let mut w = Walk {
+        b: body,
+        flexible: v >= 2,
+    };
+    w.fixed(2)?; // error code
+    w.string()?; // error message
+    w.bytes()?; // auth bytes
+    if v >= 1 {
+        w.fixed(8)?; // session lifetime
+    }
+    w.no_known_tags()
 }
 
 #[cfg(test)]
@@ -453,5 +492,32 @@ mod tests {
         let at = 4 + 4 + 2 + 4 + 4 + 2 + 3 + 1 + 4 + 10 + 4;
         m[at..at + 4].copy_from_slice(&1_000_000i32.to_be_bytes());
         assert!(check(ApiKey::Metadata, 8, &m).is_err());
+    }
+
+    #[test]
+    fn sasl_answers_pass_and_hostile_counts_do_not() {
+        use kafka_protocol::messages::{SaslAuthenticateResponse, SaslHandshakeResponse};
+        let hs = SaslHandshakeResponse::default().with_mechanisms(vec![
+            StrBytes::from_static_str("PLAIN"),
+            StrBytes::from_static_str("SCRAM-SHA-512"),
+        ]);
+        for v in 0..=1 {
+            check(ApiKey::SaslHandshake, v, &enc(&hs, v)).unwrap();
+        }
+        let mut hostile = enc(&hs, 1);
+        hostile[2..6].copy_from_slice(&i32::MAX.to_be_bytes());
+        assert!(check(ApiKey::SaslHandshake, 1, &hostile).is_err());
+        let auth = SaslAuthenticateResponse::default()
+            .with_error_message(Some(StrBytes::from_static_str("no")))
+            .with_auth_bytes(bytes::Bytes::from_static(b"r=abc,s=c2FsdA==,i=4096"));
+        for v in 0..=2 {
+            let body = enc(&auth, v);
+            check(ApiKey::SaslAuthenticate, v, &body).unwrap();
+            assert!(check(ApiKey::SaslAuthenticate, v, &body[..body.len() - 3]).is_err());
+        }
+        assert!(
+            check(ApiKey::Fetch, 4, &[]).is_err(),
+            "unknown APIs are refused"
+        );
     }
 }

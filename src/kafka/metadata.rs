@@ -440,6 +440,7 @@ mod tests {
                 max_frame_bytes: 1024,
                 client_id: None,
                 connect_timeout: std::time::Duration::from_secs(1),
+                security: Default::default(),
             },
             true,
         )

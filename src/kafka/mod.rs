@@ -9,6 +9,7 @@ pub mod histogram;
 pub mod metadata;
 pub mod pool;
 pub mod produce;
+pub mod security;
 pub mod versions;
 
 use std::{sync::Arc, time::Duration};
@@ -19,9 +20,10 @@ use tracing::Span;
 use connection::{ConnStats, Connection, ConnectionConfig};
 use error::ConnError;
 
-/// Dials `addr`, starts a pipelined connection on it and negotiates API versions.
+/// Dials `addr`, starts a pipelined connection on it (over TLS when configured), negotiates
+/// API versions and authenticates with SASL when configured.
 ///
-/// Everything (TCP connect and ApiVersions) must finish before `deadline` and within
+/// Everything (TCP connect, TLS, ApiVersions, SASL) must finish before `deadline` and within
 /// `config.connect_timeout`.
 pub async fn connect(
     addr: &str,
@@ -49,19 +51,42 @@ pub async fn connect(
     };
     // Produce requests are latency-bound; the writer already batches frames per flush.
     stream.set_nodelay(true).map_err(ConnError::io)?;
-    let (r, w) = stream.into_split();
-    let conn = Connection::start(r, w, config, stats, span);
+    let conn = match &config.security.tls {
+        None => {
+            let (r, w) = stream.into_split();
+            Connection::start(r, w, config, stats, span)
+        }
+        Some(tls) => {
+            let tls = security::handshake(tls, addr, stream, deadline)
+                .await
+                .map_err(|e| timed_out(e, addr, started))?;
+            let (r, w) = tokio::io::split(tls);
+            Connection::start(r, w, config, stats, span)
+        }
+    };
     let versions = versions::negotiate(&conn, deadline)
         .await
-        .map_err(|e| match e.cause {
-            ConnError::TimedOut => ConnError::ConnectTimeout {
-                addr: addr.to_string(),
-                after: started.elapsed(),
-            },
-            other => other,
-        })?;
+        .map_err(|e| timed_out(e.cause, addr, started))?;
+    if let Some(sasl) = &config.security.sasl
+        && let Err(e) = security::authenticate(&conn, &versions, sasl, deadline).await
+    {
+        let e = timed_out(e, addr, started);
+        conn.poison(e.clone());
+        return Err(e);
+    }
     conn.set_versions(versions);
     Ok(conn)
+}
+
+/// A deadline passing while connecting is reported as a connect timeout.
+fn timed_out(e: ConnError, addr: &str, started: Instant) -> ConnError {
+    match e {
+        ConnError::TimedOut => ConnError::ConnectTimeout {
+            addr: addr.to_string(),
+            after: started.elapsed(),
+        },
+        other => other,
+    }
 }
 
 /// Time left until `deadline`, zero if it passed.

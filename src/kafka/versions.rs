@@ -34,6 +34,10 @@ pub struct Versions {
     pub produce: i16,
     /// Metadata version: the highest both sides support within [`METADATA_VERSIONS`].
     pub metadata: i16,
+    /// Highest SaslHandshake version the broker supports; -1 when it has none.
+    pub sasl_handshake: i16,
+    /// Highest SaslAuthenticate version the broker supports; -1 when it has none.
+    pub sasl_authenticate: i16,
 }
 
 impl Versions {
@@ -41,6 +45,8 @@ impl Versions {
     pub const UNNEGOTIATED: Versions = Versions {
         produce: -1,
         metadata: -1,
+        sasl_handshake: -1,
+        sasl_authenticate: -1,
     };
 }
 
@@ -169,8 +175,16 @@ pub fn pick(resp: &ApiVersionsResponse) -> Result<Versions, ConnError> {
         }
         Ok(v)
     };
+    let max = |key: ApiKey| {
+        resp.api_keys
+            .iter()
+            .find(|k| k.api_key == key as i16)
+            .map_or(-1, |k| k.max_version)
+    };
     Ok(Versions {
         produce: choose(ApiKey::Produce, PRODUCE_VERSIONS, "Produce", "3..=12")?,
         metadata: choose(ApiKey::Metadata, METADATA_VERSIONS, "Metadata", "1..=12")?,
+        sasl_handshake: max(ApiKey::SaslHandshake),
+        sasl_authenticate: max(ApiKey::SaslAuthenticate),
     })
 }
