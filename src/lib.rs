@@ -16,7 +16,8 @@
 //! Side rooms: [`config`] (flags, environment, TOML), [`server`] (builds and runs both gRPC
 //! servers with health and reflection, and drains them), [`admin`] (the operator's service),
 //! [`stats`] (counters), [`metrics`] (`/metrics` for Prometheus, read from those counters),
-//! [`telemetry`] (log lines and OTLP span export), [`dev`] (librdkafka's mock cluster as an embedded dev cluster),
+//! [`telemetry`] (log lines and OTLP span export), [`tls`] (the listeners' TLS, reloaded when
+//! its files change), [`dev`] (librdkafka's mock cluster as an embedded dev cluster),
 //! [`proto`] (generated types). The benchmark is `src/bin/leaderlink-bench.rs`.
 
 #![forbid(unsafe_code)]
@@ -34,3 +35,4 @@ pub mod proto;
 pub mod server;
 pub mod stats;
 pub mod telemetry;
+pub mod tls;

@@ -26,6 +26,7 @@ use crate::{
         v1::{admin_server::AdminServer, forwarder_server::ForwarderServer},
     },
     telemetry::TASK_TARGET,
+    tls::{ServerTls, TlsFiles},
 };
 
 /// Name under which health reports the Forwarder service.
@@ -165,6 +166,26 @@ async fn watch_cluster(forwarder: Forwarder, reporter: HealthReporter, cfg: Arc<
     }
 }
 
+/// A listener's TLS from its three config keys (`None`: plaintext).
+fn listener_tls(
+    cert: &Option<std::path::PathBuf>,
+    key: &Option<std::path::PathBuf>,
+    client_ca: &Option<std::path::PathBuf>,
+    name: &'static str,
+) -> std::io::Result<Option<Arc<ServerTls>>> {
+    let (Some(cert), Some(key)) = (cert, key) else {
+        return Ok(None);
+    };
+    let files = TlsFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: client_ca.clone(),
+    };
+    ServerTls::start(files, name).map(Some).map_err(|e| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{name} TLS: {e}"))
+    })
+}
+
 fn reflection(extra: &'static [u8]) -> tonic_reflection::server::Builder<'static> {
     tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -244,6 +265,19 @@ pub async fn start(
         Duration::from_millis(cfg.default_timeout_ms),
     );
 
+    let forwarder_tls = listener_tls(
+        &cfg.tls_cert_file,
+        &cfg.tls_key_file,
+        &cfg.tls_client_ca_file,
+        "forwarder",
+    )?;
+    let admin_tls = listener_tls(
+        &cfg.admin_tls_cert_file,
+        &cfg.admin_tls_key_file,
+        &cfg.admin_tls_client_ca_file,
+        "admin",
+    )?;
+
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
         // Answers are small and latency-bound: do not let Nagle hold them back.
@@ -252,13 +286,22 @@ pub async fn start(
         .add_service(v1()?)
         .add_service(v1alpha()?)
         .add_service(stack);
-    let task = tokio::spawn(
-        router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = stop_rx.await;
-            })
-            .instrument(info_span!(target: TASK_TARGET, "grpc", %addr)),
-    );
+    let stopped = async {
+        let _ = stop_rx.await;
+    };
+    let span = info_span!(target: TASK_TARGET, "grpc", %addr, tls = forwarder_tls.is_some());
+    let task = match forwarder_tls {
+        None => tokio::spawn(
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped)
+                .instrument(span),
+        ),
+        Some(tls) => tokio::spawn(
+            router
+                .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), stopped)
+                .instrument(span),
+        ),
+    };
 
     let (stop_admin_tx, stop_admin_rx) = oneshot::channel::<()>();
     let admin = tonic::transport::Server::builder()
@@ -269,13 +312,23 @@ pub async fn start(
             forwarder.clone(),
             cfg.clone(),
         )));
-    let admin_task = tokio::spawn(
-        admin
-            .serve_with_incoming_shutdown(TcpListenerStream::new(admin_listener), async {
-                let _ = stop_admin_rx.await;
-            })
-            .instrument(info_span!(target: TASK_TARGET, "admin", addr = %admin_addr)),
-    );
+    let stopped = async {
+        let _ = stop_admin_rx.await;
+    };
+    let span =
+        info_span!(target: TASK_TARGET, "admin", addr = %admin_addr, tls = admin_tls.is_some());
+    let admin_task = match admin_tls {
+        None => tokio::spawn(
+            admin
+                .serve_with_incoming_shutdown(TcpListenerStream::new(admin_listener), stopped)
+                .instrument(span),
+        ),
+        Some(tls) => tokio::spawn(
+            admin
+                .serve_with_incoming_shutdown(crate::tls::incoming(admin_listener, tls), stopped)
+                .instrument(span),
+        ),
+    };
     let metrics_task = tokio::spawn(
         crate::metrics::serve(
             metrics_listener,
