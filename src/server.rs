@@ -11,7 +11,6 @@ use tokio::{
     task::JoinHandle,
     time::Instant,
 };
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -166,6 +165,12 @@ async fn watch_cluster(forwarder: Forwarder, reporter: HealthReporter, cfg: Arc<
     }
 }
 
+/// Plaintext connections from `listener`, with Nagle off: answers are small and latency-bound.
+/// (The builder's `tcp_nodelay` only applies to listeners tonic binds itself.)
+fn plain_incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// A listener's TLS from its three config keys (`None`: plaintext).
 fn listener_tls(
     cert: &Option<std::path::PathBuf>,
@@ -280,8 +285,6 @@ pub async fn start(
 
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
-        // Answers are small and latency-bound: do not let Nagle hold them back.
-        .tcp_nodelay(true)
         .add_service(health.clone())
         .add_service(v1()?)
         .add_service(v1alpha()?)
@@ -293,7 +296,7 @@ pub async fn start(
     let task = match forwarder_tls {
         None => tokio::spawn(
             router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped)
+                .serve_with_incoming_shutdown(plain_incoming(listener), stopped)
                 .instrument(span),
         ),
         Some(tls) => tokio::spawn(
@@ -320,7 +323,7 @@ pub async fn start(
     let admin_task = match admin_tls {
         None => tokio::spawn(
             admin
-                .serve_with_incoming_shutdown(TcpListenerStream::new(admin_listener), stopped)
+                .serve_with_incoming_shutdown(plain_incoming(admin_listener), stopped)
                 .instrument(span),
         ),
         Some(tls) => tokio::spawn(

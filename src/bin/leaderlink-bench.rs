@@ -110,6 +110,58 @@ struct Args {
     /// collector, to measure what tracing costs.
     #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
+    /// A leaderlink TOML config laid under the bench's own settings (for the in-process server
+    /// and direct mode): e.g. TLS on the listener (tls_*) or to Kafka (kafka_*).
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+    /// forwarder mode: speak TLS to leaderlink, trusting the CAs in FILE (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+}
+
+/// A Forwarder client for `url`; over TLS (ALPN h2, server name from the URL's host) when
+/// `tls_ca` is given.
+async fn grpc_client(url: &str, tls_ca: Option<&std::path::Path>) -> ForwarderClient<Channel> {
+    let Some(ca) = tls_ca else {
+        return ForwarderClient::connect(url.to_string())
+            .await
+            .expect("connect to leaderlink");
+    };
+    let uri: http::Uri = url.parse().expect("URL");
+    let host = uri.host().expect("URL host").to_string();
+    let port = uri.port_u16().expect("URL port");
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for c in leaderlink::kafka::security::load_certs(ca).expect("--tls-ca") {
+        roots.add(c).expect("CA certificate");
+    }
+    let mut tls = tokio_rustls::rustls::ClientConfig::builder_with_provider(
+        leaderlink::kafka::security::crypto(),
+    )
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let tls = Arc::new(tls);
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let (tls, host) = (tls.clone(), host.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let name =
+                rustls_pki_types::ServerName::try_from(host).map_err(std::io::Error::other)?;
+            let s = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+        }
+    });
+    let ch = tonic::transport::Endpoint::from_shared(url.replace("https://", "http://"))
+        .expect("URL")
+        .connect_with_connector(connector)
+        .await
+        .expect("connect to leaderlink over TLS");
+    ForwarderClient::new(ch)
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -308,11 +360,13 @@ fn main() {
 }
 
 async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
-    let mut cfg = Config {
-        bootstrap: bootstrap.split(',').map(str::to_string).collect(),
-        metrics_listen: "127.0.0.1:0".parse().unwrap(),
-        ..Config::default()
+    let mut cfg = match &args.config {
+        Some(f) => Config::from_file(f).expect("--config"),
+        None => Config::default(),
     };
+    cfg.bootstrap = bootstrap.split(',').map(str::to_string).collect();
+    cfg.metrics_listen = "127.0.0.1:0".parse().unwrap();
+    cfg.validate().expect("valid config");
     if let Some(n) = args.max_in_flight {
         cfg.max_in_flight = n;
     }
@@ -323,18 +377,16 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
     cfg.max_concurrent_calls = cfg.max_concurrent_calls.max(args.concurrency * 2);
     let mut running: Option<Running> = None;
     let target = match (args.mode, &args.forwarder) {
-        (Mode::Forwarder, Some(url)) => Target::Grpc(
-            ForwarderClient::connect(url.clone())
-                .await
-                .expect("connect to --forwarder"),
-        ),
+        (Mode::Forwarder, Some(url)) => {
+            Target::Grpc(grpc_client(url, args.tls_ca.as_deref()).await)
+        }
         (Mode::Forwarder, None) => {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let r = server::start(&cfg, l, a).await.expect("leaderlink starts");
             let url = format!("http://{}", r.addr);
             running = Some(r);
-            Target::Grpc(ForwarderClient::connect(url).await.expect("connect"))
+            Target::Grpc(grpc_client(&url, args.tls_ca.as_deref()).await)
         }
         (Mode::Direct, _) => Target::Direct(Forwarder::new(
             cfg.forward(),
@@ -405,9 +457,7 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
         };
         for _ in 1..args.grpc_connections.max(1) {
             targets.push(Target::Grpc(
-                ForwarderClient::connect(url.clone())
-                    .await
-                    .expect("connect"),
+                grpc_client(&url, args.tls_ca.as_deref()).await,
             ));
         }
     }

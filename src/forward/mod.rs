@@ -488,11 +488,16 @@ impl Forwarder {
                     }
                     Err(cause) => {
                         debug!(broker = broker.id, cause = %cause, "leader connection failed");
+                        let out_of_time = Instant::now() >= deadline;
                         for i in items {
-                            st[i].last = Some(Failure::Conn {
-                                cause: cause.clone(),
-                                connecting: true,
-                            });
+                            // A dial cut short by the call's own deadline says nothing new: the
+                            // earlier cause stays the one reported.
+                            if !(out_of_time && st[i].last.is_some()) {
+                                st[i].last = Some(Failure::Conn {
+                                    cause: cause.clone(),
+                                    connecting: true,
+                                });
+                            }
                             retry.push(i);
                         }
                         refresh = true;
@@ -504,10 +509,16 @@ impl Forwarder {
                     let not_sent =
                         |st: &mut [ItemState], retry: &mut Vec<usize>, cause: ConnError| {
                             for &i in &chunk {
-                                st[i].last = Some(Failure::Conn {
-                                    cause: cause.clone(),
-                                    connecting: false,
-                                });
+                                // Likewise, running out of time before the write is no news
+                                // when an earlier attempt already failed for a reason.
+                                let artifact = matches!(cause, ConnError::NotSentInTime)
+                                    && st[i].last.is_some();
+                                if !artifact {
+                                    st[i].last = Some(Failure::Conn {
+                                        cause: cause.clone(),
+                                        connecting: false,
+                                    });
+                                }
                                 retry.push(i);
                             }
                         };
@@ -576,6 +587,7 @@ impl Forwarder {
                     };
                     match sent {
                         Ok(f) => {
+                            let f = f.with_deadline(deadline);
                             for &i in &chunk {
                                 if st[i].attempts > 0 {
                                     self.inner.stats.retries.fetch_add(1, Ordering::Relaxed);
@@ -771,6 +783,11 @@ impl Forwarder {
             }
             debug!(pending = pending.len(), ?backoff, "retrying partitions");
             tokio::time::sleep_until((now + backoff).min(deadline)).await;
+            // A round started with no time left would only fail at once (a dial with an expired
+            // deadline, a refresh cut short) and bury the real cause under that failure.
+            if Instant::now() >= deadline {
+                return Err(self.expired(&v, &st, &pending));
+            }
             backoff = (backoff * 2).min(self.inner.cfg.retry_backoff_max);
         }
         Ok(ForwardResponse {

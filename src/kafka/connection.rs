@@ -335,7 +335,9 @@ impl Admission {
             conn: conn.clone(),
             seq,
             correlation_id,
-            kind,
+            kind: Some(kind),
+            deadline: None,
+            done: false,
         })
     }
 }
@@ -345,7 +347,49 @@ pub struct InFlight {
     conn: Arc<Connection>,
     seq: u64,
     correlation_id: i32,
-    kind: Waiting,
+    kind: Option<Waiting>,
+    /// Set by [`InFlight::with_deadline`] or [`InFlight::wait`]; applied by a watchdog if the
+    /// waiter is dropped before the answer.
+    deadline: Option<Instant>,
+    /// The wait ended (answer, error or timeout handled).
+    done: bool,
+}
+
+impl Drop for InFlight {
+    /// A caller that stops waiting (its call was cancelled) must not leave its request pending
+    /// for ever: unsent, it is taken back; sent and awaiting an answer with a known deadline, a
+    /// watchdog applies that deadline — poisoning the connection if the answer has not come by
+    /// then, so that a silent leader is still noticed and its slots freed. Without a known
+    /// deadline the request stays until its answer or the connection's end.
+    fn drop(&mut self) {
+        if self.done || !matches!(self.kind, Some(Waiting::Answer(_))) {
+            return;
+        }
+        let shared = self.conn.shared.clone();
+        if shared.withdraw(self.seq) {
+            return;
+        }
+        let Some(at) = self.deadline else { return };
+        let seq = self.seq;
+        let watch = async move {
+            tokio::time::sleep_until(at).await;
+            let pending = {
+                let st = lock(&shared.state);
+                st.poisoned.is_none() && st.fifo.iter().any(|e| e.seq == seq)
+            };
+            if pending {
+                shared.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                shared.poison(ConnError::TimedOut);
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(watch);
+            }
+            // No runtime to wait on (the process is ending): give the connection up now.
+            Err(_) => self.conn.shared.poison(ConnError::Shutdown),
+        }
+    }
 }
 
 enum Waiting {
@@ -582,6 +626,13 @@ impl Drop for Connection {
 }
 
 impl InFlight {
+    /// Records the caller's deadline now, so that it is enforced even if the caller goes away
+    /// before [`InFlight::wait`] runs (see `Drop`).
+    pub fn with_deadline(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
     /// Correlation id the request was sent with.
     pub fn correlation_id(&self) -> i32 {
         self.correlation_id
@@ -592,19 +643,28 @@ impl InFlight {
     /// Returns the response frame (header included) or, for a request sent without expecting
     /// an answer, `None` once it is written. If the deadline passes first, the connection is
     /// poisoned (DESIGN.md §3.5) and the error says whether the request may have been written.
-    pub async fn wait(self, deadline: Instant) -> Result<Option<Bytes>, RequestError> {
-        let shared = &self.conn.shared;
-        let outcome = match self.kind {
-            Waiting::Answer(rx) => match tokio::time::timeout_at(deadline, rx).await {
+    pub async fn wait(mut self, deadline: Instant) -> Result<Option<Bytes>, RequestError> {
+        self.deadline = Some(deadline);
+        let r = self.wait_inner(deadline).await;
+        self.done = true;
+        r
+    }
+
+    async fn wait_inner(&mut self, deadline: Instant) -> Result<Option<Bytes>, RequestError> {
+        let shared = self.conn.shared.clone();
+        // Borrowed, not taken: if this future is dropped mid-wait, `Drop` sees the kind.
+        let outcome = match self.kind.as_mut() {
+            Some(Waiting::Answer(rx)) => match tokio::time::timeout_at(deadline, rx).await {
                 Ok(Ok(result)) => return result.map(Some),
                 Ok(Err(_)) => None,
                 Err(_) => Some(()),
             },
-            Waiting::Written(rx) => match tokio::time::timeout_at(deadline, rx).await {
+            Some(Waiting::Written(rx)) => match tokio::time::timeout_at(deadline, rx).await {
                 Ok(Ok(())) => return Ok(None),
                 Ok(Err(_)) => None,
                 Err(_) => Some(()),
             },
+            None => None,
         };
         if outcome.is_some() {
             shared.stats.timeouts.fetch_add(1, Ordering::Relaxed);
@@ -1101,8 +1161,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn caller_cancelled_during_the_write_leaves_a_whole_frame() {
         let (c, mut peer, a) = busy_writer().await;
+        // The writer has begun: its first bytes are here.
+        let len = peer.read_i32().await.expect("length");
         drop(a); // the caller is gone while the frame is being written
-        let (_, _, id, rest) = read_request(&mut peer).await;
+        let mut buf = vec![0; len as usize];
+        peer.read_exact(&mut buf).await.expect("whole frame");
+        let mut rest = Bytes::from(buf);
+        let id = {
+            rest.advance(4);
+            rest.get_i32()
+        };
         assert!(rest.ends_with(&BIG), "the whole body arrived");
         // Its answer is dropped without poisoning; the connection goes on.
         answer(&mut peer, id, b"late").await;
@@ -1111,6 +1179,25 @@ mod tests {
         answer(&mut peer, id_b, b"B").await;
         assert_eq!(&payload(b.wait(far()).await.unwrap())[..], b"B");
         assert!(c.poisoned().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_gone_with_a_deadline_still_has_it_enforced() {
+        let (c, mut peer) = conn(16, 0, 64 * 1024);
+        let a = send(&c, b"a")
+            .await
+            .with_deadline(Instant::now() + Duration::from_secs(2));
+        let _ = read_request(&mut peer).await;
+        drop(a); // cancelled after the write; the leader never answers
+        assert_eq!(c.pending(), 1);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            matches!(c.poisoned(), Some(ConnError::TimedOut)),
+            "the silent leader is noticed at the deadline: {:?}",
+            c.poisoned()
+        );
+        assert_eq!(c.stats().timeouts.load(Ordering::Relaxed), 1);
+        assert_eq!(c.stats().in_flight.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test(start_paused = true)]
