@@ -117,11 +117,20 @@ fn nullable_len(b: Option<&Bytes>) -> usize {
     }
 }
 
-/// Encodes `records` into one uncompressed v2 batch without producer id.
+/// Encodes `records` into one uncompressed v2 batch without producer id, for batches known to
+/// be small (tests, tools); an empty `Bytes` if it would not fit a batch's i32 length.
+pub fn encode(records: &[Record], now_ms: i64) -> Bytes {
+    encode_within(records, now_ms, i32::MAX as usize).unwrap_or_default()
+}
+
+/// Encodes `records` into one uncompressed v2 batch without producer id, unless it would take
+/// more than `max_len` bytes (capped at i32::MAX): then `Err` with the length it would have,
+/// before anything is allocated. A protobuf request can be much smaller than its batch (an
+/// empty record takes 2 bytes there, about 10 here, and a traceparent header adds 70).
 ///
 /// `now_ms` stands in for records whose `timestamp_ms` is 0. Callers have checked that there is
-/// at least one record and that sizes fit in an i32 (the request size limit guarantees it).
-pub fn encode(records: &[Record], now_ms: i64) -> Bytes {
+/// at least one record.
+pub fn encode_within(records: &[Record], now_ms: i64, max_len: usize) -> Result<Bytes, usize> {
     let ts = |r: &Record| {
         if r.timestamp_ms == 0 {
             now_ms
@@ -153,8 +162,12 @@ pub fn encode(records: &[Record], now_ms: i64) -> Bytes {
             varlong_len(l as i64) + l
         })
         .sum();
+    let total = BATCH_HEADER + records_len;
+    if total > max_len.min(i32::MAX as usize) {
+        return Err(total);
+    }
 
-    let mut buf = BytesMut::with_capacity(BATCH_HEADER + records_len);
+    let mut buf = BytesMut::with_capacity(total);
     buf.put_i64(0); // base offset: the leader assigns offsets
     buf.put_i32((BATCH_HEADER - 12 + records_len) as i32); // batch length
     buf.put_i32(-1); // partition leader epoch
@@ -184,7 +197,7 @@ pub fn encode(records: &[Record], now_ms: i64) -> Bytes {
     }
     let crc = crc32c::crc32c(&buf[ATTRIBUTES_OFFSET..]);
     buf[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
-    buf.freeze()
+    Ok(buf.freeze())
 }
 
 #[cfg(test)]

@@ -72,6 +72,10 @@ pub fn check_topic(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The batches leaderlink encodes from a request's `records` may take at most this many times
+/// `max_request_bytes` in all; beyond it the request gets INVALID_ARGUMENT.
+pub const BATCH_EXPANSION: usize = 8;
+
 /// Name of the record header that carries the call's W3C trace context.
 pub const TRACEPARENT: &str = "traceparent";
 
@@ -87,6 +91,10 @@ pub fn validate(
     traceparent: Option<&str>,
 ) -> Result<Validated, ForwardError> {
     let traceparent = traceparent.map(|t| Bytes::copy_from_slice(t.as_bytes()));
+    // What the batches leaderlink encodes may take in all: tiny records cost several times
+    // their protobuf size (more with a traceparent header); a request must not turn into an
+    // allocation far beyond its own size.
+    let mut batch_budget = max_request_bytes.saturating_mul(BATCH_EXPANSION);
     let size = req.encoded_len();
     if size > max_request_bytes {
         return Err(invalid(
@@ -157,7 +165,18 @@ pub fn validate(
                         }
                     }
                 }
-                (batch::encode(&records, now_ms), records.len() as u32, false)
+                let encoded = batch::encode_within(&records, now_ms, batch_budget).map_err(|n| {
+                    invalid(
+                        field("records"),
+                        format!(
+                            "encode to a batch of {n} bytes; a request's encoded records may take \
+                             at most {BATCH_EXPANSION} x max_request_bytes ({} bytes) in all",
+                            max_request_bytes.saturating_mul(BATCH_EXPANSION)
+                        ),
+                    )
+                })?;
+                batch_budget -= encoded.len();
+                (encoded, records.len() as u32, false)
             }
         };
         items.push(Item {
@@ -190,5 +209,35 @@ mod tests {
         assert!(check_topic("..").is_err());
         assert!(check_topic("a b").unwrap_err().contains("' '"));
         assert!(check_topic("ü").is_err());
+    }
+
+    #[test]
+    fn records_that_expand_far_beyond_the_request_are_refused() {
+        use crate::proto::v1::{PartitionData, Record};
+        let req = |n: usize| ForwardRequest {
+            id: 1,
+            acks: 0,
+            timeout_ms: 0,
+            partitions: vec![PartitionData {
+                topic: "t".into(),
+                partition: 0,
+                record_batch: Bytes::new(),
+                records: vec![Record::default(); n],
+            }],
+        };
+        let tp = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        // 400 empty records: 800 bytes of protobuf, over 30 KB of batch with the header.
+        let big = req(400);
+        assert!(big.encoded_len() <= 1024);
+        match validate(big.clone(), 1024, 1, tp) {
+            Err(ForwardError::Invalid { field, reason }) => {
+                assert_eq!(field, "partitions[0].records");
+                assert!(reason.contains("max_request_bytes"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Without the header, or with fewer records, it fits.
+        assert!(validate(big, 1024, 1, None).is_ok());
+        assert!(validate(req(40), 1024, 1, tp).is_ok());
     }
 }
