@@ -24,8 +24,7 @@ use tokio::{
 use tokio_rustls::{
     TlsAcceptor,
     rustls::{
-        DigitallySignedStruct, DistinguishedName, Error as TlsError, RootCertStore, ServerConfig,
-        SignatureScheme,
+        DigitallySignedStruct, DistinguishedName, Error as TlsError, ServerConfig, SignatureScheme,
         client::danger::HandshakeSignatureValid,
         pki_types::{CertificateDer, UnixTime},
         server::{
@@ -38,7 +37,7 @@ use tokio_rustls::{
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
 
-use crate::kafka::security::{crypto, load_certs, load_key};
+use crate::kafka::security::{crypto, load_certs, load_key, root_store};
 
 /// How often the certificate files are checked for changes.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
@@ -145,13 +144,7 @@ fn load_certified(files: &TlsFiles) -> Result<Arc<CertifiedKey>, String> {
 }
 
 fn load_client_auth(ca: &Path) -> Result<Arc<dyn ClientCertVerifier>, String> {
-    let mut roots = RootCertStore::empty();
-    for cert in load_certs(ca)? {
-        roots
-            .add(cert)
-            .map_err(|e| format!("{}: {e}", ca.display()))?;
-    }
-    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crypto())
+    WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca)?), crypto())
         .build()
         .map_err(|e| format!("{}: {e}", ca.display()))
 }

@@ -4,20 +4,18 @@
 //! (`scripts/test` builds it with `scripts/fetch-tools jaeger` and runs them). The test of a
 //! collector that is down needs only leaderlink and always runs.
 
+mod common;
+
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::TcpStream,
+    io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
+use common::{free_port, read_back};
+
 use leaderlink::proto::v1::{
     Acks, ForwardRequest, PartitionData, Record, forwarder_client::ForwarderClient,
-};
-use rdkafka::{
-    ClientConfig, Message, Offset, TopicPartitionList,
-    consumer::{BaseConsumer, Consumer},
-    message::Headers,
 };
 use serde_json::Value;
 use tokio::time::Instant;
@@ -35,24 +33,9 @@ impl Drop for Proc {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// GET over HTTP/1.0 (so the answer is neither chunked nor kept alive): status and body.
+/// GET: status and body.
 fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_string()))
+    common::http_get(addr, path).map(|(status, _, body)| (status, body))
 }
 
 struct Jaeger {
@@ -232,34 +215,6 @@ fn parent_of(span: &Value) -> &str {
         .unwrap_or("")
 }
 
-/// The `traceparent` header of the first record of `traced`/0.
-fn first_record_traceparent(bootstrap: &str) -> Option<String> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "jaeger-test")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset("traced", 0, Offset::Beginning)
-        .unwrap();
-    consumer.assign(&tpl).unwrap();
-    let started = Instant::now();
-    loop {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "nothing to read"
-        );
-        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
-            let m = m.unwrap();
-            return m.headers().and_then(|hs| {
-                hs.iter()
-                    .find(|h| h.key == "traceparent")
-                    .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
-            });
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs Jaeger: LEADERLINK_JAEGER (scripts/test provides it)"]
 async fn a_forward_is_one_trace_with_the_caller_in_jaeger() {
@@ -315,9 +270,10 @@ async fn a_forward_is_one_trace_with_the_caller_in_jaeger() {
 
     // Consumers continue the trace from leaderlink's server span.
     let bootstrap = ll.bootstrap.clone();
-    let header = tokio::task::spawn_blocking(move || first_record_traceparent(&bootstrap))
-        .await
-        .unwrap();
+    let header =
+        tokio::task::spawn_blocking(move || read_back(&bootstrap, "traced", 0, 1)[0].1.clone())
+            .await
+            .unwrap();
     assert_eq!(
         header,
         Some(format!(

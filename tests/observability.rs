@@ -6,33 +6,25 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
-use common::{admin, forward, forward_one, records, request, start, topic, warm_topic};
+use common::{admin, forward, forward_one, read_back, records, request, start, topic, warm_topic};
 use leaderlink::proto::v1::{Acks, ForwardRequest, GetStatsRequest, PartitionData};
 use prometheus_parse::{Scrape, Value};
-use rdkafka::{
-    ClientConfig, Message, Offset, TopicPartitionList,
-    consumer::{BaseConsumer, Consumer},
-    message::Headers,
-};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 
-/// GETs `/metrics` over plain HTTP/1.1 and returns the body.
+/// GETs `/metrics` and returns the body.
 async fn scrape_text(addr: SocketAddr) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: leaderlink\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).await.unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (status, head, body) =
+        tokio::task::spawn_blocking(move || common::http_get(&addr.to_string(), "/metrics"))
+            .await
+            .unwrap()
+            .expect("an HTTP response");
+    assert_eq!(status, 200, "{head}");
     assert!(
         head.to_ascii_lowercase()
             .contains("content-type: text/plain; version=0.0.4"),
         "{head}"
     );
-    body.to_string()
+    body
 }
 
 /// Scrapes and parses; every sample belongs to a family with a `# TYPE` line.
@@ -209,41 +201,6 @@ async fn metrics_count_forwards_sheds_and_timeouts() {
     assert_eq!(value(&s, "leaderlink_forward_calls_in_progress", &[]), 0.0);
     // No topic labels: label values come from fixed sets and broker ids.
     assert!(!scrape_text(addr).await.contains(&t));
-}
-
-/// Reads `n` messages of `topic`/`partition` from the beginning: (value, traceparent header).
-fn read_back(
-    bootstrap: &str,
-    topic: &str,
-    partition: i32,
-    n: usize,
-) -> Vec<(Vec<u8>, Option<String>)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("read-{topic}"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Beginning)
-        .unwrap();
-    consumer.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let started = tokio::time::Instant::now();
-    while out.len() < n {
-        assert!(started.elapsed() < Duration::from_secs(30), "read {out:?}");
-        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let m = m.unwrap();
-        let tp = m.headers().and_then(|hs| {
-            hs.iter()
-                .find(|h| h.key == "traceparent")
-                .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
-        });
-        out.push((m.payload().unwrap_or_default().to_vec(), tp));
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,20 +7,12 @@ use std::{
     time::Duration,
 };
 
-use common::{records, request};
+use common::{free_port, records, request};
 use leaderlink::proto::v1::{
     Acks, GetStatsRequest, admin_client::AdminClient, forwarder_client::ForwarderClient,
 };
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Server {
     child: Child,

@@ -130,10 +130,7 @@ async fn grpc_client(url: &str, tls_ca: Option<&std::path::Path>) -> ForwarderCl
     let uri: http::Uri = url.parse().expect("URL");
     let host = uri.host().expect("URL host").to_string();
     let port = uri.port_u16().expect("URL port");
-    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
-    for c in leaderlink::kafka::security::load_certs(ca).expect("--tls-ca") {
-        roots.add(c).expect("CA certificate");
-    }
+    let roots = leaderlink::kafka::security::root_store(ca).expect("--tls-ca");
     let mut tls = tokio_rustls::rustls::ClientConfig::builder_with_provider(
         leaderlink::kafka::security::crypto(),
     )

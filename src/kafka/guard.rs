@@ -62,26 +62,25 @@ impl<'a> Walk<'a> {
 
     /// A (nullable) string: classic int16 length, or compact uvarint length + 1.
     fn string(&mut self) -> Result<(), Refusal> {
-        let len = if self.flexible {
-            self.uvarint()? as i64 - 1
-        } else {
-            i64::from(self.i16()?)
-        };
-        if len < -1 {
-            return Err(format!("string length {len}"));
-        }
-        self.fixed(len.max(0) as usize)
+        self.sized(false)
     }
 
     /// (Nullable) bytes: classic int32 length, or compact uvarint length + 1.
     fn bytes(&mut self) -> Result<(), Refusal> {
+        self.sized(true)
+    }
+
+    /// A length-prefixed value (-1 for null); `wide` picks the classic int32 prefix over int16.
+    fn sized(&mut self, wide: bool) -> Result<(), Refusal> {
         let len = if self.flexible {
             self.uvarint()? as i64 - 1
-        } else {
+        } else if wide {
             i64::from(self.i32()?)
+        } else {
+            i64::from(self.i16()?)
         };
         if len < -1 {
-            return Err(format!("bytes length {len}"));
+            return Err(format!("length {len}"));
         }
         self.fixed(len.max(0) as usize)
     }

@@ -119,6 +119,17 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
         .map_err(|e| format!("{}: no usable private key: {e}", path.display()))
 }
 
+/// A trust store of every CA certificate in a PEM file.
+pub fn root_store(ca_file: &Path) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(ca_file)? {
+        roots
+            .add(cert)
+            .map_err(|e| format!("{}: {e}", ca_file.display()))?;
+    }
+    Ok(roots)
+}
+
 /// The rustls crypto provider leaderlink uses everywhere (ring).
 pub fn crypto() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -130,16 +141,10 @@ pub fn tls_connector(
     ca_file: &Path,
     client: Option<(&Path, &Path)>,
 ) -> Result<TlsConnector, String> {
-    let mut roots = RootCertStore::empty();
-    for cert in load_certs(ca_file)? {
-        roots
-            .add(cert)
-            .map_err(|e| format!("{}: {e}", ca_file.display()))?;
-    }
     let builder = ClientConfig::builder_with_provider(crypto())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
-        .with_root_certificates(roots);
+        .with_root_certificates(root_store(ca_file)?);
     let config = match client {
         Some((cert, key)) => builder
             .with_client_auth_cert(load_certs(cert)?, load_key(key)?)

@@ -196,3 +196,67 @@ pub fn raw_batch(values: &[&str], producer_id: i64, first_sequence: i32) -> Byte
     .unwrap();
     buf.freeze()
 }
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A blocking GET over HTTP/1.0 (so the answer is neither chunked nor kept alive): status,
+/// header block and body; `None` when nothing answers.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, head.to_string(), body.to_string()))
+}
+
+/// Reads `n` messages of `topic`/`partition` from the beginning with an rdkafka consumer:
+/// (value, `traceparent` header).
+pub fn read_back(
+    bootstrap: &str,
+    topic: &str,
+    partition: i32,
+    n: usize,
+) -> Vec<(Vec<u8>, Option<String>)> {
+    use rdkafka::{
+        ClientConfig, Message, Offset, TopicPartitionList,
+        consumer::{BaseConsumer, Consumer},
+        message::Headers,
+    };
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("read-{topic}"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let started = tokio::time::Instant::now();
+    while out.len() < n {
+        assert!(started.elapsed() < Duration::from_secs(30), "read {out:?}");
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = m.unwrap();
+        let tp = m.headers().and_then(|hs| {
+            hs.iter()
+                .find(|h| h.key == "traceparent")
+                .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).into_owned()))
+        });
+        out.push((m.payload().unwrap_or_default().to_vec(), tp));
+    }
+    out
+}
