@@ -11,6 +11,12 @@ use leaderlink::{
 };
 use tracing::{error, info, warn};
 
+/// mimalloc serves every allocation of the binary: under load glibc's malloc took about a fifth
+/// of the forwarder's CPU, much of it waiting on arena locks (see the README's Performance
+/// section). Set here, not in the library, so that embedders and the fuzz targets keep theirs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for bad configuration or usage (sysexits EX_USAGE).
 const EX_USAGE: u8 = 64;
 

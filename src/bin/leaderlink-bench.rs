@@ -32,6 +32,12 @@ use rdkafka::{
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
+/// mimalloc serves every allocation of the binary: under load glibc's malloc took about a fifth
+/// of the forwarder's CPU, much of it waiting on arena locks (see the README's Performance
+/// section). Set here, not in the library, so that embedders and the fuzz targets keep theirs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
     /// Load goes over gRPC to leaderlink (in-process on a real TCP port, or --forwarder URL).
