@@ -542,13 +542,22 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
             Target::Direct(f) => Some(f.clone()),
             _ => None,
         });
-    let leader_peak_in_flight = peak_in_flight.map(|f| {
+    let leader_peak_in_flight = peak_in_flight.as_ref().map(|f| {
         f.pool()
             .slots()
             .iter()
             .map(|s| s.stats.peak_in_flight.load(Ordering::Relaxed))
             .max()
             .unwrap_or(0)
+    });
+    // Requests written to the leaders (warm-up included): below `requests` when calls for
+    // different partitions were coalesced into shared Produce requests.
+    let leader_requests = peak_in_flight.map(|f| {
+        f.pool()
+            .slots()
+            .iter()
+            .map(|s| s.stats.sent.load(Ordering::Relaxed))
+            .sum::<u64>()
     });
     // Offsets say how many records the leaders hold (when the topic was fresh, minus warm-up).
     let in_log = if dev.is_some() {
@@ -575,6 +584,7 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
             "max": h.max() as f64 / 1000.0,
         },
         "leader_peak_in_flight": leader_peak_in_flight,
+        "leader_requests": leader_requests,
         "records_in_log": in_log,
         "spans_exported": args.otlp_endpoint.as_ref().map(|_| telemetry::spans_exported()),
         "spans_dropped": args.otlp_endpoint.as_ref().map(|_| telemetry::spans_dropped()),

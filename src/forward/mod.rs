@@ -12,7 +12,7 @@ use std::{
 };
 
 use futures::future::join_all;
-use kafka_protocol::{error::ResponseError, messages::ApiKey};
+use kafka_protocol::error::ResponseError;
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, oneshot},
     time::Instant,
@@ -21,11 +21,12 @@ use tracing::{Instrument, Span, debug, debug_span, field::Empty};
 
 use crate::{
     kafka::{
+        coalesce,
         connection::ConnectionConfig,
         error::{ConnError, RequestError, chain},
         metadata::{Broker, MetadataClient, Route},
         pool::Pool,
-        produce::{self, PartitionBatch, acks},
+        produce::acks,
     },
     proto::v1::{ForwardRequest, ForwardResponse, PartitionResult},
     stats::Stats,
@@ -308,22 +309,14 @@ impl Forwarder {
         (h.finish() % k as u64) as usize
     }
 
-    /// The Kafka `timeout_ms` for an attempt: what the request asks (or the default), cut so
-    /// that the leader gives up before the caller's deadline, with a margin for the answer's
-    /// way back (DESIGN.md §3.14). `None` when no useful time is left.
-    fn kafka_timeout(&self, asked: u32, deadline: Instant) -> Option<i32> {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let margin = (remaining / 10).clamp(Duration::from_millis(5), Duration::from_secs(1));
-        let avail = remaining.checked_sub(margin)?.as_millis();
-        if avail == 0 {
-            return None;
-        }
-        let asked = if asked == 0 {
+    /// The Kafka `timeout_ms` a request asks for, or the default when it says 0. The coalescer
+    /// cuts it to fit the caller's deadline when it sends (DESIGN.md §3.14).
+    fn asked_timeout(&self, asked: u32) -> u32 {
+        if asked == 0 {
             self.inner.cfg.kafka_timeout_ms
         } else {
             asked
-        };
-        Some(avail.min(u128::from(asked)).min(i32::MAX as u128) as i32)
+        }
     }
 
     /// Forwards one request.
@@ -504,7 +497,6 @@ impl Forwarder {
                         continue;
                     }
                 };
-                let version = conn.versions().produce;
                 for chunk in one_batch_per_partition(&v, items) {
                     let not_sent =
                         |st: &mut [ItemState], retry: &mut Vec<usize>, cause: ConnError| {
@@ -552,42 +544,26 @@ impl Forwarder {
                             continue;
                         }
                     }
-                    let batches: Vec<_> = chunk
-                        .iter()
-                        .map(|&i| PartitionBatch {
-                            topic: &v.items[i].topic,
-                            partition: v.items[i].partition,
-                            batch: v.items[i].batch.clone(),
-                        })
-                        .collect();
-                    let encoded = produce::encode(version, v.acks, 0, &batches)
-                        .map_err(|e| ForwardError::Internal(e.to_string()))?;
-                    // Waiting for room on the connection counts against the deadline too.
-                    let admitted = tokio::time::timeout_at(deadline, conn.admit(encoded.len()))
-                        .await
-                        .unwrap_or(Err(RequestError {
-                            cause: ConnError::NotSentInTime,
-                            maybe_sent: false,
-                        }));
-                    // The Kafka timeout is fixed only now, after every wait, so the leader gives
-                    // up before the caller does (DESIGN.md §3.14).
-                    let kafka_timeout = self.kafka_timeout(v.timeout_ms, deadline);
-                    let sent = match (admitted, kafka_timeout) {
-                        (Ok(room), Some(t)) => room.send(
-                            ApiKey::Produce,
-                            version,
-                            produce::with_timeout(encoded, version, t),
-                            v.acks != acks::NONE,
-                        ),
-                        (Ok(_), None) => Err(RequestError {
-                            cause: ConnError::NotSentInTime,
-                            maybe_sent: false,
-                        }),
-                        (Err(e), _) => Err(e),
-                    };
-                    match sent {
-                        Ok(f) => {
-                            let f = f.with_deadline(deadline);
+                    // Into the connection's coalescing queue: concurrent calls' batches for
+                    // other partitions of this leader may share the Produce request.
+                    let submitted = coalesce::submit(
+                        &conn,
+                        coalesce::Chunk {
+                            acks: v.acks,
+                            timeout_ms: self.asked_timeout(v.timeout_ms),
+                            deadline,
+                            parts: chunk
+                                .iter()
+                                .map(|&i| coalesce::Part {
+                                    topic: v.items[i].topic.clone(),
+                                    partition: v.items[i].partition,
+                                    batch: v.items[i].batch.clone(),
+                                })
+                                .collect(),
+                        },
+                    );
+                    match submitted {
+                        Ok(ticket) => {
                             for &i in &chunk {
                                 if st[i].attempts > 0 {
                                     self.inner.stats.retries.fetch_add(1, Ordering::Relaxed);
@@ -596,27 +572,8 @@ impl Forwarder {
                                 st[i].possibly_duplicated |= st[i].may_be_in_log;
                             }
                             let attempt = chunk.iter().map(|&i| st[i].attempts).max();
-                            let span = leader_span(
-                                &v,
-                                &chunk,
-                                &broker,
-                                attempt.unwrap_or(1),
-                                f.correlation_id(),
-                            );
-                            waits.push((conn.clone(), broker.id, chunk, f, permits, span));
-                        }
-                        Err(RequestError {
-                            cause: ConnError::TooLarge { limit, actual },
-                            ..
-                        }) => {
-                            // No retry can make it fit: the caller must send less.
-                            return Err(ForwardError::Invalid {
-                                field: "request".into(),
-                                reason: format!(
-                                    "encodes to {actual} bytes for one leader; the limit \
-                                     (max_in_flight_bytes_per_connection) is {limit}"
-                                ),
-                            });
+                            let span = leader_span(&v, &chunk, &broker, attempt.unwrap_or(1));
+                            waits.push((conn.clone(), broker.id, chunk, ticket, permits, span));
                         }
                         Err(RequestError {
                             cause: cause @ ConnError::QueueFull { .. },
@@ -628,8 +585,7 @@ impl Forwarder {
                             }
                         }
                         Err(e) => {
-                            // A deadline in the queue says nothing about the leader.
-                            refresh |= !matches!(e.cause, ConnError::NotSentInTime);
+                            refresh = true;
                             not_sent(&mut st, &mut retry, e.cause);
                         }
                     }
@@ -642,9 +598,20 @@ impl Forwarder {
             }
 
             let answers = join_all(waits.into_iter().map(
-                |(conn, broker, chunk, f, permits, span)| {
+                |(conn, broker, chunk, ticket, permits, span)| {
                     async move {
-                        let r = f.wait(deadline).await;
+                        let r = match ticket.sent(deadline).await {
+                            Ok(sent) => {
+                                let span = Span::current();
+                                span.record("leaderlink.correlation_id", sent.correlation_id());
+                                span.record(
+                                    "leaderlink.request_partitions",
+                                    sent.partitions() as i64,
+                                );
+                                sent.answer(deadline).await
+                            }
+                            Err(e) => Err(e),
+                        };
                         // The answer is in: this request no longer counts as in flight.
                         drop(permits);
                         (conn, broker, chunk, r, Span::current())
@@ -665,42 +632,50 @@ impl Forwarder {
                         }
                         continue;
                     }
-                    Ok(Some(frame)) => {
-                        produce::decode(conn.versions().produce, frame).map_err(|cause| {
-                            RequestError {
-                                cause,
-                                maybe_sent: true,
-                            }
-                        })
+                    Ok(Some(answers)) => answers,
+                    Err(RequestError {
+                        cause: ConnError::TooLarge { limit, actual },
+                        ..
+                    }) => {
+                        // No retry can make it fit: the caller must send less.
+                        return Err(ForwardError::Invalid {
+                            field: "request".into(),
+                            reason: format!(
+                                "encodes to {actual} bytes for one leader; the limit \
+                                 (max_in_flight_bytes_per_connection) is {limit}"
+                            ),
+                        });
                     }
-                    Err(e) => Err(e),
-                };
-                let mut answers = match answers {
-                    Ok(a) => a,
                     Err(RequestError { cause, maybe_sent }) => {
-                        // A request taken back unsent leaves the connection healthy; anything
-                        // else has already poisoned it or must now.
-                        if maybe_sent {
-                            conn.poison(cause.clone());
-                        }
+                        // The coalescer has poisoned the connection where the failure calls for
+                        // it; a request taken back unsent leaves it healthy.
                         span.record("error.type", "connection");
                         span.record("otel.status_code", "error");
                         span.record("otel.status_description", chain(&cause));
+                        // Running out of time in the queue or while others still wait is no
+                        // news when an earlier attempt already failed for a reason.
+                        let deadline_artifact =
+                            matches!(cause, ConnError::NotSentInTime | ConnError::AnswerLate);
                         for i in chunk {
                             st[i].may_be_in_log |= maybe_sent;
-                            st[i].last = Some(Failure::Conn {
-                                cause: cause.clone(),
-                                connecting: false,
-                            });
+                            if !(deadline_artifact && st[i].last.is_some()) {
+                                st[i].last = Some(Failure::Conn {
+                                    cause: cause.clone(),
+                                    connecting: false,
+                                });
+                            }
                             retry.push(i);
                         }
-                        refresh = true;
+                        refresh |= !deadline_artifact;
                         continue;
                     }
                 };
                 for i in chunk {
                     let it = &v.items[i];
-                    let Some(a) = answers.partitions.remove(&(it.topic.clone(), it.partition))
+                    let Some(a) = answers
+                        .partitions
+                        .get(&(it.topic.clone(), it.partition))
+                        .cloned()
                     else {
                         let cause = ConnError::Malformed {
                             api: "Produce",
@@ -888,13 +863,7 @@ impl Forwarder {
 /// "; answered: t-0 at offset 5, …" for the partitions that already have a result.
 /// The span of one Produce request to a leader (OpenTelemetry messaging conventions, client
 /// side): entered while the request awaits its answer, ended once the answer is read.
-fn leader_span(
-    v: &Validated,
-    chunk: &[usize],
-    broker: &Broker,
-    attempt: u32,
-    correlation_id: i32,
-) -> Span {
+fn leader_span(v: &Validated, chunk: &[usize], broker: &Broker, attempt: u32) -> Span {
     let first = &v.items[chunk[0]];
     let span = debug_span!(
         "produce",
@@ -914,7 +883,8 @@ fn leader_span(
         leaderlink.partitions = chunk.len() as i64,
         leaderlink.attempt = i64::from(attempt),
         leaderlink.acks = v.acks,
-        leaderlink.correlation_id = correlation_id,
+        leaderlink.correlation_id = Empty,
+        leaderlink.request_partitions = Empty,
         leaderlink.kafka_error_code = Empty,
         error.type = Empty,
     );

@@ -36,8 +36,6 @@ use tokio::{
 };
 use tracing::{Instrument, Span, debug, warn};
 
-use crate::stats::GaugeGuard;
-
 use super::{
     error::{ConnError, RequestError},
     frame::{FrameDecoder, correlation_id, encode_request_head},
@@ -189,6 +187,8 @@ struct Shared {
 pub struct Connection {
     shared: Arc<Shared>,
     versions: OnceLock<Versions>,
+    /// Merges concurrent Produce batches into shared requests; started on first use.
+    coalescer: OnceLock<super::coalesce::Coalescer>,
 }
 
 /// Room on a connection for one request, from [`Connection::admit`]. Dropping it gives the
@@ -198,6 +198,24 @@ pub struct Admission {
     permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
     size: usize,
     queued_at: Instant,
+}
+
+/// A place in a connection's queue of requests waiting for room (the *queued* gauge), from
+/// [`Connection::enter_queue`]; dropping it gives the place back.
+pub(crate) struct QueuePlace(Arc<ConnStats>);
+
+impl QueuePlace {
+    /// Counts one more queued request; returns the place and the gauge's new value.
+    pub(crate) fn new(stats: Arc<ConnStats>) -> (Self, u64) {
+        let queued = stats.queued.fetch_add(1, Ordering::Relaxed) + 1;
+        (Self(stats), queued)
+    }
+}
+
+impl Drop for QueuePlace {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Releases a request's bytes from the in-flight gauge when the request is done with, however
@@ -473,6 +491,7 @@ impl Connection {
         Arc::new(Connection {
             shared,
             versions: OnceLock::new(),
+            coalescer: OnceLock::new(),
         })
     }
 
@@ -512,31 +531,49 @@ impl Connection {
     /// ([`ConnError::QueueFull`]) or `size` exceeds the whole byte budget
     /// ([`ConnError::TooLarge`]). Cancelling it sends nothing and holds nothing.
     pub async fn admit(self: &Arc<Self>, size: usize) -> Result<Admission, RequestError> {
-        let shared = &self.shared;
-        let refuse = |cause: ConnError| {
-            shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
-            Err(RequestError {
-                cause,
+        let queued = self.enter_queue()?;
+        let admitted = self.admit_queued(size).await;
+        drop(queued);
+        admitted
+    }
+
+    /// Takes a place in the connection's queue of requests waiting for room, counted in the
+    /// *queued* gauge until the returned guard drops. Fails (counted as *rejected*) when
+    /// `max_queued` requests already wait.
+    pub(crate) fn enter_queue(&self) -> Result<QueuePlace, RequestError> {
+        let stats = &self.shared.stats;
+        let (place, queued) = QueuePlace::new(stats.clone());
+        if queued > self.shared.max_queued as u64 {
+            drop(place);
+            stats.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(RequestError {
+                cause: ConnError::QueueFull {
+                    limit: self.shared.max_queued,
+                },
                 maybe_sent: false,
-            })
-        };
+            });
+        }
+        stats.peak_queued.fetch_max(queued, Ordering::Relaxed);
+        Ok(place)
+    }
+
+    /// [`Self::admit`] for a request whose place in the queue is already held (see
+    /// [`Self::enter_queue`]).
+    pub(crate) async fn admit_queued(
+        self: &Arc<Self>,
+        size: usize,
+    ) -> Result<Admission, RequestError> {
+        let shared = &self.shared;
         if size > shared.max_in_flight_bytes {
-            return refuse(ConnError::TooLarge {
-                limit: shared.max_in_flight_bytes,
-                actual: size,
+            shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(RequestError {
+                cause: ConnError::TooLarge {
+                    limit: shared.max_in_flight_bytes,
+                    actual: size,
+                },
+                maybe_sent: false,
             });
         }
-        let (dec_queued, queued) = GaugeGuard::enter(&shared.stats.queued);
-        if queued > shared.max_queued as u64 {
-            drop(dec_queued);
-            return refuse(ConnError::QueueFull {
-                limit: shared.max_queued,
-            });
-        }
-        shared
-            .stats
-            .peak_queued
-            .fetch_max(queued, Ordering::Relaxed);
         let queued_at = Instant::now();
         let permits = async {
             let slot = shared.permits.clone().acquire_owned().await?;
@@ -548,7 +585,6 @@ impl Connection {
             Ok::<_, tokio::sync::AcquireError>((slot, bytes))
         }
         .await;
-        drop(dec_queued);
         match permits {
             Ok(permits) => Ok(Admission {
                 conn: self.clone(),
@@ -614,6 +650,20 @@ impl Connection {
     /// Counters of the slot this connection belongs to.
     pub fn stats(&self) -> &Arc<ConnStats> {
         &self.shared.stats
+    }
+
+    /// Largest request body the connection's byte budget admits.
+    pub fn max_request_bytes(&self) -> usize {
+        self.shared.max_in_flight_bytes
+    }
+
+    /// The connection's span (for tasks that work on its behalf).
+    pub(crate) fn span(&self) -> &Span {
+        &self.shared.span
+    }
+
+    pub(crate) fn coalescer(&self) -> &OnceLock<super::coalesce::Coalescer> {
+        &self.coalescer
     }
 }
 

@@ -113,6 +113,13 @@ pub enum ConnError {
     /// back unsent and the connection stays up.
     #[error("deadline passed before the request could be written; not sent")]
     NotSentInTime,
+    /// A call's deadline passed before the answer to the Produce request it shares with other
+    /// calls (see [`super::coalesce`]); the request stays in flight for those that wait longer,
+    /// and the connection is poisoned only if the last of them gets no answer either.
+    #[error(
+        "no answer within the deadline; the request stays in flight for the calls it was coalesced with"
+    )]
+    AnswerLate,
     /// The connection's queue is full (`max_queued_per_connection`).
     #[error("leader connection queue is full ({limit} requests waiting)")]
     QueueFull {

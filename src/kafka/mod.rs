@@ -1,6 +1,7 @@
 //! The Kafka-wire side: framing, the pipelined connection, version negotiation, the shape guard
 //! run before decoding, the connection pool and the leader map. Nothing in here knows about gRPC.
 
+pub mod coalesce;
 pub mod connection;
 pub mod error;
 pub mod frame;

@@ -10,6 +10,7 @@ use kafka_protocol::{
     },
     protocol::StrBytes,
 };
+use tokio::time::{Duration, Instant};
 
 use super::{
     error::ConnError,
@@ -65,6 +66,19 @@ pub fn encode(
         .with_timeout_ms(timeout_ms)
         .with_topic_data(topics);
     encode_body(ApiKey::Produce, version, &req)
+}
+
+/// The Kafka `timeout_ms` for a request sent now: `asked_ms`, cut so that the leader gives up
+/// before `deadline`, with a margin for the answer's way back (a tenth of the time left, at
+/// least 5 ms and at most 1 s; DESIGN.md §3.14). `None` when no useful time is left.
+pub fn cut_timeout(asked_ms: u32, deadline: Instant) -> Option<i32> {
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let margin = (remaining / 10).clamp(Duration::from_millis(5), Duration::from_secs(1));
+    let avail = remaining.checked_sub(margin)?.as_millis();
+    if avail == 0 {
+        return None;
+    }
+    Some(avail.min(u128::from(asked_ms)).min(i32::MAX as u128) as i32)
 }
 
 /// Sets `timeout_ms` in a body from [`encode`], in place when the buffer is not shared.

@@ -1,0 +1,555 @@
+//! Coalescing: Produce batches of concurrent calls for one leader connection go out as one
+//! multi-partition Produce request.
+//!
+//! A call hands its batches for a connection over as a [`Chunk`] (at most one batch per
+//! partition) with [`submit`]. One flusher task per connection takes every chunk queued since
+//! its last round and packs them into as few Produce requests as these rules allow:
+//!
+//! * at most one batch per partition per request (DESIGN.md §3.10), and a partition's batches
+//!   go out in the order their chunks were queued: a chunk goes into a request after every
+//!   request that holds an earlier batch of one of its partitions;
+//! * only chunks with the same `acks` and the same asked Kafka timeout share a request;
+//! * a request stays within [`MAX_COALESCED_BYTES`] and the connection's byte budget.
+//!
+//! There is no linger: a round takes what is queued, so a lone call goes out at once, and
+//! requests grow only while the connection is busy (the flusher waits for room on it, or has
+//! not been scheduled yet). The answer is decoded once and shared by the request's calls.
+//!
+//! Every call keeps its own deadline. One that passes while its chunk is still queued takes the
+//! chunk out unsent ([`ConnError::NotSentInTime`]). One that passes while the request is in
+//! flight ends that call's wait ([`ConnError::AnswerLate`]) and leaves the request to the calls
+//! that wait longer; the connection is poisoned (DESIGN.md §3.5) only if no answer has come by
+//! the latest deadline among them.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::{Arc, Weak},
+};
+
+use bytes::Bytes;
+use futures::{
+    FutureExt,
+    future::{BoxFuture, Shared},
+};
+use kafka_protocol::messages::ApiKey;
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::Instant,
+};
+use tracing::Instrument;
+
+use super::{
+    connection::{Connection, QueuePlace},
+    error::{ConnError, RequestError},
+    produce::{self, Answers, PartitionBatch, acks},
+};
+
+/// Largest Produce request the flusher builds from several chunks (estimated from the batches'
+/// sizes). Bounds the memory of one request and how many calls one slow answer holds up; when
+/// reached, further chunks go into the next request. A single chunk larger than this goes out
+/// alone (the connection's byte budget still applies to it).
+pub const MAX_COALESCED_BYTES: usize = 1024 * 1024;
+
+/// Most chunks the flusher takes from its queue for one round of packing. The rest wait for the
+/// next round, which goes out after this one, so order is kept; the queue itself is bounded by
+/// the connection's `max_queued` (see [`submit`]).
+const MAX_ROUND: usize = 4096;
+
+/// What a Produce request adds around one partition's batch (partition index, records length,
+/// topic name and array lengths), for the size estimate used while packing.
+const PART_OVERHEAD: usize = 32;
+
+/// One partition's batch.
+#[derive(Debug, Clone)]
+pub struct Part {
+    /// Topic name.
+    pub topic: String,
+    /// Partition index.
+    pub partition: i32,
+    /// One record batch, sent as is.
+    pub batch: Bytes,
+}
+
+/// One call's batches for one connection: at most one per partition.
+#[derive(Debug)]
+pub struct Chunk {
+    /// Kafka `acks` of the call.
+    pub acks: i16,
+    /// The Kafka `timeout_ms` the call asks for; cut at send time so that the leader gives up
+    /// before the call's deadline (see [`produce::cut_timeout`]).
+    pub timeout_ms: u32,
+    /// The call's deadline.
+    pub deadline: Instant,
+    /// The batches.
+    pub parts: Vec<Part>,
+}
+
+impl Chunk {
+    fn estimate(&self) -> usize {
+        self.parts
+            .iter()
+            .map(|p| p.batch.len() + p.topic.len() + PART_OVERHEAD)
+            .sum()
+    }
+}
+
+type SharedAnswer = Shared<BoxFuture<'static, Result<Option<Arc<Answers>>, RequestError>>>;
+
+/// A chunk whose request is queued for the connection's writer.
+pub struct Sent {
+    correlation_id: i32,
+    partitions: usize,
+    deadline: Instant,
+    answer: SharedAnswer,
+}
+
+impl Sent {
+    /// Correlation id of the request that carries the chunk.
+    pub fn correlation_id(&self) -> i32 {
+        self.correlation_id
+    }
+
+    /// Partitions in that request, the chunk's and those of the calls it was coalesced with.
+    pub fn partitions(&self) -> usize {
+        self.partitions
+    }
+
+    /// Waits for the leader's answer until `deadline`: the decoded response (shared by the
+    /// request's calls), or `None` for acks=0 once the request is written.
+    pub async fn answer(self, deadline: Instant) -> Result<Option<Arc<Answers>>, RequestError> {
+        // The request's own wait ends at the latest deadline of its calls (and poisons the
+        // connection then); a call that must give up earlier stops waiting on its own.
+        if deadline >= self.deadline {
+            return self.answer.await;
+        }
+        match tokio::time::timeout_at(deadline, self.answer).await {
+            Ok(r) => r,
+            Err(_) => Err(RequestError {
+                cause: ConnError::AnswerLate,
+                maybe_sent: true,
+            }),
+        }
+    }
+}
+
+/// A chunk queued by [`submit`].
+pub struct Ticket {
+    rx: oneshot::Receiver<Result<Sent, RequestError>>,
+    conn: Arc<Connection>,
+}
+
+impl Ticket {
+    /// Waits until the chunk's request is queued for the writer, or the chunk is refused
+    /// (deadline, connection closed, too large for the connection's byte budget).
+    pub async fn sent(self, deadline: Instant) -> Result<Sent, RequestError> {
+        match tokio::time::timeout_at(deadline, self.rx).await {
+            Ok(Ok(r)) => r,
+            // The flusher ended without deciding (the connection went away).
+            Ok(Err(_)) => Err(RequestError {
+                cause: self.conn.poisoned().unwrap_or(ConnError::Shutdown),
+                maybe_sent: false,
+            }),
+            // The flusher does not send a chunk with less than the Kafka timeout's margin left
+            // (at least 5 ms, see `produce::cut_timeout`), so one whose deadline passed here
+            // was not sent.
+            Err(_) => Err(RequestError {
+                cause: ConnError::NotSentInTime,
+                maybe_sent: false,
+            }),
+        }
+    }
+}
+
+struct Pending {
+    chunk: Chunk,
+    reply: oneshot::Sender<Result<Sent, RequestError>>,
+    /// The chunk counts as queued on the connection until it is sent or refused.
+    _place: QueuePlace,
+}
+
+impl Pending {
+    fn fail(self, cause: ConnError, maybe_sent: bool) {
+        let _ = self.reply.send(Err(RequestError { cause, maybe_sent }));
+    }
+}
+
+/// The coalescing queue of one connection.
+pub(crate) struct Coalescer {
+    tx: mpsc::UnboundedSender<Pending>,
+}
+
+/// Queues `chunk` for `conn`'s next Produce request. Fails at once, unsent, when the
+/// connection's queue is full (`max_queued`, [`ConnError::QueueFull`]) or it is closed.
+pub fn submit(conn: &Arc<Connection>, chunk: Chunk) -> Result<Ticket, RequestError> {
+    let place = conn.enter_queue()?;
+    let coalescer = conn.coalescer().get_or_init(|| {
+        let (tx, rx) = mpsc::unbounded_channel();
+        // The flusher holds the connection weakly: it ends when the connection is dropped
+        // (the queue's sender goes with it).
+        tokio::spawn(flush_loop(Arc::downgrade(conn), rx).instrument(conn.span().clone()));
+        Coalescer { tx }
+    });
+    let (reply, rx) = oneshot::channel();
+    let pending = Pending {
+        chunk,
+        reply,
+        _place: place,
+    };
+    if coalescer.tx.send(pending).is_err() {
+        return Err(RequestError {
+            cause: conn.poisoned().unwrap_or(ConnError::Shutdown),
+            maybe_sent: false,
+        });
+    }
+    Ok(Ticket {
+        rx,
+        conn: conn.clone(),
+    })
+}
+
+async fn flush_loop(conn: Weak<Connection>, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    let mut round = Vec::new();
+    while rx.recv_many(&mut round, MAX_ROUND).await > 0 {
+        // Let the tasks that are ready to run now (callers woken by the answers just read) go
+        // first: what they queue joins this round. This is the only wait before a send — one
+        // turn of the scheduler, no timer — so a lone call is not delayed.
+        tokio::task::yield_now().await;
+        while round.len() < MAX_ROUND {
+            match rx.try_recv() {
+                Ok(p) => round.push(p),
+                Err(_) => break,
+            }
+        }
+        let Some(conn) = conn.upgrade() else { return };
+        let limit = conn.max_request_bytes().min(MAX_COALESCED_BYTES);
+        let mut requests: VecDeque<Request> = pack(std::mem::take(&mut round), limit).into();
+        while let Some(req) = requests.pop_front() {
+            if let Some(split) = send(&conn, req).await {
+                // Too large together: each chunk alone, in the same order.
+                for r in split.into_iter().rev() {
+                    requests.push_front(r);
+                }
+            }
+        }
+    }
+}
+
+/// Chunks that go out as one Produce request.
+struct Request {
+    acks: i16,
+    timeout_ms: u32,
+    members: Vec<Pending>,
+}
+
+/// Packs a round of chunks into requests (see the module's rules), in wire order.
+fn pack(mut round: Vec<Pending>, limit: usize) -> Vec<Request> {
+    // A chunk whose caller has gone is not sent at all.
+    round.retain(|p| !p.reply.is_closed());
+    let mut placed = Vec::with_capacity(round.len());
+    let mut heads: Vec<(i16, u32, usize)> = Vec::new();
+    {
+        let mut last: HashMap<(&str, i32), usize> = HashMap::new();
+        for p in &round {
+            let c = &p.chunk;
+            let first = c
+                .parts
+                .iter()
+                .filter_map(|pt| last.get(&(pt.topic.as_str(), pt.partition)))
+                .max()
+                .map_or(0, |&j| j + 1);
+            let size = c.estimate();
+            let j = (first..heads.len())
+                .find(|&j| {
+                    let (a, t, bytes) = heads[j];
+                    a == c.acks && t == c.timeout_ms && bytes + size <= limit
+                })
+                .unwrap_or_else(|| {
+                    heads.push((c.acks, c.timeout_ms, 0));
+                    heads.len() - 1
+                });
+            heads[j].2 += size;
+            for pt in &c.parts {
+                last.insert((pt.topic.as_str(), pt.partition), j);
+            }
+            placed.push(j);
+        }
+    }
+    let mut out: Vec<Request> = heads
+        .iter()
+        .map(|&(acks, timeout_ms, _)| Request {
+            acks,
+            timeout_ms,
+            members: Vec::new(),
+        })
+        .collect();
+    for (p, j) in round.into_iter().zip(placed) {
+        out[j].members.push(p);
+    }
+    out
+}
+
+/// Takes out the members that cannot be sent now: callers gone, or too little time left for a
+/// useful Kafka timeout. Returns the request's Kafka timeout for the others.
+fn expire(req: &mut Request) -> Option<i32> {
+    let mut timeout: Option<i32> = None;
+    let mut keep = Vec::with_capacity(req.members.len());
+    for m in req.members.drain(..) {
+        if m.reply.is_closed() {
+            continue;
+        }
+        match produce::cut_timeout(req.timeout_ms, m.chunk.deadline) {
+            Some(t) => {
+                timeout = Some(timeout.map_or(t, |o| o.min(t)));
+                keep.push(m);
+            }
+            None => m.fail(ConnError::NotSentInTime, false),
+        }
+    }
+    req.members = keep;
+    timeout
+}
+
+impl Request {
+    /// Fails every member with `e`.
+    fn fail(&mut self, e: RequestError) {
+        for m in self.members.drain(..) {
+            m.fail(e.cause.clone(), e.maybe_sent);
+        }
+    }
+}
+
+/// Encodes the request's body; on failure (nothing sent) every member gets the cause.
+fn encode(req: &mut Request, version: i16, timeout: i32) -> Option<Bytes> {
+    let batches: Vec<PartitionBatch<'_>> = req
+        .members
+        .iter()
+        .flat_map(|m| &m.chunk.parts)
+        .map(|p| PartitionBatch {
+            topic: &p.topic,
+            partition: p.partition,
+            batch: p.batch.clone(),
+        })
+        .collect();
+    match produce::encode(version, req.acks, timeout, &batches) {
+        Ok(b) => Some(b),
+        Err(cause) => {
+            req.fail(RequestError {
+                cause,
+                maybe_sent: false,
+            });
+            None
+        }
+    }
+}
+
+/// Sends one request: waits for room on the connection, then queues it for the writer and
+/// hands each member its [`Sent`]. Returns the members as single requests when together they
+/// exceed the connection's byte budget.
+async fn send(conn: &Arc<Connection>, mut req: Request) -> Option<Vec<Request>> {
+    let version = conn.versions().produce;
+    let (admission, body) = loop {
+        let timeout = expire(&mut req)?;
+        let body = encode(&mut req, version, timeout)?;
+        let earliest = req.members.iter().map(|m| m.chunk.deadline).min()?;
+        // Waiting for room ends at the earliest deadline; that member is then taken out (it
+        // has no time left) and the others wait on.
+        match tokio::time::timeout_at(earliest, conn.admit_queued(body.len())).await {
+            Err(_) => continue,
+            Ok(Ok(a)) => break (a, body),
+            Ok(Err(e))
+                if req.members.len() > 1 && matches!(e.cause, ConnError::TooLarge { .. }) =>
+            {
+                let (acks, timeout_ms) = (req.acks, req.timeout_ms);
+                return Some(
+                    req.members
+                        .into_iter()
+                        .map(|m| Request {
+                            acks,
+                            timeout_ms,
+                            members: vec![m],
+                        })
+                        .collect(),
+                );
+            }
+            Ok(Err(e)) => {
+                req.fail(e);
+                return None;
+            }
+        }
+    };
+    // Waiting for room took time: the Kafka timeout is fixed only now, so that the leader gives
+    // up before the callers do (DESIGN.md §3.14).
+    let before = req.members.len();
+    let timeout = expire(&mut req)?;
+    let body = if req.members.len() == before {
+        produce::with_timeout(body, version, timeout)
+    } else {
+        encode(&mut req, version, timeout)?
+    };
+    let latest = req.members.iter().map(|m| m.chunk.deadline).max()?;
+    let in_flight = match admission.send(ApiKey::Produce, version, body, req.acks != acks::NONE) {
+        Ok(f) => f.with_deadline(latest),
+        Err(e) => {
+            req.fail(e);
+            return None;
+        }
+    };
+    let correlation_id = in_flight.correlation_id();
+    let partitions = req.members.iter().map(|m| m.chunk.parts.len()).sum();
+    let c = conn.clone();
+    let answer = async move {
+        match in_flight.wait(latest).await {
+            Ok(None) => Ok(None),
+            Ok(Some(frame)) => match produce::decode(version, frame) {
+                Ok(a) => Ok(Some(Arc::new(a))),
+                Err(cause) => {
+                    c.poison(cause.clone());
+                    Err(RequestError {
+                        cause,
+                        maybe_sent: true,
+                    })
+                }
+            },
+            // A request that may have been written and failed leaves the connection unusable:
+            // `wait` poisoned it already, or it was poisoned by the failure itself.
+            Err(e) => Err(e),
+        }
+    }
+    .boxed()
+    .shared();
+    for m in req.members {
+        let _ = m.reply.send(Ok(Sent {
+            correlation_id,
+            partitions,
+            deadline: latest,
+            answer: answer.clone(),
+        }));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(
+        acks: i16,
+        parts: &[(&str, i32)],
+    ) -> (Pending, oneshot::Receiver<Result<Sent, RequestError>>) {
+        let stats = Arc::new(super::super::connection::ConnStats::default());
+        let (reply, rx) = oneshot::channel();
+        let chunk = Chunk {
+            acks,
+            timeout_ms: 1000,
+            deadline: Instant::now() + std::time::Duration::from_secs(5),
+            parts: parts
+                .iter()
+                .map(|&(t, p)| Part {
+                    topic: t.into(),
+                    partition: p,
+                    batch: Bytes::from_static(&[0; 100]),
+                })
+                .collect(),
+        };
+        (
+            Pending {
+                chunk,
+                reply,
+                _place: QueuePlace::new(stats).0,
+            },
+            rx,
+        )
+    }
+
+    fn shape(reqs: &[Request]) -> Vec<Vec<Vec<(String, i32)>>> {
+        reqs.iter()
+            .map(|r| {
+                r.members
+                    .iter()
+                    .map(|m| {
+                        m.chunk
+                            .parts
+                            .iter()
+                            .map(|p| (p.topic.clone(), p.partition))
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn tp(t: &str, p: i32) -> (String, i32) {
+        (t.to_string(), p)
+    }
+
+    #[tokio::test]
+    async fn chunks_for_different_partitions_share_a_request() {
+        let (a, _ra) = pending(1, &[("t", 0)]);
+        let (b, _rb) = pending(1, &[("t", 1), ("u", 0)]);
+        let (c, _rc) = pending(1, &[("t", 2)]);
+        let reqs = pack(vec![a, b, c], MAX_COALESCED_BYTES);
+        assert_eq!(
+            shape(&reqs),
+            vec![vec![
+                vec![tp("t", 0)],
+                vec![tp("t", 1), tp("u", 0)],
+                vec![tp("t", 2)]
+            ]]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_partitions_batches_keep_their_order_one_per_request() {
+        // t-0 twice: b goes into a later request than a; c (t-2) still fits into the first;
+        // d (t-1) must follow b, which holds t-1 too.
+        let (a, _ra) = pending(1, &[("t", 0)]);
+        let (b, _rb) = pending(1, &[("t", 0), ("t", 1)]);
+        let (c, _rc) = pending(1, &[("t", 2)]);
+        let (d, _rd) = pending(1, &[("t", 1)]);
+        let reqs = pack(vec![a, b, c, d], MAX_COALESCED_BYTES);
+        assert_eq!(
+            shape(&reqs),
+            vec![
+                vec![vec![tp("t", 0)], vec![tp("t", 2)]],
+                vec![vec![tp("t", 0), tp("t", 1)]],
+                vec![vec![tp("t", 1)]],
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn only_equal_acks_share_a_request_and_the_size_bound_splits() {
+        let (a, _ra) = pending(1, &[("t", 0)]);
+        let (b, _rb) = pending(-1, &[("t", 1)]);
+        let (c, _rc) = pending(1, &[("t", 2)]);
+        let reqs = pack(vec![a, b, c], MAX_COALESCED_BYTES);
+        assert_eq!(
+            shape(&reqs),
+            vec![
+                vec![vec![tp("t", 0)], vec![tp("t", 2)]],
+                vec![vec![tp("t", 1)]]
+            ]
+        );
+        // Room for two 100-byte batches per request.
+        let (a, _ra) = pending(1, &[("t", 0)]);
+        let (b, _rb) = pending(1, &[("t", 1)]);
+        let (c, _rc) = pending(1, &[("t", 2)]);
+        let reqs = pack(vec![a, b, c], 2 * (100 + 1 + PART_OVERHEAD));
+        assert_eq!(
+            shape(&reqs),
+            vec![
+                vec![vec![tp("t", 0)], vec![tp("t", 1)]],
+                vec![vec![tp("t", 2)]]
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chunk_whose_caller_left_is_not_packed() {
+        let (a, ra) = pending(1, &[("t", 0)]);
+        let (b, _rb) = pending(1, &[("t", 1)]);
+        drop(ra);
+        let reqs = pack(vec![a, b], MAX_COALESCED_BYTES);
+        assert_eq!(shape(&reqs), vec![vec![vec![tp("t", 1)]]]);
+    }
+}
