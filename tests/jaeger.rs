@@ -253,6 +253,7 @@ async fn a_forward_is_one_trace_with_the_caller_in_jaeger() {
     assert_eq!(tag(send, "leaderlink.attempt"), 1);
     assert_eq!(tag(send, "leaderlink.acks"), -1);
     assert!(tag(send, "leaderlink.correlation_id").as_i64().is_some());
+    assert_eq!(tag(send, "leaderlink.request_partitions"), 1);
     assert_eq!(*tag(send, "leaderlink.kafka_error_code"), Value::Null);
 
     // Jaeger lists it under the service too.
