@@ -359,11 +359,16 @@ impl Forwarder {
                 // On a retry, keep going with the map we have until the deadline: some
                 // partitions may already have their answer.
                 Err(cause) => {
+                    // A refresh cut short by the call's own deadline says nothing new: the
+                    // earlier cause stays the one reported.
+                    let out_of_time = Instant::now() >= deadline;
                     for &i in &pending {
-                        st[i].last = Some(Failure::Conn {
-                            connecting: is_connect_failure(&cause),
-                            cause: cause.clone(),
-                        });
+                        if !(out_of_time && st[i].last.is_some()) {
+                            st[i].last = Some(Failure::Conn {
+                                connecting: is_connect_failure(&cause),
+                                cause: cause.clone(),
+                            });
+                        }
                     }
                 }
             }

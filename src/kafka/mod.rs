@@ -79,10 +79,11 @@ pub async fn connect(
     Ok(conn)
 }
 
-/// A deadline passing while connecting is reported as a connect timeout.
+/// A deadline passing while connecting (waiting for an answer, or to write a request of the
+/// handshake) is reported as a connect timeout.
 fn timed_out(e: ConnError, addr: &str, started: Instant) -> ConnError {
     match e {
-        ConnError::TimedOut => ConnError::ConnectTimeout {
+        ConnError::TimedOut | ConnError::NotSentInTime => ConnError::ConnectTimeout {
             addr: addr.to_string(),
             after: started.elapsed(),
         },

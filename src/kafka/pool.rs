@@ -151,6 +151,10 @@ impl Pool {
         );
         let conn = match connect(&addr, &self.config, slot.stats.clone(), deadline, span).await {
             Ok(c) => c,
+            // A dial cut short by this caller's own deadline says nothing about the broker: it
+            // is not remembered, so a caller with more time left dials again instead of taking
+            // over a failure that was only this caller running out of time.
+            Err(cause) if Instant::now() >= deadline => return Err(cause),
             Err(cause) => {
                 let attempts = failed.map_or(1, |f| f.attempts.saturating_add(1));
                 let (base, max) = self.backoff;
