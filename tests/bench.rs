@@ -59,6 +59,7 @@ fn forwarder_mode_reports_every_field_and_counts_what_the_leaders_hold() {
         assert!(v["latency_ms"][q].as_f64().is_some(), "latency_ms.{q}: {v}");
     }
     assert_eq!(v["mode"], "forwarder");
+    assert_eq!(v["grpc_api"], "unary");
     assert_eq!(v["batch_records"], 5);
     assert_eq!(v["errors"], 0);
     let records = v["records"].as_u64().unwrap();
@@ -117,5 +118,39 @@ fn a_rate_caps_the_calls_made() {
     assert!(
         (requests as f64) <= 100.0 * secs + 100.0 + 16.0,
         "{requests} calls in {secs} s"
+    );
+}
+
+#[test]
+fn grpc_stream_sends_every_call_on_forward_streams_and_counts_what_the_leaders_hold() {
+    let v = bench(&[
+        "--mode",
+        "forwarder",
+        "--grpc-stream",
+        "-d",
+        "2s",
+        "-c",
+        "8",
+        "-p",
+        "3",
+        "-b",
+        "2",
+    ]);
+    assert_eq!(v["grpc_api"], "stream");
+    assert_eq!(v["errors"], 0);
+    let records = v["records"].as_u64().unwrap();
+    assert!(records > 0);
+    assert_eq!(records, v["requests"].as_u64().unwrap() * 2);
+    assert_eq!(v["records_in_log"].as_i64().unwrap(), records as i64, "{v}");
+
+    let refused = Command::new(env!("CARGO_BIN_EXE_leaderlink-bench"))
+        .args(["--mode", "direct", "--grpc-stream", "-d", "1s"])
+        .output()
+        .expect("runs");
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--grpc-stream needs --mode forwarder"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
     );
 }

@@ -14,13 +14,16 @@ use std::{
 };
 
 use bytes::Bytes;
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use leaderlink::{
     config::{Config, LogFormat},
     dev::DevCluster,
     forward::Forwarder,
-    proto::v1::{Acks, ForwardRequest, PartitionData, Record, forwarder_client::ForwarderClient},
+    proto::v1::{
+        Acks, ForwardRequest, ForwardResponse, PartitionData, Record,
+        forwarder_client::ForwarderClient,
+    },
     server::{self, Running},
     telemetry,
 };
@@ -103,6 +106,10 @@ struct Args {
     /// from the call's start.
     #[arg(long, default_value_t = 0, value_name = "CALLS")]
     rate: u64,
+    /// Forwarder mode: each worker sends its calls one at a time on its own long-lived
+    /// ForwardStream instead of one unary Forward call each.
+    #[arg(long)]
+    grpc_stream: bool,
     /// Forwarder mode: HTTP/2 connections the workers share (worker w uses connection w % N).
     #[arg(long, default_value_t = 1, value_name = "N")]
     grpc_connections: usize,
@@ -186,8 +193,60 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 #[derive(Clone)]
 enum Target {
     Grpc(ForwarderClient<Channel>),
+    Stream(Box<StreamTarget>),
     Direct(Forwarder),
     Rdkafka(FutureProducer),
+}
+
+/// A worker's ForwardStream, opened on its first call (and again after a failure).
+struct StreamTarget {
+    client: ForwarderClient<Channel>,
+    open: Option<(
+        tokio::sync::mpsc::Sender<ForwardRequest>,
+        tonic::Streaming<ForwardResponse>,
+    )>,
+}
+
+impl Clone for StreamTarget {
+    /// The clone opens its own stream.
+    fn clone(&self) -> Self {
+        StreamTarget {
+            client: self.client.clone(),
+            open: None,
+        }
+    }
+}
+
+impl StreamTarget {
+    /// Sends `req` on the stream and waits for its answer (the only one outstanding).
+    async fn call(&mut self, req: ForwardRequest) -> Result<ForwardResponse, String> {
+        let (tx, rx) = match &mut self.open {
+            Some(o) => o,
+            None => {
+                let (tx, requests) = tokio::sync::mpsc::channel(1);
+                let answers = self
+                    .client
+                    .forward_stream(tokio_stream::wrappers::ReceiverStream::new(requests))
+                    .await
+                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                    .into_inner();
+                self.open.insert((tx, answers))
+            }
+        };
+        let answer = match tx.send(req).await {
+            Ok(()) => match rx.message().await {
+                Ok(Some(r)) if r.status_code == 0 => Ok(r),
+                Ok(Some(r)) => Err(format!("status {}: {}", r.status_code, r.status_message)),
+                Ok(None) => Err("the stream ended".to_string()),
+                Err(s) => Err(format!("{:?}: {}", s.code(), s.message())),
+            },
+            Err(_) => Err("the stream is closed".to_string()),
+        };
+        if answer.is_err() {
+            self.open = None;
+        }
+        answer
+    }
 }
 
 struct Shared {
@@ -233,7 +292,7 @@ async fn call(
 ) -> Result<u64, String> {
     let n = args.batch_records;
     match target {
-        Target::Grpc(_) | Target::Direct(_) => {
+        Target::Grpc(_) | Target::Stream(_) | Target::Direct(_) => {
             let req = ForwardRequest {
                 id: 0,
                 acks: acks_proto(args.acks) as i32,
@@ -261,6 +320,7 @@ async fn call(
                         .map(|r| r.into_inner())
                         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
                 }
+                Target::Stream(s) => s.call(req).await?,
                 Target::Direct(f) => f
                     .forward(req, Instant::now() + deadline, None, None)
                     .await
@@ -293,6 +353,15 @@ async fn call(
                 Some((e, _)) => Err(format!("{e} ({ok} of {n} records delivered)")),
             }
         }
+    }
+}
+
+/// The forwarder-mode target: unary calls, or a ForwardStream per worker (`--grpc-stream`).
+fn grpc_target(args: &Args, client: ForwarderClient<Channel>) -> Target {
+    if args.grpc_stream {
+        Target::Stream(Box::new(StreamTarget { client, open: None }))
+    } else {
+        Target::Grpc(client)
     }
 }
 
@@ -336,6 +405,14 @@ fn records_in_log(bootstrap: &str, topic: &str, partitions: i32) -> Option<i64> 
 
 fn main() {
     let args = Args::parse();
+    if args.grpc_stream && args.mode != Mode::Forwarder {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--grpc-stream needs --mode forwarder",
+            )
+            .exit();
+    }
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     // The mock cluster is not Send; it lives on its own thread inside DevCluster.
     let dev = if args.bootstrap.is_none() && args.forwarder.is_none() {
@@ -381,7 +458,7 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
     let mut running: Option<Running> = None;
     let target = match (args.mode, &args.forwarder) {
         (Mode::Forwarder, Some(url)) => {
-            Target::Grpc(grpc_client(url, args.tls_ca.as_deref()).await)
+            grpc_target(&args, grpc_client(url, args.tls_ca.as_deref()).await)
         }
         (Mode::Forwarder, None) => {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -389,7 +466,7 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
             let r = server::start(&cfg, l, a).await.expect("leaderlink starts");
             let url = format!("http://{}", r.addr);
             running = Some(r);
-            Target::Grpc(grpc_client(&url, args.tls_ca.as_deref()).await)
+            grpc_target(&args, grpc_client(&url, args.tls_ca.as_deref()).await)
         }
         (Mode::Direct, _) => Target::Direct(Forwarder::new(
             cfg.forward(),
@@ -452,14 +529,15 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
     }
     // Extra HTTP/2 connections for the gRPC modes (each `connect` opens its own).
     let mut targets = vec![target.clone()];
-    if let Target::Grpc(_) = &target {
+    if let Target::Grpc(_) | Target::Stream(_) = &target {
         let url = match (&args.forwarder, &running) {
             (Some(u), _) => u.clone(),
             (None, Some(r)) => format!("http://{}", r.addr),
             (None, None) => unreachable!("grpc target without a server"),
         };
         for _ in 1..args.grpc_connections.max(1) {
-            targets.push(Target::Grpc(
+            targets.push(grpc_target(
+                &args,
                 grpc_client(&url, args.tls_ca.as_deref()).await,
             ));
         }
@@ -567,6 +645,8 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
     };
     let out = serde_json::json!({
         "mode": format!("{:?}", args.mode).to_lowercase(),
+        "grpc_api": (args.mode == Mode::Forwarder)
+            .then_some(if args.grpc_stream { "stream" } else { "unary" }),
         "acks": match args.acks { AcksArg::Zero => "0", AcksArg::One => "1", AcksArg::All => "all" },
         "concurrency": args.concurrency,
         "record_size": args.record_size,
