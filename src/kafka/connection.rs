@@ -539,10 +539,13 @@ impl Connection {
 
     /// Takes a place in the connection's queue of requests waiting for room, counted in the
     /// *queued* gauge until the returned guard drops. Fails (counted as *rejected*) when
-    /// `max_queued` requests already wait.
+    /// `max_queued` requests already wait beyond those the free in-flight slots take at once
+    /// (a burst on an idle connection is not refused for requests that can go out now).
     pub(crate) fn enter_queue(&self) -> Result<QueuePlace, RequestError> {
         let stats = &self.shared.stats;
         let (place, queued) = QueuePlace::new(stats.clone());
+        let free = self.shared.permits.available_permits() as u64;
+        let queued = queued.saturating_sub(free);
         if queued > self.shared.max_queued as u64 {
             drop(place);
             stats.rejected.fetch_add(1, Ordering::Relaxed);
