@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::{collections::HashSet, sync::atomic::Ordering, time::Duration};
+use std::{collections::HashSet, time::Duration};
 
 use common::{forward_one, read_back, records, request, start, topic};
 use leaderlink::proto::v1::Acks;
@@ -31,15 +31,7 @@ async fn concurrent_calls_for_one_leader_share_requests_and_get_their_own_offset
         );
         leaders.insert(r.leader_id);
     }
-    let sent = |h: &common::Harness| -> u64 {
-        h.server
-            .forwarder
-            .pool()
-            .slots()
-            .iter()
-            .map(|s| s.stats.sent.load(Ordering::Relaxed))
-            .sum()
-    };
+    let sent = |h: &common::Harness| h.server.forwarder.pool().requests_sent();
     let before = sent(&h);
     h.dev
         .set_leader_latency(Duration::from_millis(500))

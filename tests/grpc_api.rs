@@ -175,15 +175,7 @@ async fn bad_requests_get_invalid_argument_naming_the_field_and_reach_no_leader(
     forward_one(&mut c, request(0, Acks::All, &t, 0, records("w", 1)))
         .await
         .unwrap();
-    let sent = |h: &common::Harness| -> u64 {
-        h.server
-            .forwarder
-            .pool()
-            .slots()
-            .iter()
-            .map(|s| s.stats.sent.load(Ordering::Relaxed))
-            .sum()
-    };
+    let sent = |h: &common::Harness| h.server.forwarder.pool().requests_sent();
     let before = sent(&h);
 
     // A valid batch, to corrupt in each way the validation must catch.

@@ -630,13 +630,7 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
     });
     // Requests written to the leaders (warm-up included): below `requests` when calls for
     // different partitions were coalesced into shared Produce requests.
-    let leader_requests = peak_in_flight.map(|f| {
-        f.pool()
-            .slots()
-            .iter()
-            .map(|s| s.stats.sent.load(Ordering::Relaxed))
-            .sum::<u64>()
-    });
+    let leader_requests = peak_in_flight.map(|f| f.pool().requests_sent());
     // Offsets say how many records the leaders hold (when the topic was fresh, minus warm-up).
     let in_log = if dev.is_some() {
         records_in_log(&bootstrap, &args.topic, args.partitions).map(|n| n - warm_records as i64)

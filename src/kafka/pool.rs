@@ -205,6 +205,14 @@ impl Pool {
         (drained, in_flight)
     }
 
+    /// Requests written to leaders so far over every slot's connections (the slots' `sent`).
+    pub fn requests_sent(&self) -> u64 {
+        self.slots()
+            .iter()
+            .map(|s| s.stats.sent.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// Every slot opened so far, sorted by broker and index.
     pub fn slots(&self) -> Vec<Arc<Slot>> {
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
