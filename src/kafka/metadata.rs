@@ -15,7 +15,7 @@ use kafka_protocol::{
     },
     protocol::StrBytes,
 };
-use tokio::time::Instant;
+use tokio::time::{Duration, Instant};
 use tracing::{Instrument, debug, debug_span, field::Empty, info_span};
 
 use super::{
@@ -24,6 +24,11 @@ use super::{
     error::{ConnError, chain},
     frame::{decode_response, encode_body},
 };
+
+/// Least time a Metadata request has for its answer, however close the deadline of the call
+/// that sent it: a late answer keeps the shared metadata connection up; one that has not come by
+/// then poisons it.
+const METADATA_ANSWER_GRACE: Duration = Duration::from_secs(2);
 
 /// A broker's address as the cluster advertises it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,6 +271,12 @@ impl MetadataClient {
                     self.refreshes.fetch_add(1, Ordering::Relaxed);
                     return Ok(map);
                 }
+                // The caller's deadline passed with the answer still due on a healthy
+                // connection: the connection stays (see `fetch`).
+                Err(e @ ConnError::TimedOut) if c.poisoned().is_none() => {
+                    last_err = e;
+                    break;
+                }
                 Err(e) => {
                     c.poison(e.clone());
                     *conn = None;
@@ -339,12 +350,19 @@ impl MetadataClient {
             // leave auto-creation to the broker's setting.
             .with_allow_auto_topic_creation(version < 4 || self.allow_auto_topic_creation);
         let body = encode_body(ApiKey::Metadata, version, &req)?;
-        let frame = conn
+        let in_flight = conn
             .send(ApiKey::Metadata, version, body, true)
             .await
-            .map_err(|e| e.cause)?
-            .wait(deadline)
+            .map_err(|e| e.cause)?;
+        // The metadata connection is shared: a call running out of time must not tear it down
+        // because the answer is late. The request keeps a deadline of its own, at least
+        // METADATA_ANSWER_GRACE away; the caller stops waiting at its deadline (`TimedOut`, the
+        // connection kept), and the connection is poisoned only if no answer has come by the
+        // request's (InFlight's watchdog), so a silent broker is still noticed.
+        let own = deadline.max(Instant::now() + METADATA_ANSWER_GRACE);
+        let frame = tokio::time::timeout_at(deadline, in_flight.wait(own))
             .await
+            .map_err(|_| ConnError::TimedOut)?
             .map_err(|e| e.cause)?
             .ok_or(ConnError::Shutdown)?;
         decode_response(ApiKey::Metadata, version, frame)
