@@ -20,7 +20,7 @@ pub const LEN_PREFIX: usize = 4;
 #[derive(Debug)]
 pub struct FrameDecoder {
     /// Largest accepted frame body. A larger length prefix poisons the connection instead of
-    /// being allocated (DESIGN.md §3.6).
+    /// being allocated (docs/design.md §3.6).
     max_frame_bytes: usize,
 }
 
@@ -80,7 +80,7 @@ pub fn encode_request_head(
     client_id: &Option<StrBytes>,
     body_len: usize,
 ) -> Result<Bytes, ConnError> {
-    // Header versions follow the API version (DESIGN.md §3.8); client_id is a classic nullable
+    // Header versions follow the API version (docs/design.md §3.8); client_id is a classic nullable
     // string in every header version, which kafka-protocol's RequestHeader honours.
     let header_version = api_key.request_header_version(api_version);
     let header = RequestHeader::default()
@@ -122,7 +122,7 @@ pub fn decode_response_counting<R: Decodable>(
         api: api_name(api_key),
         reason: e.to_string(),
     };
-    // ApiVersions responses always use header v0 (DESIGN.md §3.8); kafka-protocol's
+    // ApiVersions responses always use header v0 (docs/design.md §3.8); kafka-protocol's
     // `response_header_version` already encodes that rule.
     let header_version = api_key.response_header_version(api_version);
     ResponseHeader::decode(&mut frame, header_version).map_err(malformed)?;

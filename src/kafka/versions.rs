@@ -1,4 +1,4 @@
-//! Per-connection API version negotiation (DESIGN.md §3.9).
+//! Per-connection API version negotiation (docs/design.md §3.9).
 
 use bytes::Bytes;
 use kafka_protocol::{
