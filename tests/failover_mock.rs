@@ -130,6 +130,7 @@ async fn peak_for(ordering: PartitionOrder, batch: impl Fn(u64) -> PartitionData
                     acks: Acks::All as i32,
                     timeout_ms: 0,
                     partitions: vec![p],
+                    transactional_id: String::new(),
                 };
                 forward_one(&mut c, req).await
             })
@@ -184,4 +185,72 @@ async fn idempotent_batches_have_at_most_five_requests_in_flight_per_partition()
     assert_eq!(ok, 24);
     // ...and never more than five of these batches were in flight at once.
     assert_eq!(peak, 5);
+}
+
+/// Starts `held` calls for one partition of a slow leader, cancels them while their requests
+/// are in flight, then makes one more call for the partition; returns the peak in flight on the
+/// leader connection.
+async fn peak_after_cancelled(
+    ordering: PartitionOrder,
+    held: u64,
+    batch: impl Fn(u64) -> PartitionData,
+) -> u64 {
+    let h = start(|cfg| cfg.ordering = ordering).await;
+    let (t, warm) = common::warm_topic(&h, "gate", 1).await;
+    h.dev
+        .set_leader_latency(Duration::from_millis(800))
+        .unwrap();
+    let call = |i: u64| {
+        let mut c = h.client.clone();
+        let mut p = batch(i);
+        p.topic = t.clone();
+        tokio::spawn(async move {
+            let req = ForwardRequest {
+                id: i,
+                acks: Acks::All as i32,
+                timeout_ms: 0,
+                partitions: vec![p],
+                transactional_id: String::new(),
+            };
+            forward_one(&mut c, req).await
+        })
+    };
+    let cancelled: Vec<_> = (1..=held).map(call).collect();
+    let slots = h.server.forwarder.pool().slots();
+    let slot = slots
+        .iter()
+        .find(|s| s.broker_id == warm.leader_id)
+        .unwrap()
+        .clone();
+    // Their requests are on the wire...
+    let started = tokio::time::Instant::now();
+    while slot.stats.in_flight.load(Ordering::Relaxed) < held {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "never in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // ...when their callers go away (the gRPC calls are reset; the server drops the calls).
+    for c in &cancelled {
+        c.abort();
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let last = call(held + 1).await.unwrap();
+    assert_eq!(last.map(|r| r.error_code).ok(), Some(0));
+    slot.stats.peak_in_flight.load(Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_calls_request_keeps_its_partition_slot_until_answered() {
+    // Strict: the next batch of the partition waits for the cancelled call's request.
+    assert_eq!(
+        peak_after_cancelled(PartitionOrder::Strict, 1, plain).await,
+        1
+    );
+    // Idempotent: five requests in flight for the partition, whoever still waits on them.
+    assert_eq!(
+        peak_after_cancelled(PartitionOrder::Pipelined, 5, idempotent).await,
+        5
+    );
 }

@@ -66,6 +66,7 @@ async fn raw_record_batches_are_forwarded() {
             record_batch: common::raw_batch(values, -1, -1),
             records: vec![],
         }],
+        transactional_id: String::new(),
     };
     let r = forward_one(&mut c, raw(1, &["x", "y", "z"])).await.unwrap();
     assert_eq!((r.error_code, r.base_offset), (0, 0), "{r:?}");
@@ -162,6 +163,7 @@ async fn one_request_spans_leaders_and_repeats_a_partition_in_order() {
         acks: Acks::All as i32,
         timeout_ms: 0,
         partitions: vec![part(0, 2), part(1, 1), part(2, 1), part(0, 3), part(0, 1)],
+        transactional_id: String::new(),
     };
     let resp = forward(&mut c, req).await.unwrap();
     assert_eq!(resp.id, 9);

@@ -162,6 +162,7 @@ fn req(parts: Vec<PartitionData>) -> ForwardRequest {
         acks: Acks::All as i32,
         timeout_ms: 0,
         partitions: parts,
+        transactional_id: String::new(),
     }
 }
 
@@ -280,6 +281,39 @@ async fn bad_requests_get_invalid_argument_naming_the_field_and_reach_no_leader(
             "CRC",
         ),
         ("too large", req(vec![huge]), "request", "max_request_bytes"),
+        (
+            "transactional batch without a transactional id",
+            req(vec![with_batch(common::producer_batch(
+                &["v"],
+                7,
+                0,
+                0,
+                true,
+            ))]),
+            "transactional_id",
+            "partitions[0].record_batch is transactional",
+        ),
+        (
+            "plain batch under a transactional id",
+            ForwardRequest {
+                transactional_id: "tx-1".into(),
+                ..req(vec![
+                    with_batch(common::producer_batch(&["v"], 7, 0, 0, true)),
+                    with_batch(good_batch.clone()),
+                ])
+            },
+            "partitions[1].record_batch",
+            "not transactional",
+        ),
+        (
+            "records under a transactional id",
+            ForwardRequest {
+                transactional_id: "tx-1".into(),
+                ..req(vec![part(&t, 0)])
+            },
+            "partitions[0].records",
+            "transactional_id",
+        ),
         ("no partitions", req(vec![]), "partitions", "at least one"),
         (
             "unknown acks",

@@ -152,6 +152,7 @@ fn traced_request(id: u64, value: &str) -> ForwardRequest {
                 timestamp_ms: 0,
             }],
         }],
+        transactional_id: String::new(),
     }
 }
 

@@ -263,6 +263,7 @@ fn forward_request(t: &Topics) -> impl Strategy<Value = ForwardRequest> {
         acks,
         timeout_ms,
         partitions,
+        transactional_id: String::new(),
     })
 }
 

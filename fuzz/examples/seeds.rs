@@ -300,6 +300,7 @@ fn main() {
                 }],
             },
         ],
+        transactional_id: String::new(),
     };
     write(
         "forward_validate",
@@ -316,6 +317,7 @@ fn main() {
             record_batch: raw_batch(producer_id),
             records: vec![],
         }],
+        transactional_id: String::new(),
     };
     write(
         "forward_validate",

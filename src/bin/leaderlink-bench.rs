@@ -310,6 +310,7 @@ async fn call(
                         })
                         .collect(),
                 }],
+                transactional_id: String::new(),
             };
             let resp = match target {
                 Target::Grpc(c) => {

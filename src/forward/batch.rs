@@ -20,6 +20,8 @@ const CRC_OFFSET: usize = 17;
 const ATTRIBUTES_OFFSET: usize = 21;
 const PRODUCER_ID_OFFSET: usize = 43;
 const RECORDS_COUNT_OFFSET: usize = 57;
+/// Attributes bit of a transactional batch.
+const TRANSACTIONAL_BIT: i16 = 0x10;
 
 /// What a valid raw batch header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +30,9 @@ pub struct BatchInfo {
     pub records: i32,
     /// Producer id; -1 for non-idempotent batches.
     pub producer_id: i64,
+    /// Attributes bit 0x10: the batch belongs to a transaction. Apache Kafka accepts it only in
+    /// a Produce request that carries the producer's `transactional_id` (docs/design.md §3.15).
+    pub transactional: bool,
 }
 
 /// Checks that `b` is exactly one v2 record batch: long enough, magic 2, length field matching
@@ -75,9 +80,15 @@ pub fn check(b: &[u8]) -> Result<BatchInfo, String> {
             .try_into()
             .expect("8"),
     );
+    let attributes = i16::from_be_bytes(
+        b[ATTRIBUTES_OFFSET..ATTRIBUTES_OFFSET + 2]
+            .try_into()
+            .expect("2"),
+    );
     Ok(BatchInfo {
         records,
         producer_id,
+        transactional: attributes & TRANSACTIONAL_BIT != 0,
     })
 }
 

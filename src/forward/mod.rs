@@ -122,7 +122,7 @@ pub struct ForwardConfig {
     pub trace_record_header: bool,
 }
 
-/// Kafka errors after which the leader map is refreshed before retrying (DESIGN.md §3.13):
+/// Kafka errors after which the leader map is refreshed before retrying (docs/design.md §3.13):
 /// UNKNOWN_TOPIC_OR_PARTITION, LEADER_NOT_AVAILABLE, NOT_LEADER_OR_FOLLOWER, NETWORK_EXCEPTION,
 /// KAFKA_STORAGE_ERROR, FENCED_LEADER_EPOCH.
 fn needs_refresh(code: i16) -> bool {
@@ -172,6 +172,10 @@ struct ItemState {
     /// Refreshed metadata rounds that still did not know the topic.
     unknown_rounds: u32,
 }
+
+/// One permit of a partition's gate, shared by a call and the requests that carry its batches
+/// of the partition (see `Forwarder::enter_gates`).
+type GateHold = Arc<OwnedSemaphorePermit>;
 
 /// The forwarding core. Cheap to clone.
 #[derive(Clone)]
@@ -255,31 +259,48 @@ impl Forwarder {
             .clone()
     }
 
-    /// Strict ordering: takes every partition's single permit, in a fixed order (no deadlock
-    /// between calls sharing partitions), for the whole call.
-    async fn enter_strict(
+    /// Takes one permit of each gated partition's gate for the whole call: every partition in
+    /// strict mode, those of idempotent batches otherwise (a call sends a partition's batches
+    /// one request at a time, so one permit per partition suffices). Taken in (topic,
+    /// partition) order, so calls sharing partitions cannot deadlock.
+    ///
+    /// Each permit is shared: the call holds it until it ends, and each request that carries a
+    /// batch of the partition holds it until that request is answered or its connection is
+    /// gone (docs/design.md §3.16), even when the call stops waiting sooner.
+    async fn enter_gates(
         &self,
         v: &Validated,
         deadline: Instant,
-    ) -> Result<Vec<OwnedSemaphorePermit>, ForwardError> {
+    ) -> Result<HashMap<(String, i32), GateHold>, ForwardError> {
+        let strict = self.inner.cfg.ordering == PartitionOrder::Strict;
         let mut tps: Vec<(&str, i32)> = v
             .items
             .iter()
+            .filter(|it| strict || it.idempotent)
             .map(|it| (it.topic.as_str(), it.partition))
             .collect();
         tps.sort_unstable();
         tps.dedup();
-        let mut held = Vec::with_capacity(tps.len());
+        let mut held = HashMap::with_capacity(tps.len());
         for (topic, partition) in tps {
             match tokio::time::timeout_at(deadline, self.gate(topic, partition).acquire_owned())
                 .await
             {
-                Ok(Ok(p)) => held.push(p),
+                Ok(Ok(p)) => {
+                    held.insert((topic.to_string(), partition), Arc::new(p));
+                }
                 _ => {
+                    let why = if strict {
+                        "ordering = strict".to_string()
+                    } else {
+                        format!(
+                            "idempotent batches: at most {MAX_IDEMPOTENT_IN_FLIGHT} requests in \
+                             flight per partition"
+                        )
+                    };
                     return Err(ForwardError::DeadlineExceeded {
                         detail: format!(
-                            "still waiting behind earlier requests for {topic}-{partition} \
-                             (ordering = strict)"
+                            "still waiting behind earlier requests for {topic}-{partition} ({why})"
                         ),
                     });
                 }
@@ -310,7 +331,7 @@ impl Forwarder {
     }
 
     /// The Kafka `timeout_ms` a request asks for, or the default when it says 0. The coalescer
-    /// cuts it to fit the caller's deadline when it sends (DESIGN.md §3.14).
+    /// cuts it to fit the caller's deadline when it sends (docs/design.md §3.14).
     fn asked_timeout(&self, asked: u32) -> u32 {
         if asked == 0 {
             self.inner.cfg.kafka_timeout_ms
@@ -335,11 +356,7 @@ impl Forwarder {
         let header = traceparent.filter(|_| self.inner.cfg.trace_record_header);
         let v = validate(req, self.inner.cfg.max_request_bytes, now_ms(), header)?;
         let strict = self.inner.cfg.ordering == PartitionOrder::Strict;
-        let _strict = if strict {
-            self.enter_strict(&v, deadline).await?
-        } else {
-            Vec::new()
-        };
+        let gates = self.enter_gates(&v, deadline).await?;
         let mut st: Vec<ItemState> = (0..v.items.len()).map(|_| ItemState::default()).collect();
         let mut pending: Vec<usize> = (0..v.items.len()).collect();
         let mut refresh = false;
@@ -519,36 +536,15 @@ impl Forwarder {
                                 retry.push(i);
                             }
                         };
-                    // Idempotent batches: at most MAX_IDEMPOTENT_IN_FLIGHT requests in flight per
-                    // partition (strict mode already holds the partition's only permit). Taken in
-                    // (topic, partition) order, so calls sharing partitions cannot deadlock.
-                    let mut permits = Vec::new();
-                    if !strict {
-                        let mut gated: Vec<usize> = chunk
-                            .iter()
-                            .copied()
-                            .filter(|&i| v.items[i].idempotent)
-                            .collect();
-                        gated.sort_by(|&a, &b| {
-                            (&v.items[a].topic, v.items[a].partition)
-                                .cmp(&(&v.items[b].topic, v.items[b].partition))
-                        });
-                        let mut timed_out = false;
-                        for i in gated {
-                            let gate = self.gate(&v.items[i].topic, v.items[i].partition);
-                            match tokio::time::timeout_at(deadline, gate.acquire_owned()).await {
-                                Ok(Ok(p)) => permits.push(p),
-                                _ => {
-                                    timed_out = true;
-                                    break;
-                                }
-                            }
-                        }
-                        if timed_out {
-                            not_sent(&mut st, &mut retry, ConnError::NotSentInTime);
-                            continue;
-                        }
-                    }
+                    // The gate permits of the chunk's partitions go with its request.
+                    let holds: Vec<GateHold> = chunk
+                        .iter()
+                        .filter_map(|&i| {
+                            gates
+                                .get(&(v.items[i].topic.clone(), v.items[i].partition))
+                                .cloned()
+                        })
+                        .collect();
                     // Into the connection's coalescing queue: concurrent calls' batches for
                     // other partitions of this leader may share the Produce request.
                     let submitted = coalesce::submit(
@@ -557,6 +553,9 @@ impl Forwarder {
                             acks: v.acks,
                             timeout_ms: self.asked_timeout(v.timeout_ms),
                             deadline,
+                            transactional_id: v.transactional_id.clone(),
+                            hold: (!holds.is_empty())
+                                .then(|| Box::new(holds) as crate::kafka::connection::Attachment),
                             parts: chunk
                                 .iter()
                                 .map(|&i| coalesce::Part {
@@ -578,7 +577,7 @@ impl Forwarder {
                             }
                             let attempt = chunk.iter().map(|&i| st[i].attempts).max();
                             let span = leader_span(&v, &chunk, &broker, attempt.unwrap_or(1));
-                            waits.push((conn.clone(), broker.id, chunk, ticket, permits, span));
+                            waits.push((conn.clone(), broker.id, chunk, ticket, span));
                         }
                         Err(RequestError {
                             cause: cause @ ConnError::QueueFull { .. },
@@ -602,35 +601,35 @@ impl Forwarder {
                 let _ = enqueued.take().map(|tx| tx.send(()));
             }
 
-            let answers = join_all(waits.into_iter().map(
-                |(conn, broker, chunk, ticket, permits, span)| {
-                    async move {
-                        let r = match ticket.sent(deadline).await {
-                            Ok(sent) => {
-                                let span = Span::current();
-                                span.record("leaderlink.correlation_id", sent.correlation_id());
-                                span.record(
-                                    "leaderlink.request_partitions",
-                                    sent.partitions() as i64,
-                                );
-                                sent.answer(deadline).await
-                            }
-                            Err(e) => Err(e),
-                        };
-                        // The answer is in: this request no longer counts as in flight.
-                        drop(permits);
-                        (conn, broker, chunk, r, Span::current())
-                    }
-                    .instrument(span)
-                },
-            ))
+            let answers = join_all(
+                waits
+                    .into_iter()
+                    .map(|(conn, broker, chunk, ticket, span)| {
+                        async move {
+                            let r = match ticket.sent(deadline).await {
+                                Ok(sent) => {
+                                    let span = Span::current();
+                                    span.record("leaderlink.correlation_id", sent.correlation_id());
+                                    span.record(
+                                        "leaderlink.request_partitions",
+                                        sent.partitions() as i64,
+                                    );
+                                    sent.answer(deadline).await
+                                }
+                                Err(e) => Err(e),
+                            };
+                            (conn, broker, chunk, r, Span::current())
+                        }
+                        .instrument(span)
+                    }),
+            )
             .await;
             for (conn, broker, chunk, r, span) in answers {
                 // The span ends when this iteration has read the answer.
                 let _entered = span.enter();
                 let answers = match r {
                     Ok(None) => {
-                        // acks=0: done once written (DESIGN.md §3.4).
+                        // acks=0: done once written (docs/design.md §3.4).
                         for i in chunk {
                             self.count_forwarded(&v.items[i]);
                             st[i].result = Some(ok_result(&v.items[i], -1, -1, -1, broker, &st[i]));
@@ -944,7 +943,7 @@ fn is_connect_failure(cause: &ConnError) -> bool {
     )
 }
 
-/// Kafka answers after which the batch may nevertheless be in the log (DESIGN.md §3.12):
+/// Kafka answers after which the batch may nevertheless be in the log (docs/design.md §3.12):
 /// REQUEST_TIMED_OUT, NOT_ENOUGH_REPLICAS_AFTER_APPEND, and NOT_LEADER_OR_FOLLOWER under
 /// acks=all (the old leader may have appended before losing leadership).
 fn may_have_appended(code: i16, acks_value: i16) -> bool {
@@ -952,7 +951,7 @@ fn may_have_appended(code: i16, acks_value: i16) -> bool {
 }
 
 /// Splits one leader connection's items into requests holding at most one batch per partition
-/// (DESIGN.md §3.10): the k-th batch for a partition goes into the k-th request, so batches of
+/// (docs/design.md §3.10): the k-th batch for a partition goes into the k-th request, so batches of
 /// one partition keep their order on the wire.
 fn one_batch_per_partition(v: &Validated, items: Vec<usize>) -> Vec<Vec<usize>> {
     let mut seen: HashMap<(&str, i32), usize> = HashMap::new();

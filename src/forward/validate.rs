@@ -1,5 +1,7 @@
 //! Checks a `ForwardRequest` before any leader sees it.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use prost::Message;
 
@@ -38,9 +40,15 @@ pub struct Validated {
     pub acks: i16,
     /// Kafka `timeout_ms` asked for; 0 = server default.
     pub timeout_ms: u32,
+    /// The producer's transactional id, sent in the Produce request; set exactly when the
+    /// request carries transactional batches.
+    pub transactional_id: Option<Arc<str>>,
     /// Payloads, in request order.
     pub items: Vec<Item>,
 }
+
+/// Longest transactional id: the Produce request carries it as a string with an int16 length.
+pub const MAX_TRANSACTIONAL_ID_LEN: usize = i16::MAX as usize;
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ForwardError {
     ForwardError::Invalid {
@@ -125,6 +133,17 @@ pub fn validate(
     if req.partitions.is_empty() {
         return Err(invalid("partitions", "at least one partition is required"));
     }
+    if req.transactional_id.len() > MAX_TRANSACTIONAL_ID_LEN {
+        return Err(invalid(
+            "transactional_id",
+            format!(
+                "is {} bytes; Kafka allows at most {MAX_TRANSACTIONAL_ID_LEN}",
+                req.transactional_id.len()
+            ),
+        ));
+    }
+    let transactional_id: Option<Arc<str>> =
+        (!req.transactional_id.is_empty()).then(|| req.transactional_id.as_str().into());
     let mut items = Vec::with_capacity(req.partitions.len());
     for (i, p) in req.partitions.into_iter().enumerate() {
         let field = |f: &str| format!("partitions[{i}].{f}");
@@ -151,7 +170,36 @@ pub fn validate(
             (false, true) => {
                 let info =
                     batch::check(&p.record_batch).map_err(|r| invalid(field("record_batch"), r))?;
+                // Apache Kafka refuses a whole Produce request that holds a transactional batch
+                // but no transactional id (TRANSACTIONAL_ID_AUTHORIZATION_FAILED), so the two go
+                // together (docs/design.md §3.15).
+                match (info.transactional, transactional_id.is_some()) {
+                    (true, false) => {
+                        return Err(invalid(
+                            "transactional_id",
+                            format!(
+                                "is empty, but partitions[{i}].record_batch is transactional \
+                                 (attributes bit 0x10); set the producer's transactional id"
+                            ),
+                        ));
+                    }
+                    (false, true) => {
+                        return Err(invalid(
+                            field("record_batch"),
+                            "is not transactional (attributes bit 0x10 unset), but \
+                             transactional_id is set; send plain batches in another request",
+                        ));
+                    }
+                    _ => {}
+                }
                 (p.record_batch, info.records as u32, info.producer_id >= 0)
+            }
+            (true, false) if transactional_id.is_some() => {
+                return Err(invalid(
+                    field("records"),
+                    "are encoded by leaderlink outside any transaction, but transactional_id \
+                     is set; send the producer's transactional record_batch instead",
+                ));
             }
             (true, false) => {
                 let mut records = p.records;
@@ -191,6 +239,7 @@ pub fn validate(
         id: req.id,
         acks,
         timeout_ms: req.timeout_ms,
+        transactional_id,
         items,
     })
 }
@@ -224,6 +273,7 @@ mod tests {
                 record_batch: Bytes::new(),
                 records: vec![Record::default(); n],
             }],
+            transactional_id: String::new(),
         };
         let tp = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
         // 400 empty records: 800 bytes of protobuf, over 30 KB of batch with the header.

@@ -5,10 +5,12 @@
 //! partition) with [`submit`]. One flusher task per connection takes every chunk queued since
 //! its last round and packs them into as few Produce requests as these rules allow:
 //!
-//! * at most one batch per partition per request (DESIGN.md §3.10), and a partition's batches
+//! * at most one batch per partition per request (docs/design.md §3.10), and a partition's batches
 //!   go out in the order their chunks were queued: a chunk goes into a request after every
 //!   request that holds an earlier batch of one of its partitions;
-//! * only chunks with the same `acks` and the same asked Kafka timeout share a request;
+//! * only chunks with the same `acks`, the same asked Kafka timeout and the same transactional id
+//!   (or none) share a request: Apache Kafka refuses a whole request whose transactional id
+//!   does not fit one of its batches (docs/design.md §3.15), which must not touch other calls;
 //! * a request stays within [`MAX_COALESCED_BYTES`] and the connection's byte budget.
 //!
 //! There is no linger: a round takes what is queued, so a lone call goes out at once, and
@@ -18,7 +20,7 @@
 //! Every call keeps its own deadline. One that passes while its chunk is still queued takes the
 //! chunk out unsent ([`ConnError::NotSentInTime`]). One that passes while the request is in
 //! flight ends that call's wait ([`ConnError::AnswerLate`]) and leaves the request to the calls
-//! that wait longer; the connection is poisoned (DESIGN.md §3.5) only if no answer has come by
+//! that wait longer; the connection is poisoned (docs/design.md §3.5) only if no answer has come by
 //! the latest deadline among them.
 
 use std::{
@@ -39,7 +41,7 @@ use tokio::{
 use tracing::Instrument;
 
 use super::{
-    connection::{Connection, QueuePlace},
+    connection::{Attachment, Connection, QueuePlace},
     error::{ConnError, RequestError},
     produce::{self, Answers, PartitionBatch, acks},
 };
@@ -80,8 +82,15 @@ pub struct Chunk {
     pub timeout_ms: u32,
     /// The call's deadline.
     pub deadline: Instant,
+    /// The producer's transactional id, set exactly when the batches are transactional.
+    pub transactional_id: Option<Arc<str>>,
     /// The batches.
     pub parts: Vec<Part>,
+    /// Kept alive while the chunk's request occupies the connection: until it is answered or
+    /// the connection is gone, even when the call stops waiting earlier (see
+    /// [`Admission::attach`](super::connection::Admission::attach)). Dropped at once if the
+    /// chunk is not sent.
+    pub hold: Option<Attachment>,
 }
 
 impl Chunk {
@@ -238,6 +247,7 @@ async fn flush_loop(conn: Weak<Connection>, mut rx: mpsc::UnboundedReceiver<Pend
 struct Request {
     acks: i16,
     timeout_ms: u32,
+    transactional_id: Option<Arc<str>>,
     members: Vec<Pending>,
 }
 
@@ -246,7 +256,8 @@ fn pack(mut round: Vec<Pending>, limit: usize) -> Vec<Request> {
     // A chunk whose caller has gone is not sent at all.
     round.retain(|p| !p.reply.is_closed());
     let mut placed = Vec::with_capacity(round.len());
-    let mut heads: Vec<(i16, u32, usize)> = Vec::new();
+    // Per request: its chunks' common (acks, timeout, transactional id) and its estimated size.
+    let mut heads: Vec<(i16, u32, Option<&Arc<str>>, usize)> = Vec::new();
     {
         let mut last: HashMap<(&str, i32), usize> = HashMap::new();
         for p in &round {
@@ -258,16 +269,17 @@ fn pack(mut round: Vec<Pending>, limit: usize) -> Vec<Request> {
                 .max()
                 .map_or(0, |&j| j + 1);
             let size = c.estimate();
+            let tid = c.transactional_id.as_ref();
             let j = (first..heads.len())
                 .find(|&j| {
-                    let (a, t, bytes) = heads[j];
-                    a == c.acks && t == c.timeout_ms && bytes + size <= limit
+                    let (a, t, x, bytes) = heads[j];
+                    a == c.acks && t == c.timeout_ms && x == tid && bytes + size <= limit
                 })
                 .unwrap_or_else(|| {
-                    heads.push((c.acks, c.timeout_ms, 0));
+                    heads.push((c.acks, c.timeout_ms, tid, 0));
                     heads.len() - 1
                 });
-            heads[j].2 += size;
+            heads[j].3 += size;
             for pt in &c.parts {
                 last.insert((pt.topic.as_str(), pt.partition), j);
             }
@@ -276,9 +288,10 @@ fn pack(mut round: Vec<Pending>, limit: usize) -> Vec<Request> {
     }
     let mut out: Vec<Request> = heads
         .iter()
-        .map(|&(acks, timeout_ms, _)| Request {
+        .map(|&(acks, timeout_ms, tid, _)| Request {
             acks,
             timeout_ms,
+            transactional_id: tid.cloned(),
             members: Vec::new(),
         })
         .collect();
@@ -330,7 +343,8 @@ fn encode(req: &mut Request, version: i16, timeout: i32) -> Option<Bytes> {
             batch: p.batch.clone(),
         })
         .collect();
-    match produce::encode(version, req.acks, timeout, &batches) {
+    let tid = req.transactional_id.as_deref();
+    match produce::encode(version, req.acks, timeout, tid, &batches) {
         Ok(b) => Some(b),
         Err(cause) => {
             req.fail(RequestError {
@@ -359,13 +373,19 @@ async fn send(conn: &Arc<Connection>, mut req: Request) -> Option<Vec<Request>> 
             Ok(Err(e))
                 if req.members.len() > 1 && matches!(e.cause, ConnError::TooLarge { .. }) =>
             {
-                let (acks, timeout_ms) = (req.acks, req.timeout_ms);
+                let Request {
+                    acks,
+                    timeout_ms,
+                    transactional_id,
+                    members,
+                } = req;
                 return Some(
-                    req.members
+                    members
                         .into_iter()
                         .map(|m| Request {
                             acks,
                             timeout_ms,
+                            transactional_id: transactional_id.clone(),
                             members: vec![m],
                         })
                         .collect(),
@@ -378,15 +398,25 @@ async fn send(conn: &Arc<Connection>, mut req: Request) -> Option<Vec<Request>> 
         }
     };
     // Waiting for room took time: the Kafka timeout is fixed only now, so that the leader gives
-    // up before the callers do (DESIGN.md §3.14).
+    // up before the callers do (docs/design.md §3.14).
     let before = req.members.len();
     let timeout = expire(&mut req)?;
     let body = if req.members.len() == before {
-        produce::with_timeout(body, version, timeout)
+        produce::with_timeout(body, version, req.transactional_id.as_deref(), timeout)
     } else {
         encode(&mut req, version, timeout)?
     };
     let latest = req.members.iter().map(|m| m.chunk.deadline).max()?;
+    let holds: Vec<Attachment> = req
+        .members
+        .iter_mut()
+        .filter_map(|m| m.chunk.hold.take())
+        .collect();
+    let admission = if holds.is_empty() {
+        admission
+    } else {
+        admission.attach(Box::new(holds))
+    };
     let in_flight = match admission.send(ApiKey::Produce, version, body, req.acks != acks::NONE) {
         Ok(f) => f.with_deadline(latest),
         Err(e) => {
@@ -436,12 +466,22 @@ mod tests {
         acks: i16,
         parts: &[(&str, i32)],
     ) -> (Pending, oneshot::Receiver<Result<Sent, RequestError>>) {
+        pending_tx(acks, None, parts)
+    }
+
+    fn pending_tx(
+        acks: i16,
+        transactional_id: Option<&str>,
+        parts: &[(&str, i32)],
+    ) -> (Pending, oneshot::Receiver<Result<Sent, RequestError>>) {
         let stats = Arc::new(super::super::connection::ConnStats::default());
         let (reply, rx) = oneshot::channel();
         let chunk = Chunk {
             acks,
             timeout_ms: 1000,
             deadline: Instant::now() + std::time::Duration::from_secs(5),
+            transactional_id: transactional_id.map(Arc::from),
+            hold: None,
             parts: parts
                 .iter()
                 .map(|&(t, p)| Part {
@@ -542,6 +582,28 @@ mod tests {
                 vec![vec![tp("t", 2)]]
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn only_chunks_of_one_transactional_id_share_a_request() {
+        // A transactional chunk in a request without its id, or with another's, would make
+        // Apache Kafka refuse the whole request, the other calls' batches with it.
+        let (a, _ra) = pending_tx(-1, None, &[("t", 0)]);
+        let (b, _rb) = pending_tx(-1, Some("tx-a"), &[("t", 1)]);
+        let (c, _rc) = pending_tx(-1, Some("tx-b"), &[("t", 2)]);
+        let (d, _rd) = pending_tx(-1, Some("tx-a"), &[("t", 3)]);
+        let (e, _re) = pending_tx(-1, None, &[("t", 4)]);
+        let reqs = pack(vec![a, b, c, d, e], MAX_COALESCED_BYTES);
+        assert_eq!(
+            shape(&reqs),
+            vec![
+                vec![vec![tp("t", 0)], vec![tp("t", 4)]],
+                vec![vec![tp("t", 1)], vec![tp("t", 3)]],
+                vec![vec![tp("t", 2)]],
+            ]
+        );
+        let ids: Vec<Option<&str>> = reqs.iter().map(|r| r.transactional_id.as_deref()).collect();
+        assert_eq!(ids, vec![None, Some("tx-a"), Some("tx-b")]);
     }
 
     #[tokio::test]

@@ -5,7 +5,7 @@
 //! * [`Connection::send`] waits for an in-flight permit (the `max_in_flight` bound), then, under
 //!   one lock, assigns the correlation id, registers the pending entry and queues the frame for the
 //!   writer. The entry exists before a byte is written, so a fast answer always finds it
-//!   (DESIGN.md §3.1), and queue order equals wire order.
+//!   (docs/design.md §3.1), and queue order equals wire order.
 //! * The writer task owns the socket's write half and writes every queued frame whole, batching
 //!   what is queued per wake-up into one flush. Callers never write, so a caller that is
 //!   cancelled (a dropped future) can never leave half a frame on the wire (§3.2).
@@ -138,8 +138,17 @@ struct Entry {
     _hold: Option<Hold>,
 }
 
-/// An in-flight slot, the request's bytes, and its share of the bytes gauge.
-type Hold = ((OwnedSemaphorePermit, OwnedSemaphorePermit), BytesGuard);
+/// An in-flight slot, the request's bytes, its share of the bytes gauge, and what the sender
+/// attached (see [`Admission::attach`]).
+type Hold = (
+    (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    BytesGuard,
+    Option<Attachment>,
+);
+
+/// Something a sender wants kept alive exactly as long as its request occupies the connection
+/// (see [`Admission::attach`]).
+pub type Attachment = Box<dyn std::any::Any + Send + Sync>;
 
 struct Outgoing {
     seq: u64,
@@ -198,6 +207,7 @@ pub struct Admission {
     permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
     size: usize,
     queued_at: Instant,
+    attachment: Option<Attachment>,
 }
 
 /// A place in a connection's queue of requests waiting for room (the *queued* gauge), from
@@ -234,6 +244,16 @@ impl Drop for BytesGuard {
 }
 
 impl Admission {
+    /// Keeps `attachment` alive while the request occupies the connection: until its answer is
+    /// read, it is taken back unsent, or the connection is gone (for a request that expects no
+    /// answer, until it is written). A sender's own wait may end sooner (its deadline, a
+    /// cancelled call); what it attaches outlives that wait. The producer layer attaches its
+    /// per-partition in-flight permits (docs/design.md §3.16).
+    pub fn attach(mut self, attachment: Attachment) -> Self {
+        self.attachment = Some(attachment);
+        self
+    }
+
     /// Registers the request and queues its frame for the writer, under one lock: the pending
     /// entry exists before a byte is written, and queue order is wire order.
     pub fn send(
@@ -248,6 +268,7 @@ impl Admission {
             permits,
             size,
             queued_at,
+            attachment,
         } = self;
         let shared = &conn.shared;
         let not_sent = |cause: ConnError| RequestError {
@@ -273,7 +294,7 @@ impl Admission {
         if st.to_writer.is_none() {
             return Err(not_sent(ConnError::Shutdown));
         }
-        // Correlation ids are i32 and wrap (DESIGN.md §3.7); in-flight requests are bounded far
+        // Correlation ids are i32 and wrap (docs/design.md §3.7); in-flight requests are bounded far
         // below 2^32, so ids stay unique among them.
         st.next_correlation_id = correlation_id.wrapping_add(1);
         st.next_seq += 1;
@@ -292,7 +313,7 @@ impl Admission {
             (
                 Reply::Answer(tx),
                 Waiting::Answer(rx),
-                Some((permits, guard)),
+                Some((permits, guard, attachment)),
                 None,
                 None,
             )
@@ -302,7 +323,7 @@ impl Admission {
                 Reply::None,
                 Waiting::Written(rx),
                 None,
-                Some((permits, guard)),
+                Some((permits, guard, attachment)),
                 Some(tx),
             )
         };
@@ -495,7 +516,7 @@ impl Connection {
         })
     }
 
-    /// API versions negotiated with this broker (DESIGN.md §3.9), or
+    /// API versions negotiated with this broker (docs/design.md §3.9), or
     /// [`Versions::UNNEGOTIATED`] before [`super::versions::negotiate`] ran.
     pub fn versions(&self) -> Versions {
         self.versions
@@ -594,6 +615,7 @@ impl Connection {
                 permits,
                 size,
                 queued_at,
+                attachment: None,
             }),
             Err(_) => Err(RequestError {
                 cause: self.poisoned().unwrap_or(ConnError::Shutdown),
@@ -695,7 +717,7 @@ impl InFlight {
     ///
     /// Returns the response frame (header included) or, for a request sent without expecting
     /// an answer, `None` once it is written. If the deadline passes first, the connection is
-    /// poisoned (DESIGN.md §3.5) and the error says whether the request may have been written.
+    /// poisoned (docs/design.md §3.5) and the error says whether the request may have been written.
     pub async fn wait(mut self, deadline: Instant) -> Result<Option<Bytes>, RequestError> {
         self.deadline = Some(deadline);
         let r = self.wait_inner(deadline).await;

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use kafka_protocol::{
     messages::{
-        ApiKey, ProduceRequest, ProduceResponse, TopicName,
+        ApiKey, ProduceRequest, ProduceResponse, TopicName, TransactionalId,
         produce_request::{PartitionProduceData, TopicProduceData},
     },
     protocol::StrBytes,
@@ -40,11 +40,13 @@ pub struct PartitionBatch<'a> {
 }
 
 /// Encodes a Produce request body. Callers guarantee at most one batch per partition
-/// (DESIGN.md §3.10).
+/// (docs/design.md §3.10), and that `transactional_id` is set exactly when the batches are
+/// transactional (§3.15).
 pub fn encode(
     version: i16,
     acks: i16,
     timeout_ms: i32,
+    transactional_id: Option<&str>,
     batches: &[PartitionBatch<'_>],
 ) -> Result<Bytes, ConnError> {
     let mut topics: Vec<TopicProduceData> = Vec::new();
@@ -62,6 +64,9 @@ pub fn encode(
         }
     }
     let req = ProduceRequest::default()
+        .with_transactional_id(
+            transactional_id.map(|t| TransactionalId(StrBytes::from_string(t.to_string()))),
+        )
         .with_acks(acks)
         .with_timeout_ms(timeout_ms)
         .with_topic_data(topics);
@@ -70,7 +75,7 @@ pub fn encode(
 
 /// The Kafka `timeout_ms` for a request sent now: `asked_ms`, cut so that the leader gives up
 /// before `deadline`, with a margin for the answer's way back (a tenth of the time left, at
-/// least 5 ms and at most 1 s; DESIGN.md §3.14). `None` when no useful time is left.
+/// least 5 ms and at most 1 s; docs/design.md §3.14). `None` when no useful time is left.
 pub fn cut_timeout(asked_ms: u32, deadline: Instant) -> Option<i32> {
     let remaining = deadline.saturating_duration_since(Instant::now());
     let margin = (remaining / 10).clamp(Duration::from_millis(5), Duration::from_secs(1));
@@ -81,12 +86,31 @@ pub fn cut_timeout(asked_ms: u32, deadline: Instant) -> Option<i32> {
     Some(avail.min(u128::from(asked_ms)).min(i32::MAX as u128) as i32)
 }
 
-/// Sets `timeout_ms` in a body from [`encode`], in place when the buffer is not shared.
+/// Sets `timeout_ms` in a body from [`encode`] with the same `transactional_id`, in place when
+/// the buffer is not shared.
 ///
-/// `encode` writes no transactional id, so the field sits at a fixed offset: after a null
-/// nullable string (int16 -1, or a compact varint 0 from v9 on) and the int16 acks.
-pub fn with_timeout(body: Bytes, version: i16, timeout_ms: i32) -> Bytes {
-    let at = if version >= 9 { 1 + 2 } else { 2 + 2 };
+/// The field follows the transactional id (a nullable string: int16 length, or from v9 on a
+/// compact varint of length + 1) and the int16 acks.
+pub fn with_timeout(
+    body: Bytes,
+    version: i16,
+    transactional_id: Option<&str>,
+    timeout_ms: i32,
+) -> Bytes {
+    let id_len = transactional_id.map_or(0, str::len);
+    let prefix = if version >= 9 {
+        // Unsigned varint of length + 1 (0 for null).
+        let mut n = transactional_id.map_or(0, |t| t.len() + 1);
+        let mut bytes = 1;
+        while n >= 0x80 {
+            n >>= 7;
+            bytes += 1;
+        }
+        bytes
+    } else {
+        2
+    };
+    let at = prefix + id_len + 2;
     let mut b = match body.try_into_mut() {
         Ok(b) => b,
         Err(shared) => bytes::BytesMut::from(&shared[..]),
@@ -185,21 +209,26 @@ mod tests {
 
     #[test]
     fn the_timeout_can_be_set_after_encoding_in_every_version() {
+        let long = "x".repeat(300);
         for version in 3..=12 {
-            let batches = [PartitionBatch {
-                topic: "t",
-                partition: 2,
-                batch: Bytes::from_static(b"not a real batch"),
-            }];
-            let body = with_timeout(
-                encode(version, acks::ALL, 0, &batches).unwrap(),
-                version,
-                4321,
-            );
-            let req = ProduceRequest::decode(&mut body.clone(), version).unwrap();
-            assert_eq!(req.timeout_ms, 4321, "v{version}");
-            assert_eq!(req.acks, acks::ALL);
-            assert_eq!(req.topic_data[0].partition_data[0].index, 2);
+            for tid in [None, Some("tx-1"), Some(""), Some(long.as_str())] {
+                let batches = [PartitionBatch {
+                    topic: "t",
+                    partition: 2,
+                    batch: Bytes::from_static(b"not a real batch"),
+                }];
+                let body = with_timeout(
+                    encode(version, acks::ALL, 0, tid, &batches).unwrap(),
+                    version,
+                    tid,
+                    4321,
+                );
+                let req = ProduceRequest::decode(&mut body.clone(), version).unwrap();
+                assert_eq!(req.timeout_ms, 4321, "v{version} {tid:?}");
+                assert_eq!(req.acks, acks::ALL);
+                assert_eq!(req.transactional_id.as_ref().map(|t| t.0.as_str()), tid);
+                assert_eq!(req.topic_data[0].partition_data[0].index, 2);
+            }
         }
     }
 }

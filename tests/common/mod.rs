@@ -97,6 +97,7 @@ pub fn request(
             record_batch: Bytes::new(),
             records: recs,
         }],
+        transactional_id: String::new(),
     }
 }
 
@@ -153,6 +154,19 @@ pub async fn connections(a: &mut AdminClient<Channel>) -> Vec<LeaderConnection> 
 /// One v2 record batch built with kafka-protocol's encoder: `values` as records, with
 /// `producer_id` (-1 for none) and sequences from `first_sequence`.
 pub fn raw_batch(values: &[&str], producer_id: i64, first_sequence: i32) -> Bytes {
+    let epoch = if producer_id < 0 { -1 } else { 0 };
+    producer_batch(values, producer_id, epoch, first_sequence, false)
+}
+
+/// [`raw_batch`] with the producer epoch and the transactional flag (attributes bit 0x10) set
+/// as given: a batch of an idempotent or transactional producer.
+pub fn producer_batch(
+    values: &[&str],
+    producer_id: i64,
+    producer_epoch: i16,
+    first_sequence: i32,
+    transactional: bool,
+) -> Bytes {
     use kafka_protocol::{
         protocol::StrBytes,
         records::{
@@ -163,12 +177,12 @@ pub fn raw_batch(values: &[&str], producer_id: i64, first_sequence: i32) -> Byte
         .iter()
         .enumerate()
         .map(|(i, v)| KRecord {
-            transactional: false,
+            transactional,
             control: false,
             delete_horizon: false,
             partition_leader_epoch: -1,
             producer_id,
-            producer_epoch: if producer_id < 0 { -1 } else { 0 },
+            producer_epoch,
             timestamp_type: TimestampType::Creation,
             offset: i as i64,
             // kafka-protocol starts a new batch unless offset - sequence stays constant.
