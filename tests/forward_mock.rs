@@ -286,3 +286,62 @@ async fn retries_are_counted_and_flag_possible_duplicates() {
         "{r:?}"
     );
 }
+
+/// A call whose batches for one leader together exceed the connection's byte budget
+/// (`max_in_flight_bytes_per_connection`) while each fits alone: each goes in its own request
+/// and every partition gets its offset. A batch that alone exceeds the budget makes the call
+/// INVALID_ARGUMENT before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_too_large_together_go_alone_and_one_too_large_alone_sends_nothing() {
+    let h = start(|cfg| {
+        cfg.max_request_bytes = 16 * 1024;
+        cfg.max_in_flight_bytes_per_connection = 16 * 1024;
+        cfg.trace_record_header = false;
+    })
+    .await;
+    let t = topic("budget");
+    h.dev.create_topic(&t, 2).unwrap();
+    h.dev.set_leader(&t, 0, 1).unwrap();
+    h.dev.set_leader(&t, 1, 1).unwrap();
+    let mut c = h.client.clone();
+    // Empty records: 2 bytes of protobuf each, about 8 in a batch.
+    let empty = |n: usize| vec![leaderlink::proto::v1::Record::default(); n];
+    let part = |partition: i32, n: usize| PartitionData {
+        topic: t.clone(),
+        partition,
+        record_batch: Bytes::new(),
+        records: empty(n),
+    };
+    let req = |parts: Vec<PartitionData>| ForwardRequest {
+        id: 1,
+        acks: Acks::All as i32,
+        timeout_ms: 0,
+        partitions: parts,
+        transactional_id: String::new(),
+    };
+
+    let both = forward(&mut c, req(vec![part(0, 1200), part(1, 1200)]))
+        .await
+        .expect("each batch fits alone");
+    for r in &both.partitions {
+        assert_eq!((r.error_code, r.base_offset), (0, 0), "{r:?}");
+        assert_eq!(r.attempts, 1, "{r:?}");
+    }
+
+    let sent = h.server.forwarder.pool().requests_sent();
+    let e = forward(&mut c, req(vec![part(0, 1), part(1, 2500)]))
+        .await
+        .expect_err("one batch exceeds the budget alone");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("partitions[1]")
+            && e.message().contains("max_in_flight_bytes_per_connection"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(
+        h.server.forwarder.pool().requests_sent(),
+        sent,
+        "nothing was sent"
+    );
+}

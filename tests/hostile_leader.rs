@@ -147,10 +147,12 @@ enum Mode {
     Trickle,
     /// Extra: a new connection's ApiVersions is never answered.
     SilentHandshake,
+    /// A well-formed Produce answer that omits the partition asked for.
+    OmitPartition,
 }
 
 impl Mode {
-    const ALL: [Mode; 11] = [
+    const ALL: [Mode; 12] = [
         Mode::Behave,
         Mode::Garbage,
         Mode::GarbageBody,
@@ -162,6 +164,7 @@ impl Mode {
         Mode::Silence,
         Mode::Trickle,
         Mode::SilentHandshake,
+        Mode::OmitPartition,
     ];
 
     fn from_u8(v: u8) -> Mode {
@@ -542,6 +545,11 @@ async fn misbehave(
         }
         Mode::CutThenSilence => w.write_all(half).await,
         Mode::Silence => Ok(()),
+        Mode::OmitPartition => {
+            let resp = ProduceResponse::default().with_responses(vec![]);
+            w.write_all(&frame(first, first.correlation_id, &resp))
+                .await
+        }
         Mode::Trickle => {
             let mut all = BytesMut::new();
             for req in &pending {
@@ -1169,6 +1177,23 @@ async fn a_cancelled_calls_request_is_still_timed_out() {
          connections, got {:?} after {elapsed:?}",
         r.map(|_| ()).map_err(|s| s.message().to_string())
     );
+}
+
+/// A leader that answers a Produce request without the partition it carried: the connection
+/// is out of trust and replaced, the batch is sent again, and since the leader had it, the
+/// result says it may be in the log twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_omits_the_partition_is_retried_and_flagged_possibly_duplicated() {
+    let _shared = GATE.read().await;
+    let s = setup(true).await;
+    s.broker.set(Mode::OmitPartition, true, 1);
+    let (r, _) = s.call(LONG_DEADLINE, 0).await;
+    let resp = r.expect("the retry on a new connection succeeds");
+    let p = &resp.partitions[0];
+    assert_eq!((p.error_code, p.attempts), (0, 2), "{p:?}");
+    assert!(p.possibly_duplicated, "{p:?}");
+    assert_eq!(s.broker.hostile_acts(), 1);
+    s.assert_alive().await;
 }
 
 fn rss_kib() -> u64 {

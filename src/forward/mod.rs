@@ -171,7 +171,17 @@ struct ItemState {
     overloaded: Option<ConnError>,
     /// Refreshed metadata rounds that still did not know the topic.
     unknown_rounds: u32,
+    /// Together with the call's other batches for its leader, the batch exceeded the leader
+    /// connection's byte budget: it goes in a request of its own.
+    alone: bool,
 }
+
+/// Kafka's MESSAGE_TOO_LARGE.
+const MESSAGE_TOO_LARGE: i16 = 10;
+
+/// What a one-partition Produce request adds to its batch (fields, array and string lengths)
+/// at most, beside the topic name and transactional id.
+const PRODUCE_OVERHEAD: usize = 64;
 
 /// One permit of a partition's gate, shared by a call and the requests that carry its batches
 /// of the partition (see `Forwarder::enter_gates`).
@@ -188,6 +198,8 @@ struct Inner {
     /// idempotent batches otherwise.
     gates: std::sync::Mutex<HashMap<(String, i32), Arc<Semaphore>>>,
     allow_auto_topic_creation: bool,
+    /// A leader connection's byte budget: the largest Produce request it takes.
+    max_in_flight_bytes: usize,
     cfg: ForwardConfig,
     metadata: MetadataClient,
     pool: Pool,
@@ -208,6 +220,7 @@ impl Forwarder {
         bootstrap: Vec<String>,
         allow_auto_topic_creation: bool,
     ) -> Self {
+        let max_in_flight_bytes = conn.max_in_flight_bytes;
         Self {
             inner: Arc::new(Inner {
                 metadata: MetadataClient::new(bootstrap, conn.clone(), allow_auto_topic_creation),
@@ -215,6 +228,7 @@ impl Forwarder {
                 stats: Arc::new(Stats::default()),
                 gates: std::sync::Mutex::new(HashMap::new()),
                 allow_auto_topic_creation,
+                max_in_flight_bytes,
                 cfg,
             }),
         }
@@ -309,6 +323,27 @@ impl Forwarder {
         Ok(held)
     }
 
+    /// Refuses, before anything is sent, a batch that alone would make a Produce request larger
+    /// than a leader connection's whole byte budget (`max_in_flight_bytes_per_connection`): no
+    /// retry could ever send it.
+    fn check_fits(&self, v: &Validated) -> Result<(), ForwardError> {
+        let limit = self.inner.max_in_flight_bytes;
+        let tid = v.transactional_id.as_deref().map_or(0, str::len);
+        for (i, it) in v.items.iter().enumerate() {
+            let size = it.batch.len() + it.topic.len() + tid + PRODUCE_OVERHEAD;
+            if size > limit {
+                return Err(ForwardError::Invalid {
+                    field: format!("partitions[{i}]"),
+                    reason: format!(
+                        "encodes to a Produce request of about {size} bytes; the limit \
+                         (max_in_flight_bytes_per_connection) is {limit}"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Metadata rounds an unknown topic is retried: a broker creating it on our request (Apache
     /// Kafka answers UNKNOWN_TOPIC_OR_PARTITION while it does) needs a few; without
     /// auto-creation one refresh settles it.
@@ -355,6 +390,7 @@ impl Forwarder {
     ) -> Result<ForwardResponse, ForwardError> {
         let header = traceparent.filter(|_| self.inner.cfg.trace_record_header);
         let v = validate(req, self.inner.cfg.max_request_bytes, now_ms(), header)?;
+        self.check_fits(&v)?;
         let strict = self.inner.cfg.ordering == PartitionOrder::Strict;
         let gates = self.enter_gates(&v, deadline).await?;
         let mut st: Vec<ItemState> = (0..v.items.len()).map(|_| ItemState::default()).collect();
@@ -519,7 +555,18 @@ impl Forwarder {
                         continue;
                     }
                 };
-                for chunk in one_batch_per_partition(&v, items) {
+                let chunks: Vec<Vec<usize>> = one_batch_per_partition(&v, items)
+                    .into_iter()
+                    .flat_map(|c| {
+                        let (alone, together): (Vec<usize>, Vec<usize>) =
+                            c.into_iter().partition(|&i| st[i].alone);
+                        alone
+                            .into_iter()
+                            .map(|i| vec![i])
+                            .chain((!together.is_empty()).then_some(together))
+                    })
+                    .collect();
+                for chunk in chunks {
                     let not_sent =
                         |st: &mut [ItemState], retry: &mut Vec<usize>, cause: ConnError| {
                             for &i in &chunk {
@@ -641,14 +688,31 @@ impl Forwarder {
                         cause: ConnError::TooLarge { limit, actual },
                         ..
                     }) => {
-                        // No retry can make it fit: the caller must send less.
-                        return Err(ForwardError::Invalid {
-                            field: "request".into(),
-                            reason: format!(
-                                "encodes to {actual} bytes for one leader; the limit \
-                                 (max_in_flight_bytes_per_connection) is {limit}"
-                            ),
-                        });
+                        // Nothing was sent. Together the batches exceed the connection's byte
+                        // budget: each goes alone in the next round, at once. Alone (which
+                        // `check_fits` estimates up front) the batch can never fit: that is its
+                        // final answer, and the call's other partitions keep theirs.
+                        let alone = chunk.len() == 1;
+                        for i in chunk {
+                            st[i].attempts -= 1;
+                            if alone {
+                                st[i].result = Some(error_result(
+                                    &v.items[i],
+                                    MESSAGE_TOO_LARGE,
+                                    format!(
+                                        "the batch encodes to a Produce request of {actual} \
+                                         bytes; the limit (max_in_flight_bytes_per_connection) \
+                                         is {limit}"
+                                    ),
+                                    broker,
+                                    &st[i],
+                                ));
+                            } else {
+                                st[i].alone = true;
+                                deferred.push(i);
+                            }
+                        }
+                        continue;
                     }
                     Err(RequestError { cause, maybe_sent }) => {
                         // The coalescer has poisoned the connection where the failure calls for
@@ -686,6 +750,9 @@ impl Forwarder {
                             reason: format!("answer omits {}-{}", it.topic, it.partition),
                         };
                         conn.poison(cause.clone());
+                        // The leader had the request; whatever it did with this batch, it may
+                        // be in the log.
+                        st[i].may_be_in_log = true;
                         st[i].last = Some(Failure::Conn {
                             cause,
                             connecting: false,
