@@ -67,11 +67,13 @@ pub struct ConnectionConfig {
     pub security: super::security::Security,
 }
 
-/// How many answered-or-skipped acks=0 slots are remembered at most. Apache Kafka never answers
-/// acks=0 requests, so without this bound a stream of them would grow the FIFO forever; when hit,
-/// the oldest such slots are forgotten (an answer to one of those would then poison the
-/// connection, which needs this many acks=0 requests outstanding before the leader answers).
-const MAX_NO_RESPONSE_SLOTS: usize = 16 * 1024;
+/// How many acks=0 slots (requests the broker may answer or skip, docs/design.md §3.4) the FIFO
+/// holds at most. Apache Kafka never answers acks=0 requests, so without this bound a stream of
+/// them would grow the FIFO forever, also behind an older request still awaiting its answer;
+/// when hit, the oldest such slot leaves the FIFO and its correlation id goes to a ring of as
+/// many forgotten ids, whose late answers are dropped like any acks=0 answer. Memory stays
+/// within twice this bound. (Smaller in unit tests, which fill it.)
+const MAX_NO_RESPONSE_SLOTS: usize = if cfg!(test) { 64 } else { 16 * 1024 };
 
 /// Most frames the writer takes from its queue before one flush.
 const MAX_WRITE_BATCH: usize = 256;
@@ -168,6 +170,9 @@ struct State {
     claimed_seq: u64,
     fifo: VecDeque<Entry>,
     no_response_slots: usize,
+    /// Correlation ids of acks=0 slots taken out of the FIFO at its bound (oldest first, at
+    /// most [`MAX_NO_RESPONSE_SLOTS`]): an answer to one of them is dropped.
+    forgotten: VecDeque<i32>,
     to_writer: Option<mpsc::UnboundedSender<Outgoing>>,
     /// Requests taken back before the writer reached them (their deadline passed in the queue);
     /// the writer drops their frames. Only ever holds requests queued behind a write in progress.
@@ -357,17 +362,16 @@ impl Admission {
             queued_at,
             _hold: entry_hold,
         });
-        while st.no_response_slots > MAX_NO_RESPONSE_SLOTS
-            && matches!(
-                st.fifo.front(),
-                Some(Entry {
-                    reply: Reply::None,
-                    ..
-                })
-            )
-        {
-            st.fifo.pop_front();
+        while st.no_response_slots > MAX_NO_RESPONSE_SLOTS {
+            let Some(pos) = st.fifo.iter().position(|e| matches!(e.reply, Reply::None)) else {
+                break;
+            };
+            let entry = st.fifo.remove(pos).expect("position is valid");
             st.no_response_slots -= 1;
+            if st.forgotten.len() == MAX_NO_RESPONSE_SLOTS {
+                st.forgotten.pop_front();
+            }
+            st.forgotten.push_back(entry.correlation_id);
         }
         drop(st);
         Ok(InFlight {
@@ -481,6 +485,7 @@ impl Connection {
                 claimed_seq: 0,
                 fifo: VecDeque::new(),
                 no_response_slots: 0,
+                forgotten: VecDeque::new(),
                 to_writer: Some(tx),
                 withdrawn: Vec::new(),
                 draining: false,
@@ -846,6 +851,12 @@ impl Shared {
     fn deliver(&self, frame: Bytes) -> Result<(), ConnError> {
         let got = correlation_id(&frame);
         let mut st = lock(&self.state);
+        // The answer to an acks=0 request forgotten at the FIFO's bound: dropped. (Ids are
+        // unique among recent requests; the ring is empty unless the bound was hit.)
+        if let Some(pos) = st.forgotten.iter().position(|&id| id == got) {
+            st.forgotten.remove(pos);
+            return Ok(());
+        }
         loop {
             let Some(front) = st.fifo.front() else {
                 return Err(ConnError::UnknownCorrelationId { got });
@@ -1301,6 +1312,51 @@ mod tests {
         assert!(c.poisoned().is_none());
         assert_eq!(c.pending(), 0);
         assert_eq!(c.stats().peak_in_flight.load(Ordering::Relaxed), 1);
+    }
+
+    /// acks=0 requests queued behind an older request that awaits its answer: the FIFO keeps
+    /// at most MAX_NO_RESPONSE_SLOTS of their slots, and answers to forgotten ones (as the mock
+    /// broker sends) are dropped without poisoning.
+    #[tokio::test(start_paused = true)]
+    async fn acks_zero_slots_stay_bounded_behind_a_pending_request() {
+        let (c, mut peer) = conn(16, 0, 64 * 1024);
+        let a = send(&c, b"a").await;
+        let n = MAX_NO_RESPONSE_SLOTS * 2;
+        let reader = tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for _ in 0..=n {
+                ids.push(read_request(&mut peer).await.2);
+            }
+            (peer, ids)
+        });
+        for _ in 0..n {
+            let z = c
+                .send(ApiKey::Produce, 9, Bytes::from_static(b"z"), false)
+                .await
+                .unwrap();
+            z.wait(far()).await.unwrap();
+        }
+        {
+            let st = lock(&c.shared.state);
+            assert!(
+                st.fifo.len() <= MAX_NO_RESPONSE_SLOTS + 1,
+                "{}",
+                st.fifo.len()
+            );
+            assert!(st.forgotten.len() <= MAX_NO_RESPONSE_SLOTS);
+        }
+        let (mut peer, ids) = reader.await.unwrap();
+        // The leader answers everything in order, acks=0 requests included.
+        for id in &ids {
+            let body: &[u8] = if *id == ids[0] { b"A" } else { b"ignored" };
+            answer(&mut peer, *id, body).await;
+        }
+        assert_eq!(&payload(a.wait(far()).await.unwrap())[..], b"A");
+        let b = send(&c, b"b").await;
+        let (_, _, id_b, _) = read_request(&mut peer).await;
+        answer(&mut peer, id_b, b"B").await;
+        assert_eq!(&payload(b.wait(far()).await.unwrap())[..], b"B");
+        assert!(c.poisoned().is_none(), "{:?}", c.poisoned());
     }
 
     #[tokio::test(start_paused = true)]

@@ -301,11 +301,52 @@ pub async fn authenticate(
             }
             return Ok(());
         }
-        out = client
-            .response(&resp.auth_bytes)
-            .map_err(|e| auth_error(mech, e.to_string()))?;
+        if mech != SaslMechanism::Plain {
+            check_scram_iterations(mech, &resp.auth_bytes)?;
+        }
+        // SCRAM's answer to the server-first message runs PBKDF2: CPU work that must neither
+        // hold a runtime worker nor outlive the deadline.
+        let challenge = resp.auth_bytes;
+        let step = tokio::task::spawn_blocking(move || {
+            let r = client.response(&challenge);
+            (client, r)
+        });
+        let (back, r) = match tokio::time::timeout_at(deadline, step).await {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => return Err(auth_error(mech, format!("the SASL step failed: {e}"))),
+            Err(_) => return Err(auth_error(mech, "the SASL step ran out of time")),
+        };
+        client = back;
+        out = r.map_err(|e| auth_error(mech, e.to_string()))?;
     }
     Err(auth_error(mech, "the exchange did not end"))
+}
+
+/// Most PBKDF2 iterations a SCRAM server-first message may ask for: Apache Kafka's own upper
+/// bound for SCRAM credentials. The client pays for every iteration; a broker asking for more
+/// is refused rather than followed for minutes of CPU.
+pub const MAX_SCRAM_ITERATIONS: u32 = 16_384;
+
+/// Refuses a SCRAM server-first message (`r=…,s=…,i=N`) whose iteration count is missing, not
+/// a number, or above [`MAX_SCRAM_ITERATIONS`].
+fn check_scram_iterations(mech: SaslMechanism, server_first: &[u8]) -> Result<(), ConnError> {
+    let text = String::from_utf8_lossy(server_first);
+    let Some(i) = text.split(',').find_map(|attr| attr.strip_prefix("i=")) else {
+        return Err(auth_error(
+            mech,
+            "the broker's SCRAM message names no iteration count",
+        ));
+    };
+    match i.parse::<u32>() {
+        Ok(n) if n <= MAX_SCRAM_ITERATIONS => Ok(()),
+        _ => Err(auth_error(
+            mech,
+            format!(
+                "the broker asks for {i} PBKDF2 iterations; at most {MAX_SCRAM_ITERATIONS} are \
+                 computed"
+            ),
+        )),
+    }
 }
 
 /// SCRAM-SHA-512 for the `sasl` crate, which ships SHA-1 and SHA-256 only.
@@ -370,6 +411,88 @@ mod tests {
             &Sha512::hash(b"abc")[..8],
             &[0xdd, 0xaf, 0x35, 0xa1, 0x93, 0x61, 0x7a, 0xba]
         );
+    }
+
+    /// A broker whose SCRAM server-first message asks for 2^31 - 1 PBKDF2 iterations: the
+    /// handshake fails at once with a message naming the count, instead of computing for
+    /// minutes on a runtime worker past the deadline.
+    #[tokio::test]
+    async fn a_scram_iteration_count_beyond_the_bound_is_refused() {
+        use kafka_protocol::{
+            messages::{RequestHeader, ResponseHeader},
+            protocol::{Decodable, Encodable},
+        };
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let (ours, mut peer) = tokio::io::duplex(64 * 1024);
+        let (r, w) = tokio::io::split(ours);
+        let cfg = super::super::connection::ConnectionConfig {
+            max_in_flight: 4,
+            max_queued: 4,
+            max_in_flight_bytes: 1 << 20,
+            max_frame_bytes: 1 << 20,
+            client_id: None,
+            connect_timeout: std::time::Duration::from_secs(5),
+            security: Default::default(),
+        };
+        let conn = Connection::start(r, w, &cfg, Arc::default(), tracing::Span::none());
+        // The broker: SaslHandshake accepted, then a server-first message with i=2147483647.
+        let broker = tokio::spawn(async move {
+            for _ in 0..2 {
+                let len = peer.read_i32().await.unwrap();
+                let mut buf = vec![0; len as usize];
+                peer.read_exact(&mut buf).await.unwrap();
+                let mut b = bytes::Bytes::from(buf);
+                let key = i16::from_be_bytes([b[0], b[1]]);
+                let version = i16::from_be_bytes([b[2], b[3]]);
+                let api = ApiKey::try_from(key).unwrap();
+                let h = RequestHeader::decode(&mut b, api.request_header_version(version)).unwrap();
+                let mut out = bytes::BytesMut::new();
+                ResponseHeader::default()
+                    .with_correlation_id(h.correlation_id)
+                    .encode(&mut out, api.response_header_version(version))
+                    .unwrap();
+                if api == ApiKey::SaslHandshake {
+                    SaslHandshakeResponse::default()
+                        .encode(&mut out, version)
+                        .unwrap();
+                } else {
+                    SaslAuthenticateResponse::default()
+                        .with_auth_bytes(bytes::Bytes::from_static(
+                            b"r=clientnonceservernonce,s=c2FsdA==,i=2147483647",
+                        ))
+                        .encode(&mut out, version)
+                        .unwrap();
+                }
+                peer.write_i32(out.len() as i32).await.unwrap();
+                peer.write_all(&out).await.unwrap();
+            }
+            peer
+        });
+        let versions = Versions {
+            sasl_handshake: 1,
+            sasl_authenticate: 2,
+            ..Versions::UNNEGOTIATED
+        };
+        let sasl = Sasl {
+            mechanism: SaslMechanism::ScramSha256,
+            username: "alice".into(),
+            password: "alice-secret".into(),
+        };
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            authenticate(&conn, &versions, &sasl, deadline),
+        )
+        .await
+        .expect("refused at once, not computed");
+        match r {
+            Err(ConnError::Auth { reason, .. }) => {
+                assert!(reason.contains("2147483647 PBKDF2 iterations"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let _peer = broker.await.unwrap();
     }
 
     #[test]
