@@ -43,6 +43,12 @@ pub struct Config {
     /// batches of different calls (idempotent batches excepted). `"strict"`: at most one
     /// request in flight per partition, through its retries, so nothing reorders.
     pub ordering: PartitionOrder,
+    /// Stamp the batches leaderlink encodes from `records` as an idempotent producer's (one
+    /// producer id from InitProducerId, a sequence per partition, at most 5 requests in flight
+    /// per partition), so that retries never append a batch twice, as Kafka's Java producer
+    /// does by default. `false` sends them without a producer id: retries may then duplicate
+    /// (flagged `possibly_duplicated`).
+    pub idempotence: bool,
     /// Largest response frame accepted from a broker; a larger length prefix poisons the
     /// connection instead of being allocated.
     pub max_frame_bytes: usize,
@@ -211,6 +217,7 @@ impl Default for Config {
             max_in_flight: 1024,
             connections_per_leader: 1,
             ordering: PartitionOrder::Pipelined,
+            idempotence: true,
             max_frame_bytes: 100 * 1024 * 1024,
             max_request_bytes: 8 * 1024 * 1024,
             default_timeout_ms: 30_000,
@@ -686,6 +693,7 @@ impl Config {
     pub fn forward(&self) -> ForwardConfig {
         ForwardConfig {
             ordering: self.ordering,
+            idempotence: self.idempotence,
             max_request_bytes: self.max_request_bytes,
             kafka_timeout_ms: self.kafka_timeout_ms,
             retry_backoff: Duration::from_millis(self.retry_backoff_ms),
@@ -729,6 +737,9 @@ pub struct ServeArgs {
     /// Ordering of each partition's batches [default: pipelined].
     #[arg(long, env = "LEADERLINK_ORDERING", value_enum)]
     pub ordering: Option<PartitionOrder>,
+    /// Stamp the batches leaderlink encodes as an idempotent producer's [default: true].
+    #[arg(long, env = "LEADERLINK_IDEMPOTENCE", value_name = "BOOL")]
+    pub idempotence: Option<bool>,
     /// Pipelined connections per leader broker [default: 1].
     #[arg(long, env = "LEADERLINK_CONNECTIONS_PER_LEADER", value_name = "K")]
     pub connections_per_leader: Option<usize>,
@@ -781,6 +792,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.ordering {
             cfg.ordering = v;
+        }
+        if let Some(v) = self.idempotence {
+            cfg.idempotence = v;
         }
         if let Some(v) = self.max_concurrent_calls {
             cfg.max_concurrent_calls = v;

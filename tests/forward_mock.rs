@@ -236,7 +236,8 @@ async fn forward_stream_keeps_partition_order_and_reports_bad_requests_in_band()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_are_counted_and_flag_possible_duplicates() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    let h = start(|_| {}).await;
+    // Batches without a producer id: leaderlink's idempotence off.
+    let h = start(|cfg| cfg.idempotence = false).await;
     let t = topic("retry");
     h.dev.create_topic(&t, 1).unwrap();
     let mut c = h.client.clone();
@@ -285,6 +286,37 @@ async fn retries_are_counted_and_flag_possible_duplicates() {
         ("INVALID_RECORD", 1),
         "{r:?}"
     );
+}
+
+/// With idempotence on (the default), an acks=all batch leaderlink encodes carries its producer
+/// id and sequence; a retry after an answer that says it may be in the log resends the same
+/// bytes, which the leader drops if it has them: not flagged as a possible duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_retries_resend_the_same_batch_and_are_not_flagged() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let h = start(|_| {}).await;
+    let t = topic("idem-retry");
+    h.dev.create_topic(&t, 1).unwrap();
+    let mut c = h.client.clone();
+    let r = forward_one(&mut c, request(0, Acks::All, &t, 0, records("w", 1)))
+        .await
+        .unwrap();
+    assert_eq!(r.error_code, 0, "{r:?}");
+    for e in [
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+    ] {
+        h.dev
+            .with(move |m| m.request_errors(RDKafkaApiKey::Produce, &[e]));
+        let r = forward_one(&mut c, request(1, Acks::All, &t, 0, records("b", 1)))
+            .await
+            .unwrap();
+        assert_eq!(
+            (r.error_code, r.attempts, r.possibly_duplicated),
+            (0, 2, false),
+            "{e:?}: {r:?}"
+        );
+    }
 }
 
 /// A call whose batches for one leader together exceed the connection's byte budget

@@ -36,8 +36,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::future::join_all;
 use kafka_protocol::{
     messages::{
-        ApiKey, ApiVersionsResponse, BrokerId, MetadataRequest, MetadataResponse, ProduceRequest,
-        ProduceResponse, RequestHeader, ResponseHeader, TopicName,
+        ApiKey, ApiVersionsResponse, BrokerId, InitProducerIdResponse, MetadataRequest,
+        MetadataResponse, ProduceRequest, ProduceResponse, ProducerId, RequestHeader,
+        ResponseHeader, TopicName,
         api_versions_response::ApiVersion,
         metadata_response::{
             MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
@@ -149,10 +150,14 @@ enum Mode {
     SilentHandshake,
     /// A well-formed Produce answer that omits the partition asked for.
     OmitPartition,
+    /// Of the gathered Produce requests, the first is answered NOT_ENOUGH_REPLICAS (retriable,
+    /// nothing appended) and the others OUT_OF_ORDER_SEQUENCE_NUMBER, as a broker does for the
+    /// batches behind one it refused; then the connection behaves.
+    SequenceGap,
 }
 
 impl Mode {
-    const ALL: [Mode; 12] = [
+    const ALL: [Mode; 13] = [
         Mode::Behave,
         Mode::Garbage,
         Mode::GarbageBody,
@@ -165,6 +170,7 @@ impl Mode {
         Mode::Trickle,
         Mode::SilentHandshake,
         Mode::OmitPartition,
+        Mode::SequenceGap,
     ];
 
     fn from_u8(v: u8) -> Mode {
@@ -354,6 +360,7 @@ fn api_versions_answer(req: &Req) -> Bytes {
         api(ApiKey::Produce, 3, 9),
         api(ApiKey::Metadata, 0, 12),
         api(ApiKey::ApiVersions, 0, 3),
+        api(ApiKey::InitProducerId, 0, 4),
     ]);
     frame(req, req.correlation_id, &resp)
 }
@@ -427,12 +434,47 @@ fn produce_answer(st: &BrokerState, req: &Req, correlation_id: i32) -> Option<By
     Some(frame(req, correlation_id, &resp))
 }
 
+/// An answer to a Produce request that gives every partition `code`.
+fn error_answer(req: &Req, code: i16) -> Option<Bytes> {
+    let asked = ProduceRequest::decode(&mut req.body.clone(), req.version).ok()?;
+    let responses = asked
+        .topic_data
+        .iter()
+        .map(|t| {
+            TopicProduceResponse::default()
+                .with_name(t.name.clone())
+                .with_partition_responses(
+                    t.partition_data
+                        .iter()
+                        .map(|p| {
+                            PartitionProduceResponse::default()
+                                .with_index(p.index)
+                                .with_error_code(code)
+                                .with_base_offset(-1)
+                                .with_log_append_time_ms(-1)
+                                .with_log_start_offset(-1)
+                        })
+                        .collect(),
+                )
+        })
+        .collect();
+    let resp = ProduceResponse::default().with_responses(responses);
+    Some(frame(req, req.correlation_id, &resp))
+}
+
 /// Answers ApiVersions, Metadata and Produce properly. `None`: stop serving this connection.
 fn proper_answer(st: &BrokerState, req: &Req) -> Option<Bytes> {
     match req.key {
         ApiKey::ApiVersions => Some(api_versions_answer(req)),
         ApiKey::Metadata => metadata_answer(st, req),
         ApiKey::Produce => produce_answer(st, req, req.correlation_id),
+        ApiKey::InitProducerId => Some(frame(
+            req,
+            req.correlation_id,
+            &InitProducerIdResponse::default()
+                .with_producer_id(ProducerId(1000))
+                .with_producer_epoch(0),
+        )),
         _ => None,
     }
 }
@@ -549,6 +591,31 @@ async fn misbehave(
             let resp = ProduceResponse::default().with_responses(vec![]);
             w.write_all(&frame(first, first.correlation_id, &resp))
                 .await
+        }
+        Mode::SequenceGap => {
+            let mut all = BytesMut::new();
+            for (k, req) in pending.iter().enumerate() {
+                let code = if k == 0 { 19 } else { 45 };
+                match error_answer(req, code) {
+                    Some(a) => all.put_slice(&a),
+                    None => return,
+                }
+            }
+            if w.write_all(&all).await.is_err() {
+                return;
+            }
+            // The connection behaves from now on.
+            let mut r = r;
+            while let Some(req) = read_request(&mut r).await {
+                if req.key == ApiKey::Produce {
+                    st.produce_requests.fetch_add(1, Ordering::SeqCst);
+                }
+                match proper_answer(st, &req) {
+                    Some(a) if w.write_all(&a).await.is_ok() => {}
+                    _ => return,
+                }
+            }
+            return;
         }
         Mode::Trickle => {
             let mut all = BytesMut::new();
@@ -1192,6 +1259,44 @@ async fn an_answer_that_omits_the_partition_is_retried_and_flagged_possibly_dupl
     let p = &resp.partitions[0];
     assert_eq!((p.error_code, p.attempts), (0, 2), "{p:?}");
     assert!(p.possibly_duplicated, "{p:?}");
+    assert_eq!(s.broker.hostile_acts(), 1);
+    s.assert_alive().await;
+}
+
+/// An idempotent batch refused with a retriable error, and the batches of the partition behind
+/// it answered OUT_OF_ORDER_SEQUENCE_NUMBER (the broker still waits for the refused one's
+/// sequence): those are retried behind it, and every call succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_behind_a_refused_batch_is_retried_behind_it() {
+    let _shared = GATE.read().await;
+    let s = setup(true).await;
+    const CALLS: usize = 3;
+    s.broker.set(Mode::SequenceGap, true, CALLS);
+    let results = join_all((0..CALLS as u64).map(|i| {
+        let mut c = s.client.clone();
+        async move {
+            let mut req = tonic::Request::new(common::request(
+                100 + i,
+                Acks::All,
+                "t",
+                0,
+                common::records(&format!("gap{i}"), 1),
+            ));
+            req.set_timeout(LONG_DEADLINE);
+            c.forward(req).await
+        }
+    }))
+    .await;
+    let mut attempts = Vec::new();
+    for r in results {
+        let resp = r.expect("every call succeeds").into_inner();
+        let p = &resp.partitions[0];
+        assert_eq!(p.error_code, 0, "{p:?}");
+        assert!(!p.possibly_duplicated, "{p:?}");
+        attempts.push(p.attempts);
+    }
+    attempts.sort_unstable();
+    assert_eq!(attempts, vec![2; CALLS], "each call sent twice");
     assert_eq!(s.broker.hostile_acts(), 1);
     s.assert_alive().await;
 }

@@ -258,13 +258,16 @@ fn forward_request(t: &Topics) -> impl Strategy<Value = ForwardRequest> {
             ),
         ],
     );
-    prop_oneof![plausible, hostile].prop_map(|(id, acks, timeout_ms, partitions)| ForwardRequest {
-        id,
-        acks,
-        timeout_ms,
-        partitions,
-        transactional_id: String::new(),
-    })
+    let transactional_id = prop_oneof![4 => Just(String::new()), 1 => "[a-z]{1,8}"];
+    (prop_oneof![plausible, hostile], transactional_id).prop_map(
+        |((id, acks, timeout_ms, partitions), transactional_id)| ForwardRequest {
+            id,
+            acks,
+            timeout_ms,
+            partitions,
+            transactional_id,
+        },
+    )
 }
 
 // ---------------------------------------------------------------- the model
@@ -303,6 +306,19 @@ fn expected(req: &ForwardRequest, max_request_bytes: usize) -> Result<(), String
             (true, true) => return Err(format!("partitions[{i}].records")),
             (false, true) if !batch_ok(&p.record_batch) => {
                 return Err(format!("partitions[{i}].record_batch"));
+            }
+            // A transactional batch (attributes bit 0x10) goes with a transactional id, and a
+            // transactional id with transactional batches only.
+            (false, true) => {
+                let transactional = p.record_batch[22] & 0x10 != 0;
+                match (transactional, req.transactional_id.is_empty()) {
+                    (true, true) => return Err("transactional_id".into()),
+                    (false, false) => return Err(format!("partitions[{i}].record_batch")),
+                    _ => {}
+                }
+            }
+            (true, false) if !req.transactional_id.is_empty() => {
+                return Err(format!("partitions[{i}].records"));
             }
             _ => {}
         }

@@ -19,6 +19,8 @@ const MAGIC_OFFSET: usize = 16;
 const CRC_OFFSET: usize = 17;
 const ATTRIBUTES_OFFSET: usize = 21;
 const PRODUCER_ID_OFFSET: usize = 43;
+const PRODUCER_EPOCH_OFFSET: usize = 51;
+const BASE_SEQUENCE_OFFSET: usize = 53;
 const RECORDS_COUNT_OFFSET: usize = 57;
 /// Attributes bit of a transactional batch.
 const TRANSACTIONAL_BIT: i16 = 0x10;
@@ -30,6 +32,10 @@ pub struct BatchInfo {
     pub records: i32,
     /// Producer id; -1 for non-idempotent batches.
     pub producer_id: i64,
+    /// Producer epoch.
+    pub producer_epoch: i16,
+    /// Sequence of the first record.
+    pub base_sequence: i32,
     /// Attributes bit 0x10: the batch belongs to a transaction. Apache Kafka accepts it only in
     /// a Produce request that carries the producer's `transactional_id` (docs/design.md §3.15).
     pub transactional: bool,
@@ -85,11 +91,36 @@ pub fn check(b: &[u8]) -> Result<BatchInfo, String> {
             .try_into()
             .expect("2"),
     );
+    let producer_epoch = i16::from_be_bytes(
+        b[PRODUCER_EPOCH_OFFSET..PRODUCER_EPOCH_OFFSET + 2]
+            .try_into()
+            .expect("2"),
+    );
+    let base_sequence = i32::from_be_bytes(
+        b[BASE_SEQUENCE_OFFSET..BASE_SEQUENCE_OFFSET + 4]
+            .try_into()
+            .expect("4"),
+    );
     Ok(BatchInfo {
         records,
         producer_id,
+        producer_epoch,
+        base_sequence,
         transactional: attributes & TRANSACTIONAL_BIT != 0,
     })
+}
+
+/// A copy of `batch` (one valid v2 batch, as [`encode`] makes) stamped with an idempotent
+/// producer's id, epoch and base sequence, its CRC-32C computed again.
+pub fn stamp(batch: &[u8], producer_id: i64, producer_epoch: i16, base_sequence: i32) -> Bytes {
+    let mut b = BytesMut::from(batch);
+    b[PRODUCER_ID_OFFSET..PRODUCER_ID_OFFSET + 8].copy_from_slice(&producer_id.to_be_bytes());
+    b[PRODUCER_EPOCH_OFFSET..PRODUCER_EPOCH_OFFSET + 2]
+        .copy_from_slice(&producer_epoch.to_be_bytes());
+    b[BASE_SEQUENCE_OFFSET..BASE_SEQUENCE_OFFSET + 4].copy_from_slice(&base_sequence.to_be_bytes());
+    let crc = crc32c::crc32c(&b[ATTRIBUTES_OFFSET..]);
+    b[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
+    b.freeze()
 }
 
 fn put_varint(buf: &mut BytesMut, v: i32) {
@@ -305,6 +336,26 @@ mod tests {
             put_varlong(&mut b, v);
             assert_eq!(b.len(), varlong_len(v), "{v}");
         }
+    }
+
+    #[test]
+    fn a_stamped_batch_carries_the_producer_and_passes_the_check() {
+        use kafka_protocol::records::RecordBatchDecoder;
+        let plain = encode(&[rec(Some("k"), Some("v"), 1), rec(None, Some("w"), 2)], 1);
+        let stamped = stamp(&plain, 4242, 7, 100);
+        let info = check(&stamped).expect("valid after stamping");
+        assert_eq!((info.producer_id, info.records), (4242, 2));
+        let set = RecordBatchDecoder::decode(&mut stamped.clone()).unwrap();
+        let seqs: Vec<(i64, i16, i32)> = set
+            .records
+            .iter()
+            .map(|r| (r.producer_id, r.producer_epoch, r.sequence))
+            .collect();
+        assert_eq!(seqs, vec![(4242, 7, 100), (4242, 7, 101)]);
+        assert_eq!(
+            &plain[..],
+            &encode(&[rec(Some("k"), Some("v"), 1), rec(None, Some("w"), 2)], 1)[..]
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! connections, retry within the caller's deadline, assemble one result per partition.
 
 pub mod batch;
+pub mod idempotence;
 pub mod validate;
 
 use std::{
@@ -27,10 +28,12 @@ use crate::{
         metadata::{Broker, MetadataClient, Route},
         pool::Pool,
         produce::acks,
+        producer_id::InitProducerIdError,
     },
     proto::v1::{ForwardRequest, ForwardResponse, PartitionResult},
     stats::Stats,
 };
+use idempotence::{Open, Producer, Stamp, Tp};
 use validate::{Validated, validate};
 
 /// Why a forward failed as a whole. Kafka errors of single partitions are not here: they are
@@ -108,6 +111,9 @@ pub const MAX_IDEMPOTENT_IN_FLIGHT: usize = 5;
 pub struct ForwardConfig {
     /// Ordering of each partition's batches.
     pub ordering: PartitionOrder,
+    /// Stamp the batches leaderlink encodes as an idempotent producer's (see
+    /// [`idempotence`]).
+    pub idempotence: bool,
     /// Largest accepted `ForwardRequest`, encoded; larger ones get INVALID_ARGUMENT.
     pub max_request_bytes: usize,
     /// Kafka `timeout_ms` sent when a request says 0; always cut to fit the caller's deadline.
@@ -174,10 +180,78 @@ struct ItemState {
     /// Together with the call's other batches for its leader, the batch exceeded the leader
     /// connection's byte budget: it goes in a request of its own.
     alone: bool,
+    /// The idempotent producer's stamp on the batch, kept with its bytes for retries.
+    stamp: Option<Stamp>,
 }
 
 /// Kafka's MESSAGE_TOO_LARGE.
 const MESSAGE_TOO_LARGE: i16 = 10;
+/// Kafka's OUT_OF_ORDER_SEQUENCE_NUMBER.
+const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
+/// Kafka's DUPLICATE_SEQUENCE_NUMBER.
+const DUPLICATE_SEQUENCE_NUMBER: i16 = 46;
+/// Kafka's INVALID_PRODUCER_EPOCH.
+const INVALID_PRODUCER_EPOCH: i16 = 47;
+/// Kafka's UNKNOWN_PRODUCER_ID.
+const UNKNOWN_PRODUCER_ID: i16 = 59;
+/// Kafka's PRODUCER_FENCED.
+const PRODUCER_FENCED: i16 = 90;
+
+/// The batches with a producer id one call has handed to leaders and not yet settled (see
+/// [`idempotence::Producer::settle`]). Dropping it settles the rest as given up: a call that
+/// ends by its deadline, or is cancelled, leaves no batch counted as open.
+struct Ledger {
+    producer: Arc<Producer>,
+    held: HashMap<usize, (Tp, Open, Option<u64>)>,
+}
+
+impl Ledger {
+    fn new(producer: Arc<Producer>) -> Self {
+        Self {
+            producer,
+            held: HashMap::new(),
+        }
+    }
+
+    /// Item `i`'s batch (on `tp`) is in leaderlink's hands; `generation` for leaderlink's own
+    /// stamps. A batch stamped anew replaces its earlier stamp, which is settled as given up.
+    fn hold(&mut self, i: usize, tp: Tp, open: Open, generation: Option<u64>) {
+        if let Some((tp, open, generation)) = self.held.insert(i, (tp, open, generation)) {
+            self.producer.settle(&tp, open, generation, false);
+        }
+    }
+
+    fn holds(&self, i: usize) -> bool {
+        self.held.contains_key(&i)
+    }
+
+    fn get(&self, i: usize) -> Option<(Tp, Open, Option<u64>)> {
+        self.held.get(&i).cloned()
+    }
+
+    /// Item `i` has its final answer: acknowledged or not.
+    fn settle(&mut self, i: usize, acked: bool) {
+        if let Some((tp, open, generation)) = self.held.remove(&i) {
+            self.producer.settle(&tp, open, generation, acked);
+        }
+    }
+}
+
+impl Drop for Ledger {
+    fn drop(&mut self) {
+        for (_, (tp, open, generation)) in self.held.drain() {
+            self.producer.settle(&tp, open, generation, false);
+        }
+    }
+}
+
+fn open_of(stamp: &Stamp) -> Open {
+    Open {
+        producer_id: stamp.identity.producer_id,
+        epoch: stamp.identity.epoch,
+        base_sequence: stamp.base_sequence,
+    }
+}
 
 /// What a one-partition Produce request adds to its batch (fields, array and string lengths)
 /// at most, beside the topic name and transactional id.
@@ -200,6 +274,8 @@ struct Inner {
     allow_auto_topic_creation: bool,
     /// A leader connection's byte budget: the largest Produce request it takes.
     max_in_flight_bytes: usize,
+    /// The idempotent producer whose id leaderlink stamps on the batches it encodes.
+    producer: Arc<Producer>,
     cfg: ForwardConfig,
     metadata: MetadataClient,
     pool: Pool,
@@ -229,6 +305,7 @@ impl Forwarder {
                 gates: std::sync::Mutex::new(HashMap::new()),
                 allow_auto_topic_creation,
                 max_in_flight_bytes,
+                producer: Arc::new(Producer::default()),
                 cfg,
             }),
         }
@@ -290,7 +367,7 @@ impl Forwarder {
         let mut tps: Vec<(&str, i32)> = v
             .items
             .iter()
-            .filter(|it| strict || it.idempotent)
+            .filter(|it| strict || self.gated(v, it))
             .map(|it| (it.topic.as_str(), it.partition))
             .collect();
         tps.sort_unstable();
@@ -321,6 +398,33 @@ impl Forwarder {
             }
         }
         Ok(held)
+    }
+
+    /// Whether leaderlink stamps `it` as the idempotent producer's: a batch it encodes, with
+    /// `idempotence` on, for an acks=all call (Kafka's producer is idempotent only with
+    /// acks=all: a batch acknowledged by a leader alone can be lost with it, and the sequence
+    /// would then be broken).
+    fn stamps(&self, v: &Validated, it: &validate::Item) -> bool {
+        self.inner.cfg.idempotence
+            && it.encoded
+            && v.acks == acks::ALL
+            && self.inner.producer.available()
+    }
+
+    /// Whether `it`'s partition gate applies outside strict mode: batches with a producer id,
+    /// the caller's or leaderlink's (at most [`MAX_IDEMPOTENT_IN_FLIGHT`] requests in flight).
+    fn gated(&self, v: &Validated, it: &validate::Item) -> bool {
+        it.idempotent || self.stamps(v, it)
+    }
+
+    /// Whether item `i` must be stamped before it is sent: it is to carry leaderlink's
+    /// producer id and has no stamp of the current identity.
+    fn needs_stamp(&self, v: &Validated, i: usize, s: &ItemState) -> bool {
+        self.stamps(v, &v.items[i])
+            && s.result.is_none()
+            && s.stamp
+                .as_ref()
+                .is_none_or(|stamp| !self.inner.producer.is_current(stamp))
     }
 
     /// Refuses, before anything is sent, a batch that alone would make a Produce request larger
@@ -394,6 +498,9 @@ impl Forwarder {
         let strict = self.inner.cfg.ordering == PartitionOrder::Strict;
         let gates = self.enter_gates(&v, deadline).await?;
         let mut st: Vec<ItemState> = (0..v.items.len()).map(|_| ItemState::default()).collect();
+        // Batches with a producer id this call has handed to a leader and not yet settled;
+        // whatever ends the call (its deadline, a cancel) settles the rest as given up.
+        let mut ledger = Ledger::new(self.inner.producer.clone());
         let mut pending: Vec<usize> = (0..v.items.len()).collect();
         let mut refresh = false;
         let mut refreshed = false;
@@ -436,7 +543,7 @@ impl Forwarder {
             let mut groups: BTreeMap<(i32, usize), (Broker, Vec<usize>)> = BTreeMap::new();
             for &i in &pending {
                 let it = &v.items[i];
-                if (strict || it.idempotent)
+                if (strict || self.gated(&v, it))
                     && !gated_seen.insert((it.topic.as_str(), it.partition))
                 {
                     deferred.push(i);
@@ -592,6 +699,76 @@ impl Forwarder {
                                 .cloned()
                         })
                         .collect();
+                    // Batches leaderlink stamps as the idempotent producer's: a producer
+                    // identity first (or a new epoch after a batch was given up).
+                    let to_stamp: Vec<usize> = chunk
+                        .iter()
+                        .copied()
+                        .filter(|&i| self.needs_stamp(&v, i, &st[i]))
+                        .collect();
+                    if !to_stamp.is_empty()
+                        && self.inner.producer.needs_init()
+                        && let Err(e) = self.inner.producer.ready(&conn, deadline).await
+                    {
+                        match e {
+                            InitProducerIdError::Conn(cause) => {
+                                refresh |= !matches!(cause, ConnError::NotSentInTime);
+                                not_sent(&mut st, &mut retry, cause);
+                            }
+                            InitProducerIdError::Unsupported => {
+                                // Sent again at once, without a producer id.
+                                self.inner.producer.disable();
+                                deferred.extend(chunk.iter().copied());
+                            }
+                            InitProducerIdError::Kafka { code } if retriable(code) => {
+                                for &i in &chunk {
+                                    st[i].last = Some(Failure::Kafka {
+                                        code,
+                                        message: Some("InitProducerId failed".into()),
+                                    });
+                                    retry.push(i);
+                                }
+                            }
+                            e @ InitProducerIdError::Kafka { code } => {
+                                for &i in &chunk {
+                                    st[i].result = Some(error_result(
+                                        &v.items[i],
+                                        code,
+                                        format!("no idempotent producer id: {e}"),
+                                        broker.id,
+                                        &st[i],
+                                    ));
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                    // Stamping and queueing under one lock: a partition's sequences reach its
+                    // connection in order.
+                    let mut stamper = self.inner.producer.stamper();
+                    let mut stamped = Vec::with_capacity(to_stamp.len());
+                    for &i in &to_stamp {
+                        let it = &v.items[i];
+                        let tp = (it.topic.clone(), it.partition);
+                        let Some(stamp) = stamper.stamp(&tp, &it.batch, it.records) else {
+                            continue;
+                        };
+                        // Stamped anew after an earlier attempt under an old epoch: the broker
+                        // cannot tell the two apart.
+                        if st[i].stamp.is_some() {
+                            st[i].possibly_duplicated |= st[i].may_be_in_log;
+                        }
+                        stamped.push((i, tp, open_of(&stamp), stamp.generation));
+                        st[i].stamp = Some(stamp);
+                    }
+                    for &i in &chunk {
+                        let it = &v.items[i];
+                        if let Some(open) = it.producer
+                            && !ledger.holds(i)
+                        {
+                            ledger.hold(i, (it.topic.clone(), it.partition), open, None);
+                        }
+                    }
                     // Into the connection's coalescing queue: concurrent calls' batches for
                     // other partitions of this leader may share the Produce request.
                     let submitted = coalesce::submit(
@@ -608,11 +785,19 @@ impl Forwarder {
                                 .map(|&i| coalesce::Part {
                                     topic: v.items[i].topic.clone(),
                                     partition: v.items[i].partition,
-                                    batch: v.items[i].batch.clone(),
+                                    batch: st[i].stamp.as_ref().map_or_else(
+                                        || v.items[i].batch.clone(),
+                                        |s| s.batch.clone(),
+                                    ),
                                 })
                                 .collect(),
                         },
                     );
+                    drop(stamper);
+                    // The ledger settles replaced stamps, which takes the producer's lock.
+                    for (i, tp, open, generation) in stamped {
+                        ledger.hold(i, tp, open, Some(generation));
+                    }
                     match submitted {
                         Ok(ticket) => {
                             for &i in &chunk {
@@ -620,7 +805,11 @@ impl Forwarder {
                                     self.inner.stats.retries.fetch_add(1, Ordering::Relaxed);
                                 }
                                 st[i].attempts += 1;
-                                st[i].possibly_duplicated |= st[i].may_be_in_log;
+                                // A batch with a producer id is sent again with the same bytes:
+                                // the leader drops it if it has it already.
+                                if !ledger.holds(i) {
+                                    st[i].possibly_duplicated |= st[i].may_be_in_log;
+                                }
                             }
                             let attempt = chunk.iter().map(|&i| st[i].attempts).max();
                             let span = leader_span(&v, &chunk, &broker, attempt.unwrap_or(1));
@@ -766,16 +955,49 @@ impl Forwarder {
                         span.record("leaderlink.kafka_error_code", a.error_code);
                         span.record("error.type", error_name(a.error_code));
                     }
-                    if a.error_code == 0 {
+                    let held = ledger.get(i);
+                    if a.error_code == 0
+                        || (a.error_code == DUPLICATE_SEQUENCE_NUMBER && held.is_some())
+                    {
+                        // A duplicate sequence is a batch the leader already has (§3.16); its
+                        // offset is not in the answer.
+                        let dup = a.error_code != 0;
                         self.count_forwarded(it);
                         st[i].result = Some(ok_result(
                             it,
-                            a.base_offset,
+                            if dup { -1 } else { a.base_offset },
                             a.log_append_time_ms,
                             a.log_start_offset,
                             broker,
                             &st[i],
                         ));
+                    } else if let Some((tp, open, generation)) = held
+                        && a.error_code == OUT_OF_ORDER_SEQUENCE_NUMBER
+                        && self
+                            .inner
+                            .producer
+                            .retry_out_of_order(&tp, open, generation)
+                    {
+                        // An earlier batch of the producer on this partition is still being
+                        // retried (or this stamp is replaced): retry behind it.
+                        st[i].last = Some(Failure::Kafka {
+                            code: a.error_code,
+                            message: a.error_message,
+                        });
+                        retry.push(i);
+                    } else if let Some(stamp) = &st[i].stamp
+                        && matches!(
+                            a.error_code,
+                            INVALID_PRODUCER_EPOCH | UNKNOWN_PRODUCER_ID | PRODUCER_FENCED
+                        )
+                    {
+                        // leaderlink's own identity is stale: a new epoch, then a new stamp.
+                        self.inner.producer.fenced(stamp);
+                        st[i].last = Some(Failure::Kafka {
+                            code: a.error_code,
+                            message: a.error_message,
+                        });
+                        retry.push(i);
                     } else if retriable(a.error_code) {
                         // KIP-951: a newer leader named in the answer saves a full refresh.
                         let hinted = matches!(a.error_code, 6 | 74)
@@ -809,6 +1031,11 @@ impl Forwarder {
                 }
             }
 
+            for (i, s) in st.iter().enumerate() {
+                if let Some(r) = &s.result {
+                    ledger.settle(i, r.error_code == 0);
+                }
+            }
             if let Some(cause) = st.iter().find_map(|s| s.overloaded.clone()) {
                 return Err(self.overloaded(&v, &st, cause));
             }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use prost::Message;
 
-use super::{ForwardError, batch};
+use super::{ForwardError, batch, idempotence::Open};
 use crate::{
     kafka::produce::acks,
     proto::v1::{Acks, ForwardRequest, Header},
@@ -29,6 +29,12 @@ pub struct Item {
     /// bytes and sequence must survive retries unchanged, with at most 5 requests in flight
     /// for its partition.
     pub idempotent: bool,
+    /// The producer id, epoch and base sequence in a raw batch's header, when it has a producer
+    /// id.
+    pub producer: Option<Open>,
+    /// leaderlink encoded the batch from `records` (it may stamp it as an idempotent
+    /// producer's).
+    pub encoded: bool,
 }
 
 /// A request that passed validation.
@@ -154,7 +160,8 @@ pub fn validate(
                 format!("is {}; must be >= 0", p.partition),
             ));
         }
-        let (batch, records, idempotent) = match (p.record_batch.is_empty(), p.records.is_empty()) {
+        let encoded = p.record_batch.is_empty();
+        let (batch, records, producer) = match (p.record_batch.is_empty(), p.records.is_empty()) {
             (false, false) => {
                 return Err(invalid(
                     field("record_batch"),
@@ -192,7 +199,12 @@ pub fn validate(
                     }
                     _ => {}
                 }
-                (p.record_batch, info.records as u32, info.producer_id >= 0)
+                let producer = (info.producer_id >= 0).then_some(Open {
+                    producer_id: info.producer_id,
+                    epoch: info.producer_epoch,
+                    base_sequence: info.base_sequence,
+                });
+                (p.record_batch, info.records as u32, producer)
             }
             (true, false) if transactional_id.is_some() => {
                 return Err(invalid(
@@ -224,7 +236,7 @@ pub fn validate(
                     )
                 })?;
                 batch_budget -= encoded.len();
-                (encoded, records.len() as u32, false)
+                (encoded, records.len() as u32, None)
             }
         };
         items.push(Item {
@@ -232,7 +244,9 @@ pub fn validate(
             partition: p.partition,
             batch,
             records,
-            idempotent,
+            idempotent: producer.is_some(),
+            producer,
+            encoded,
         });
     }
     Ok(Validated {

@@ -166,6 +166,7 @@ pub fn check(api: ApiKey, version: i16, body: &[u8]) -> Result<(), Refusal> {
         ApiKey::ApiVersions => api_versions(version, body),
         ApiKey::SaslHandshake => sasl_handshake(body),
         ApiKey::SaslAuthenticate => sasl_authenticate(version, body),
+        ApiKey::InitProducerId => init_producer_id(version, body),
         _ => Err(format!("no shape known for {api:?} responses")),
     }
 }
@@ -332,6 +333,15 @@ fn sasl_authenticate(v: i16, body: &[u8]) -> Result<(), Refusal> {
     w.no_known_tags()
 }
 
+fn init_producer_id(v: i16, body: &[u8]) -> Result<(), Refusal> {
+    let mut w = Walk {
+        b: body,
+        flexible: v >= 2,
+    };
+    w.fixed(4 + 2 + 8 + 2)?; // throttle time, error code, producer id, epoch
+    w.no_known_tags()
+}
+
 #[cfg(test)]
 mod tests {
     use bytes::BytesMut;
@@ -429,6 +439,13 @@ mod tests {
             }
             check(ApiKey::ApiVersions, v, &enc(&m, v))
                 .unwrap_or_else(|e| panic!("api versions v{v}: {e}"));
+        }
+        for v in 0..=4 {
+            let m = kafka_protocol::messages::InitProducerIdResponse::default()
+                .with_producer_id(kafka_protocol::messages::ProducerId(7))
+                .with_producer_epoch(3);
+            check(ApiKey::InitProducerId, v, &enc(&m, v))
+                .unwrap_or_else(|e| panic!("init producer id v{v}: {e}"));
         }
     }
 

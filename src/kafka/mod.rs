@@ -10,6 +10,7 @@ pub mod histogram;
 pub mod metadata;
 pub mod pool;
 pub mod produce;
+pub mod producer_id;
 pub mod security;
 pub mod versions;
 

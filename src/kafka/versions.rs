@@ -19,6 +19,9 @@ pub const PRODUCE_VERSIONS: (i16, i16) = (3, 12);
 /// Metadata versions leaderlink speaks (v1 is the first with rack and controller fields that
 /// Kafka 4 still accepts below v4; v12 is the last before topic-id-only changes).
 pub const METADATA_VERSIONS: (i16, i16) = (1, 12);
+/// InitProducerId versions leaderlink speaks: v3 (KIP-360) lets an idempotent producer bump its
+/// epoch; v4 is the last the mock cluster knows.
+pub const INIT_PRODUCER_ID_VERSIONS: (i16, i16) = (0, 4);
 /// The ApiVersions version tried first. v3 (KIP-511) carries the client software name; a broker
 /// that does not know it answers a v0 body with UNSUPPORTED_VERSION, and a lower version is
 /// tried.
@@ -38,6 +41,9 @@ pub struct Versions {
     pub sasl_handshake: i16,
     /// Highest SaslAuthenticate version the broker supports; -1 when it has none.
     pub sasl_authenticate: i16,
+    /// InitProducerId version: the highest both sides support within
+    /// [`INIT_PRODUCER_ID_VERSIONS`]; -1 when the broker has none (no idempotent producer).
+    pub init_producer_id: i16,
 }
 
 impl Versions {
@@ -47,6 +53,7 @@ impl Versions {
         metadata: -1,
         sasl_handshake: -1,
         sasl_authenticate: -1,
+        init_producer_id: -1,
     };
 }
 
@@ -186,5 +193,6 @@ pub fn pick(resp: &ApiVersionsResponse) -> Result<Versions, ConnError> {
         metadata: choose(ApiKey::Metadata, METADATA_VERSIONS, "Metadata", "1..=12")?,
         sasl_handshake: max(ApiKey::SaslHandshake),
         sasl_authenticate: max(ApiKey::SaslAuthenticate),
+        init_producer_id: max(ApiKey::InitProducerId).min(INIT_PRODUCER_ID_VERSIONS.1),
     })
 }

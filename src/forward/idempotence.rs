@@ -1,0 +1,365 @@
+//! Idempotent forwarding (docs/design.md §3.16): the producer identity leaderlink stamps on the
+//! batches it encodes, their per-partition sequences, and the batches with a producer id that
+//! are in leaderlink's hands, which decide how OUT_OF_ORDER_SEQUENCE_NUMBER is read.
+//!
+//! The rules follow Kafka's Java producer (`Sender`, `TransactionManager`):
+//! * one producer id and epoch (InitProducerId without a transactional id), obtained on first
+//!   use;
+//! * a sequence per partition, counted in records, assigned when a batch is first handed to its
+//!   leader connection and kept, with the batch's bytes, on every retry;
+//! * at most five requests in flight per partition (the forwarder's partition gates);
+//! * OUT_OF_ORDER_SEQUENCE_NUMBER while an earlier batch of the same producer and partition is
+//!   still unfinished means "retry behind it";
+//! * a batch given up without a success (a final error, the call's deadline, a cancelled call)
+//!   leaves a hole in its partition's sequence, which only a new epoch closes: the epoch is
+//!   bumped (KIP-360) before the next batch is stamped, every partition's sequence starts again
+//!   at 0, and unfinished batches of the old epoch are stamped anew when they are retried;
+//! * INVALID_PRODUCER_EPOCH, UNKNOWN_PRODUCER_ID and PRODUCER_FENCED for a batch of the current
+//!   epoch bump it too, and the batch is retried with a new stamp.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex, MutexGuard},
+};
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::batch;
+use crate::kafka::{
+    connection::Connection,
+    producer_id::{InitProducerIdError, ProducerIdentity, init_producer_id},
+};
+
+/// A partition: topic and index.
+pub type Tp = (String, i32);
+
+/// The stamp leaderlink put on one batch it encoded.
+#[derive(Debug, Clone)]
+pub struct Stamp {
+    /// The identity generation the stamp belongs to (one per producer id + epoch).
+    pub generation: u64,
+    /// The producer identity.
+    pub identity: ProducerIdentity,
+    /// First sequence of the batch.
+    pub base_sequence: i32,
+    /// The batch with the stamp in its header.
+    pub batch: Bytes,
+}
+
+/// A batch with a producer id while it is in leaderlink's hands: the producer, epoch and base
+/// sequence in its header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Open {
+    /// Producer id.
+    pub producer_id: i64,
+    /// Producer epoch.
+    pub epoch: i16,
+    /// Base sequence.
+    pub base_sequence: i32,
+}
+
+#[derive(Default)]
+struct State {
+    /// The cluster offers no InitProducerId: batches go out without a producer id.
+    unsupported: bool,
+    identity: Option<ProducerIdentity>,
+    generation: u64,
+    /// A batch of the current generation was given up: bump the epoch before the next stamp.
+    bump: bool,
+    /// Next sequence per partition, for the current generation.
+    next: HashMap<Tp, i32>,
+    /// Batches with a producer id in leaderlink's hands, per partition.
+    open: HashMap<Tp, BTreeSet<Open>>,
+}
+
+/// The idempotent producer of one forwarder.
+#[derive(Default)]
+pub struct Producer {
+    /// Single flight for InitProducerId (the first identity, and epoch bumps).
+    init: tokio::sync::Mutex<()>,
+    state: Mutex<State>,
+}
+
+/// The producer's state, locked: stamping and handing the stamped batches to their connection
+/// under one lock keeps each partition's wire order equal to its sequence order.
+pub struct Stamper<'a> {
+    st: MutexGuard<'a, State>,
+}
+
+impl Stamper<'_> {
+    /// Stamps `batch` (encoded by leaderlink, `records` records) for `tp` with the current
+    /// identity and the partition's next sequence, and counts it as open. `None` when no
+    /// identity is ready (see [`Producer::ready`]).
+    pub fn stamp(&mut self, tp: &Tp, batch: &[u8], records: u32) -> Option<Stamp> {
+        let identity = self.st.identity?;
+        let generation = self.st.generation;
+        let next = self.st.next.entry(tp.clone()).or_insert(0);
+        let base_sequence = *next;
+        // Sequences wrap to 0 after i32::MAX, as Kafka's do.
+        *next =
+            ((i64::from(base_sequence) + i64::from(records)) % (i64::from(i32::MAX) + 1)) as i32;
+        self.st.open.entry(tp.clone()).or_default().insert(Open {
+            producer_id: identity.producer_id,
+            epoch: identity.epoch,
+            base_sequence,
+        });
+        Some(Stamp {
+            generation,
+            identity,
+            base_sequence,
+            batch: batch::stamp(batch, identity.producer_id, identity.epoch, base_sequence),
+        })
+    }
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Producer {
+    /// Whether leaderlink stamps batches at all: false once a broker turned out to offer no
+    /// InitProducerId (see [`Self::disable`]).
+    pub fn available(&self) -> bool {
+        !lock(&self.state).unsupported
+    }
+
+    /// The brokers offer no InitProducerId (a Kafka-compatible broker without idempotent
+    /// producers): from now on batches go out without a producer id, as Kafka's Java producer
+    /// does when idempotence is only its default. Logged once, at warn.
+    pub fn disable(&self) {
+        let mut st = lock(&self.state);
+        if !st.unsupported {
+            st.unsupported = true;
+            tracing::warn!(
+                "the broker offers no InitProducerId: batches leaderlink encodes go out without \
+                 a producer id, and retries may duplicate them (flagged possibly_duplicated)"
+            );
+        }
+    }
+
+    /// Whether an InitProducerId must run before the next stamp (no identity yet, or a bump is
+    /// due).
+    pub fn needs_init(&self) -> bool {
+        let st = lock(&self.state);
+        st.identity.is_none() || st.bump
+    }
+
+    /// Obtains the first identity, or bumps the epoch when a batch was given up, over `conn`.
+    /// Concurrent callers wait for one InitProducerId.
+    pub async fn ready(
+        &self,
+        conn: &Arc<Connection>,
+        deadline: Instant,
+    ) -> Result<(), InitProducerIdError> {
+        let Ok(_single) = tokio::time::timeout_at(deadline, self.init.lock()).await else {
+            return Err(crate::kafka::error::ConnError::NotSentInTime.into());
+        };
+        let current = {
+            let st = lock(&self.state);
+            if st.identity.is_some() && !st.bump {
+                return Ok(());
+            }
+            st.identity.filter(|_| st.bump)
+        };
+        let identity = match init_producer_id(conn, current, deadline).await {
+            Ok(id) => id,
+            // A broker that will not bump this identity (it no longer knows it, or the epoch
+            // is exhausted) hands out a new one.
+            Err(InitProducerIdError::Kafka { .. }) if current.is_some() => {
+                init_producer_id(conn, None, deadline).await?
+            }
+            Err(e) => return Err(e),
+        };
+        let mut st = lock(&self.state);
+        st.identity = Some(identity);
+        st.generation += 1;
+        st.bump = false;
+        st.next.clear();
+        // Batches of the old identity stay open until their calls settle them; the new one
+        // starts every partition at sequence 0.
+        tracing::debug!(
+            producer_id = identity.producer_id,
+            epoch = identity.epoch,
+            "idempotent producer identity"
+        );
+        Ok(())
+    }
+
+    /// Locks the state for stamping (see [`Stamper`]).
+    pub fn stamper(&self) -> Stamper<'_> {
+        Stamper {
+            st: lock(&self.state),
+        }
+    }
+
+    /// Whether `stamp` belongs to the current identity (else the batch is stamped anew before
+    /// it is sent again).
+    pub fn is_current(&self, stamp: &Stamp) -> bool {
+        lock(&self.state).generation == stamp.generation
+    }
+
+    /// Counts a caller's batch with a producer id (a raw idempotent batch) as open on `tp`.
+    pub fn open(&self, tp: &Tp, open: Open) {
+        lock(&self.state)
+            .open
+            .entry(tp.clone())
+            .or_default()
+            .insert(open);
+    }
+
+    /// The batch `open` on `tp` is settled: acknowledged (`acked`), or given up. A stamp of the
+    /// current identity given up leaves a hole in the partition's sequence: the epoch is bumped
+    /// before the next stamp.
+    pub fn settle(&self, tp: &Tp, open: Open, stamp_generation: Option<u64>, acked: bool) {
+        let mut st = lock(&self.state);
+        if let Some(set) = st.open.get_mut(tp) {
+            set.remove(&open);
+            if set.is_empty() {
+                st.open.remove(tp);
+            }
+        }
+        if !acked && stamp_generation == Some(st.generation) {
+            st.bump = true;
+        }
+    }
+
+    /// The leader refused a stamp of the current identity as fenced or unknown
+    /// (INVALID_PRODUCER_EPOCH, UNKNOWN_PRODUCER_ID, PRODUCER_FENCED): bump before the next
+    /// stamp.
+    pub fn fenced(&self, stamp: &Stamp) {
+        let mut st = lock(&self.state);
+        if st.generation == stamp.generation {
+            st.bump = true;
+        }
+    }
+
+    /// OUT_OF_ORDER_SEQUENCE_NUMBER for `open` on `tp`: whether to retry. Yes while an earlier
+    /// batch of the same producer and epoch on the partition is still unfinished (the broker
+    /// waits for it), or, for a stamp (`stamp_generation`), when its identity is replaced or
+    /// about to be (it is stamped anew). No otherwise: the sequence is broken and the batch is
+    /// given up.
+    pub fn retry_out_of_order(&self, tp: &Tp, open: Open, stamp_generation: Option<u64>) -> bool {
+        let st = lock(&self.state);
+        if let Some(g) = stamp_generation
+            && (g != st.generation || st.bump)
+        {
+            return true;
+        }
+        st.open.get(tp).is_some_and(|set| {
+            set.iter().any(|o| {
+                o.producer_id == open.producer_id
+                    && o.epoch == open.epoch
+                    && o.base_sequence < open.base_sequence
+            })
+        })
+    }
+
+    /// Partitions with batches in leaderlink's hands (for tests and the admin view).
+    pub fn open_partitions(&self) -> usize {
+        lock(&self.state).open.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn producer_with(identity: ProducerIdentity) -> Producer {
+        let p = Producer::default();
+        {
+            let mut st = lock(&p.state);
+            st.identity = Some(identity);
+            st.generation = 1;
+        }
+        p
+    }
+
+    fn plain() -> Bytes {
+        batch::encode(
+            &[crate::proto::v1::Record {
+                key: None,
+                value: Some(Bytes::from_static(b"v")),
+                headers: vec![],
+                timestamp_ms: 1,
+            }],
+            1,
+        )
+    }
+
+    fn open_of(s: &Stamp) -> Open {
+        Open {
+            producer_id: s.identity.producer_id,
+            epoch: s.identity.epoch,
+            base_sequence: s.base_sequence,
+        }
+    }
+
+    #[test]
+    fn sequences_count_records_per_partition_and_wrap() {
+        let p = producer_with(ProducerIdentity {
+            producer_id: 9,
+            epoch: 0,
+        });
+        let (t0, t1) = (("t".to_string(), 0), ("t".to_string(), 1));
+        let b = plain();
+        let mut s = p.stamper();
+        assert_eq!(s.stamp(&t0, &b, 3).unwrap().base_sequence, 0);
+        assert_eq!(s.stamp(&t0, &b, 2).unwrap().base_sequence, 3);
+        assert_eq!(s.stamp(&t1, &b, 1).unwrap().base_sequence, 0);
+        s.st.next.insert(t1.clone(), i32::MAX - 1);
+        assert_eq!(s.stamp(&t1, &b, 4).unwrap().base_sequence, i32::MAX - 1);
+        assert_eq!(s.stamp(&t1, &b, 1).unwrap().base_sequence, 2);
+    }
+
+    #[test]
+    fn out_of_order_is_retried_only_behind_an_earlier_open_batch() {
+        let p = producer_with(ProducerIdentity {
+            producer_id: 9,
+            epoch: 0,
+        });
+        let tp = ("t".to_string(), 0);
+        let b = plain();
+        let (first, second) = {
+            let mut s = p.stamper();
+            (s.stamp(&tp, &b, 1).unwrap(), s.stamp(&tp, &b, 1).unwrap())
+        };
+        // The first is unfinished: the second waits behind it.
+        assert!(p.retry_out_of_order(&tp, open_of(&second), Some(1)));
+        // The first is acknowledged: the second's OUT_OF_ORDER is final.
+        p.settle(&tp, open_of(&first), Some(1), true);
+        assert!(!p.retry_out_of_order(&tp, open_of(&second), Some(1)));
+        // A raw batch of another producer is judged by its own producer's batches.
+        let raw = |seq| Open {
+            producer_id: 77,
+            epoch: 3,
+            base_sequence: seq,
+        };
+        p.open(&tp, raw(10));
+        assert!(p.retry_out_of_order(&tp, raw(11), None));
+        assert!(!p.retry_out_of_order(&tp, raw(10), None));
+    }
+
+    #[test]
+    fn a_batch_given_up_asks_for_a_new_epoch_and_retries_stale_stamps() {
+        let p = producer_with(ProducerIdentity {
+            producer_id: 9,
+            epoch: 0,
+        });
+        let tp = ("t".to_string(), 0);
+        let b = plain();
+        let (first, second) = {
+            let mut s = p.stamper();
+            (s.stamp(&tp, &b, 1).unwrap(), s.stamp(&tp, &b, 1).unwrap())
+        };
+        assert!(!p.needs_init());
+        // Acknowledged batches leave no hole.
+        p.settle(&tp, open_of(&first), Some(1), true);
+        assert!(!p.needs_init());
+        // A given-up one does: the second's OUT_OF_ORDER is then retried with a new stamp.
+        p.settle(&tp, open_of(&second), Some(1), false);
+        assert!(p.needs_init());
+        assert!(p.retry_out_of_order(&tp, open_of(&second), Some(1)));
+        assert_eq!(p.open_partitions(), 0);
+    }
+}
