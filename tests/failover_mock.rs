@@ -275,3 +275,49 @@ async fn a_cancelled_calls_request_keeps_its_partition_slot_until_answered() {
         5
     );
 }
+
+/// A drained leader connection finishes its requests in flight; the partition's next request
+/// does not go out on a new connection before they are answered (the broker handles each
+/// connection on its own, so it could overtake them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_drain_the_next_request_waits_for_the_old_connections_requests() {
+    let h = start(|_| {}).await;
+    let (t, warm) = common::warm_topic(&h, "drain-order", 1).await;
+    h.dev
+        .set_leader_latency(Duration::from_millis(800))
+        .unwrap();
+    let slots = h.server.forwarder.pool().slots();
+    let slot = slots
+        .iter()
+        .find(|s| s.broker_id == warm.leader_id)
+        .unwrap()
+        .clone();
+    let mut c = h.client.clone();
+    let first = tokio::spawn(async move {
+        forward_one(&mut c, request(1, Acks::Leader, &t, 0, records("a", 1))).await
+    });
+    let started = tokio::time::Instant::now();
+    while slot.stats.in_flight.load(Ordering::Relaxed) < 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "never in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (drained, in_flight) = h.server.forwarder.pool().drain(warm.leader_id);
+    assert_eq!((drained, in_flight), (1, 1));
+    let t = warm.topic.clone();
+    let mut c = h.client.clone();
+    let second = forward_one(&mut c, request(2, Acks::Leader, &t, 0, records("b", 1)))
+        .await
+        .unwrap();
+    let first = first.await.unwrap().unwrap();
+    assert_eq!((first.error_code, second.error_code), (0, 0));
+    assert!(
+        second.base_offset > first.base_offset,
+        "{first:?} {second:?}"
+    );
+    // The slot's counters span its connections: never two requests in flight at once.
+    assert_eq!(slot.stats.peak_in_flight.load(Ordering::Relaxed), 1);
+    assert_eq!(slot.stats.connects.load(Ordering::Relaxed), 2);
+}

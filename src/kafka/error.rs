@@ -120,6 +120,14 @@ pub enum ConnError {
         "no answer within the deadline; the request stays in flight for the calls it was coalesced with"
     )]
     AnswerLate,
+    /// A new connection for a slot was not opened in time: the slot's earlier connection
+    /// (drained, or to the broker's old address) still had requests awaiting answers, which a
+    /// request on the new connection could overtake.
+    #[error("{waiting} requests still in flight on the previous connection to this broker")]
+    EarlierInFlight {
+        /// Requests that awaited answers when the wait gave up.
+        waiting: usize,
+    },
     /// The connection's queue is full (`max_queued_per_connection`).
     #[error("leader connection queue is full ({limit} requests waiting)")]
     QueueFull {

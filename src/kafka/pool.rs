@@ -15,6 +15,10 @@ use super::{
     metadata::Broker,
 };
 
+/// How often a new connection's dial checks whether the slot's earlier connection still has
+/// requests in flight (see `Pool::await_earlier`).
+const EARLIER_POLL: Duration = Duration::from_millis(5);
+
 /// One connection slot: broker id and index among that broker's connections.
 pub struct Slot {
     /// Broker id.
@@ -129,6 +133,7 @@ impl Pool {
         if let Some(c) = slot.healthy_for(&addr) {
             return Ok(c);
         }
+        Self::await_earlier(&slot, &addr, deadline).await?;
         let failed = slot
             .failed
             .lock()
@@ -174,6 +179,36 @@ impl Pool {
         slot.stats.connects.fetch_add(1, Ordering::Relaxed);
         *slot.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((conn.clone(), addr));
         Ok(conn)
+    }
+
+    /// Waits, within `deadline`, until the slot's earlier connections (drained, or to the
+    /// broker's previous address) have no request awaiting an answer. A partition must not
+    /// change connection while it has requests in flight on the old one (docs/design.md
+    /// §3.17): the broker handles each connection on its own, so a request on the new one could
+    /// be appended before them. Drains and address changes are rare, so the wait polls every
+    /// [`EARLIER_POLL`] instead of keeping a notification on every connection.
+    async fn await_earlier(slot: &Slot, addr: &str, deadline: Instant) -> Result<(), ConnError> {
+        let mut earlier: Vec<Arc<Connection>> =
+            slot.draining().into_iter().map(|(c, _)| c).collect();
+        if let Some((c, a)) = slot.current()
+            && a != addr
+        {
+            earlier.push(c);
+        }
+        loop {
+            let waiting: usize = earlier
+                .iter()
+                .filter(|c| c.poisoned().is_none())
+                .map(|c| c.pending())
+                .sum();
+            if waiting == 0 {
+                return Ok(());
+            }
+            if Instant::now() + EARLIER_POLL > deadline {
+                return Err(ConnError::EarlierInFlight { waiting });
+            }
+            tokio::time::sleep(EARLIER_POLL).await;
+        }
     }
 
     /// Drains every connection to `broker_id`: they take no new requests, finish the ones in
