@@ -406,8 +406,13 @@ fn metadata_answer(st: &BrokerState, req: &Req) -> Option<Bytes> {
     Some(frame(req, req.correlation_id, &resp))
 }
 
-/// A successful answer to a Produce request, under `correlation_id`.
-fn produce_answer(st: &BrokerState, req: &Req, correlation_id: i32) -> Option<Bytes> {
+/// An answer to a Produce request, under `correlation_id`, with `partition` giving each
+/// partition's answer from its index.
+fn produce_answer_with(
+    req: &Req,
+    correlation_id: i32,
+    mut partition: impl FnMut(i32) -> PartitionProduceResponse,
+) -> Option<Bytes> {
     let asked = ProduceRequest::decode(&mut req.body.clone(), req.version).ok()?;
     let responses = asked
         .topic_data
@@ -418,14 +423,7 @@ fn produce_answer(st: &BrokerState, req: &Req, correlation_id: i32) -> Option<By
                 .with_partition_responses(
                     t.partition_data
                         .iter()
-                        .map(|p| {
-                            PartitionProduceResponse::default()
-                                .with_index(p.index)
-                                .with_error_code(0)
-                                .with_base_offset(st.next_offset.fetch_add(1, Ordering::SeqCst))
-                                .with_log_append_time_ms(-1)
-                                .with_log_start_offset(0)
-                        })
+                        .map(|p| partition(p.index))
                         .collect(),
                 )
         })
@@ -434,32 +432,28 @@ fn produce_answer(st: &BrokerState, req: &Req, correlation_id: i32) -> Option<By
     Some(frame(req, correlation_id, &resp))
 }
 
+/// A successful answer to a Produce request, under `correlation_id`.
+fn produce_answer(st: &BrokerState, req: &Req, correlation_id: i32) -> Option<Bytes> {
+    produce_answer_with(req, correlation_id, |index| {
+        PartitionProduceResponse::default()
+            .with_index(index)
+            .with_error_code(0)
+            .with_base_offset(st.next_offset.fetch_add(1, Ordering::SeqCst))
+            .with_log_append_time_ms(-1)
+            .with_log_start_offset(0)
+    })
+}
+
 /// An answer to a Produce request that gives every partition `code`.
 fn error_answer(req: &Req, code: i16) -> Option<Bytes> {
-    let asked = ProduceRequest::decode(&mut req.body.clone(), req.version).ok()?;
-    let responses = asked
-        .topic_data
-        .iter()
-        .map(|t| {
-            TopicProduceResponse::default()
-                .with_name(t.name.clone())
-                .with_partition_responses(
-                    t.partition_data
-                        .iter()
-                        .map(|p| {
-                            PartitionProduceResponse::default()
-                                .with_index(p.index)
-                                .with_error_code(code)
-                                .with_base_offset(-1)
-                                .with_log_append_time_ms(-1)
-                                .with_log_start_offset(-1)
-                        })
-                        .collect(),
-                )
-        })
-        .collect();
-    let resp = ProduceResponse::default().with_responses(responses);
-    Some(frame(req, req.correlation_id, &resp))
+    produce_answer_with(req, req.correlation_id, |index| {
+        PartitionProduceResponse::default()
+            .with_index(index)
+            .with_error_code(code)
+            .with_base_offset(-1)
+            .with_log_append_time_ms(-1)
+            .with_log_start_offset(-1)
+    })
 }
 
 /// Answers ApiVersions, Metadata and Produce properly. `None`: stop serving this connection.

@@ -326,19 +326,9 @@ async fn strict_ordering_keeps_each_partition_in_order_through_a_leader_kill() {
         .filter(|id| !consumed.contains_key(*id))
         .count();
     assert_eq!(missing, 0, "acknowledged but not in the log");
-    // Per caller, sequence numbers must appear in the log in increasing order.
-    let log = read_in_log_order(&topic);
-    let mut last: HashMap<u32, i64> = HashMap::new();
-    let mut out_of_order = 0;
-    for v in log {
-        let (c, seq) = v.split_once('-').unwrap();
-        let (c, seq): (u32, i64) = (c.parse().unwrap(), seq.parse().unwrap());
-        let prev = last.entry(c).or_insert(-1);
-        if seq < *prev {
-            out_of_order += 1;
-        }
-        *prev = (*prev).max(seq);
-    }
+    // Per caller (each writes to one partition), sequence numbers must appear in the log in
+    // increasing order.
+    let out_of_order = out_of_order(&topic);
     eprintln!(
         "strict (broker {victim} killed): calls {}, acked {}, out of order {out_of_order}, \
          failed {:?}, longest call {:?}",
@@ -373,17 +363,7 @@ async fn an_idempotent_forwarder_writes_each_record_once_in_order_through_a_lead
     let duplicates: Vec<(&String, &u32)> = consumed.iter().filter(|(_, n)| **n > 1).collect();
     // Per caller and partition, sequence numbers appear in the log in increasing order (a
     // caller's calls follow one another).
-    let mut last: HashMap<(u32, i32), i64> = HashMap::new();
-    let mut out_of_order = 0;
-    for (p, v) in read_in_log_order_by_partition(&topic) {
-        let (c, seq) = v.split_once('-').unwrap();
-        let (c, seq): (u32, i64) = (c.parse().unwrap(), seq.parse().unwrap());
-        let prev = last.entry((c, p)).or_insert(-1);
-        if seq < *prev {
-            out_of_order += 1;
-        }
-        *prev = (*prev).max(seq);
-    }
+    let out_of_order = out_of_order(&topic);
     let failed: u64 = t.failed.values().sum();
     eprintln!(
         "failover, idempotence on (broker {victim} killed): calls {}, acked {}, consumed {} \
@@ -409,12 +389,21 @@ async fn an_idempotent_forwarder_writes_each_record_once_in_order_through_a_lead
     drop(server);
 }
 
-/// Record values of every partition, each partition in offset order.
-fn read_in_log_order(topic: &str) -> Vec<String> {
-    read_in_log_order_by_partition(topic)
-        .into_iter()
-        .map(|(_, v)| v)
-        .collect()
+/// Records whose caller's sequence number is lower than one of the same caller written earlier
+/// to the same partition (values are `caller-seq`).
+fn out_of_order(topic: &str) -> usize {
+    let mut last: HashMap<(u32, i32), i64> = HashMap::new();
+    let mut out_of_order = 0;
+    for (p, v) in read_in_log_order_by_partition(topic) {
+        let (c, seq) = v.split_once('-').unwrap();
+        let (c, seq): (u32, i64) = (c.parse().unwrap(), seq.parse().unwrap());
+        let prev = last.entry((c, p)).or_insert(-1);
+        if seq < *prev {
+            out_of_order += 1;
+        }
+        *prev = (*prev).max(seq);
+    }
+    out_of_order
 }
 
 /// (partition, record value) of every partition, each partition in offset order.
