@@ -127,6 +127,10 @@ struct Args {
     /// and direct mode): e.g. TLS on the listener (tls_*) or to Kafka (kafka_*).
     #[arg(long, value_name = "FILE")]
     config: Option<std::path::PathBuf>,
+    /// rdkafka mode: librdkafka's idempotent producer (`enable.idempotence=true`), to compare
+    /// with leaderlink's `idempotence`.
+    #[arg(long)]
+    rdkafka_idempotence: bool,
     /// forwarder mode: speak TLS to leaderlink, trusting the CAs in FILE (PEM).
     #[arg(long, value_name = "FILE")]
     tls_ca: Option<std::path::PathBuf>,
@@ -379,7 +383,7 @@ fn rdkafka_producer(args: &Args, bootstrap: &str) -> FutureProducer {
         // for more (linger 0); callers' records of one call may share a batch.
         .set("linger.ms", "0")
         .set("batch.num.messages", args.batch_records.max(1).to_string())
-        .set("enable.idempotence", "false")
+        .set("enable.idempotence", args.rdkafka_idempotence.to_string())
         .set("compression.type", "none")
         .set("queue.buffering.max.messages", "2000000");
     if let Some(n) = args.max_in_flight {
