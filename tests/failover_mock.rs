@@ -111,6 +111,28 @@ async fn an_unreachable_cluster_answers_unavailable_quickly() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+/// Spawns one acks=all call carrying `batch(i)` for `topic`.
+fn spawn_call(
+    h: &common::Harness,
+    topic: &str,
+    i: u64,
+    batch: &impl Fn(u64) -> PartitionData,
+) -> tokio::task::JoinHandle<Result<leaderlink::proto::v1::PartitionResult, tonic::Status>> {
+    let mut c = h.client.clone();
+    let mut p = batch(i);
+    p.topic = topic.to_string();
+    tokio::spawn(async move {
+        let req = ForwardRequest {
+            id: i,
+            acks: Acks::All as i32,
+            timeout_ms: 0,
+            partitions: vec![p],
+            transactional_id: String::new(),
+        };
+        forward_one(&mut c, req).await
+    })
+}
+
 /// Runs 24 concurrent one-record calls on one partition with a slow leader; returns the peak
 /// in flight on the leader connection.
 async fn peak_for(ordering: PartitionOrder, batch: impl Fn(u64) -> PartitionData) -> (u64, u64) {
@@ -132,23 +154,7 @@ async fn peak_with(
     h.dev
         .set_leader_latency(Duration::from_millis(100))
         .unwrap();
-    let calls: Vec<_> = (1..=24u64)
-        .map(|i| {
-            let mut c = h.client.clone();
-            let mut p = batch(i);
-            p.topic = t.clone();
-            tokio::spawn(async move {
-                let req = ForwardRequest {
-                    id: i,
-                    acks: Acks::All as i32,
-                    timeout_ms: 0,
-                    partitions: vec![p],
-                    transactional_id: String::new(),
-                };
-                forward_one(&mut c, req).await
-            })
-        })
-        .collect();
+    let calls: Vec<_> = (1..=24u64).map(|i| spawn_call(&h, &t, i, &batch)).collect();
     let mut ok = 0;
     for call in calls {
         if call.await.unwrap().is_ok() {
@@ -221,21 +227,7 @@ async fn peak_after_cancelled(
     h.dev
         .set_leader_latency(Duration::from_millis(800))
         .unwrap();
-    let call = |i: u64| {
-        let mut c = h.client.clone();
-        let mut p = batch(i);
-        p.topic = t.clone();
-        tokio::spawn(async move {
-            let req = ForwardRequest {
-                id: i,
-                acks: Acks::All as i32,
-                timeout_ms: 0,
-                partitions: vec![p],
-                transactional_id: String::new(),
-            };
-            forward_one(&mut c, req).await
-        })
-    };
+    let call = |i: u64| spawn_call(&h, &t, i, &batch);
     let cancelled: Vec<_> = (1..=held).map(call).collect();
     let slots = h.server.forwarder.pool().slots();
     let slot = slots

@@ -185,17 +185,17 @@ struct ItemState {
 }
 
 /// Kafka's MESSAGE_TOO_LARGE.
-const MESSAGE_TOO_LARGE: i16 = 10;
+const MESSAGE_TOO_LARGE: i16 = ResponseError::MessageTooLarge.code();
 /// Kafka's OUT_OF_ORDER_SEQUENCE_NUMBER.
-const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = 45;
+const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = ResponseError::OutOfOrderSequenceNumber.code();
 /// Kafka's DUPLICATE_SEQUENCE_NUMBER.
-const DUPLICATE_SEQUENCE_NUMBER: i16 = 46;
+const DUPLICATE_SEQUENCE_NUMBER: i16 = ResponseError::DuplicateSequenceNumber.code();
 /// Kafka's INVALID_PRODUCER_EPOCH.
-const INVALID_PRODUCER_EPOCH: i16 = 47;
+const INVALID_PRODUCER_EPOCH: i16 = ResponseError::InvalidProducerEpoch.code();
 /// Kafka's UNKNOWN_PRODUCER_ID.
-const UNKNOWN_PRODUCER_ID: i16 = 59;
+const UNKNOWN_PRODUCER_ID: i16 = ResponseError::UnknownProducerId.code();
 /// Kafka's PRODUCER_FENCED.
-const PRODUCER_FENCED: i16 = 90;
+const PRODUCER_FENCED: i16 = ResponseError::ProducerFenced.code();
 
 /// The batches with a producer id one call has handed to leaders and not yet settled (see
 /// [`idempotence::Producer::settle`]). Dropping it settles the rest as given up: a call that
