@@ -377,7 +377,10 @@ async fn an_idempotent_forwarder_writes_each_record_once_in_order_through_a_lead
         t.failed,
         t.longest
     );
-    assert!(t.calls > 1000, "the load ran: {} calls", t.calls);
+    // The idempotent load makes fewer calls than the plain one (934 to 4,931 seen against
+    // 6,927 to 13,604; the cause is open, see the README's "What idempotence costs"): this
+    // floor only checks that the load ran through the kill.
+    assert!(t.calls > 300, "the load ran: {} calls", t.calls);
     assert_eq!(missing, 0, "acknowledged but not in the log");
     assert!(duplicates.is_empty(), "in the log twice: {duplicates:?}");
     assert_eq!(out_of_order, 0, "a caller's records out of order");
