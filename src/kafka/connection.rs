@@ -16,7 +16,10 @@
 //!   cause at once and later sends fail immediately, so the pool reconnects instead of hanging.
 //! * A request whose deadline passes after it may have been written poisons the connection too
 //!   (§3.5); one still queued behind a slow write is withdrawn instead, without harming the
-//!   others. [`RequestError::maybe_sent`] tells "never written" from "maybe written".
+//!   others. [`RequestError::maybe_sent`] tells "never written" from "maybe written". The
+//!   verdict is taken under the state lock: a request whose answer the reader took as the
+//!   deadline passed gets that answer (an acks=0 one whose write completed counts as written),
+//!   and the connection, still in step, lives on.
 
 use std::{
     collections::VecDeque,
@@ -168,6 +171,9 @@ struct State {
     /// Sequence number of the last frame the writer has begun to write. Frames at or below it
     /// may have reached the broker.
     claimed_seq: u64,
+    /// Highest sequence number of a request sent without expecting an answer whose write has
+    /// completed (updated only for write batches that carry such requests).
+    written_seq: u64,
     fifo: VecDeque<Entry>,
     no_response_slots: usize,
     /// Correlation ids of acks=0 slots taken out of the FIFO at its bound (oldest first, at
@@ -381,6 +387,8 @@ impl Admission {
             kind: Some(kind),
             deadline: None,
             done: false,
+            #[cfg(test)]
+            after_deadline: None,
         })
     }
 }
@@ -396,6 +404,10 @@ pub struct InFlight {
     deadline: Option<Instant>,
     /// The wait ended (answer, error or timeout handled).
     done: bool,
+    /// Test hook: once the deadline has passed, the wait pauses here before it judges the
+    /// connection, so a test can deliver the answer inside that window.
+    #[cfg(test)]
+    after_deadline: Option<oneshot::Receiver<()>>,
 }
 
 impl Drop for InFlight {
@@ -483,6 +495,7 @@ impl Connection {
                 next_correlation_id: first_correlation_id,
                 next_seq: 0,
                 claimed_seq: 0,
+                written_seq: 0,
                 fifo: VecDeque::new(),
                 no_response_slots: 0,
                 forgotten: VecDeque::new(),
@@ -747,14 +760,36 @@ impl InFlight {
             None => None,
         };
         if outcome.is_some() {
-            shared.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-            if shared.withdraw(self.seq) {
-                return Err(RequestError {
-                    cause: ConnError::NotSentInTime,
-                    maybe_sent: false,
-                });
+            #[cfg(test)]
+            if let Some(hook) = self.after_deadline.take() {
+                let _ = hook.await;
             }
-            shared.poison(ConnError::TimedOut);
+            let expects_answer = matches!(self.kind, Some(Waiting::Answer(_)));
+            match shared.at_deadline(self.seq, expects_answer) {
+                AtDeadline::Withdrawn => {
+                    shared.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                    return Err(RequestError {
+                        cause: ConnError::NotSentInTime,
+                        maybe_sent: false,
+                    });
+                }
+                // The deadline raced the answer and lost by a hair: the reader has taken the
+                // request's entry and is handing the answer over. The connection is in sync;
+                // poisoning it would fail every other request on it for nothing.
+                AtDeadline::Answered => {
+                    if let Some(Waiting::Answer(rx)) = self.kind.as_mut()
+                        && let Ok(result) = rx.await
+                    {
+                        return result.map(Some);
+                    }
+                }
+                AtDeadline::Written => return Ok(None),
+                AtDeadline::Pending => {
+                    shared.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                    shared.poison(ConnError::TimedOut);
+                }
+                AtDeadline::Poisoned => {}
+            }
         }
         let st = lock(&shared.state);
         Err(RequestError {
@@ -762,6 +797,20 @@ impl InFlight {
             maybe_sent: self.seq <= st.claimed_seq,
         })
     }
+}
+
+/// Where a request stands when its waiter's deadline has passed ([`Shared::at_deadline`]).
+enum AtDeadline {
+    /// Not begun on the wire: taken back, the connection is untouched.
+    Withdrawn,
+    /// Its answer has been read (it is being handed over).
+    Answered,
+    /// Sent without expecting an answer, and the write has completed.
+    Written,
+    /// On the wire and unanswered: the connection is out of step with its leader.
+    Pending,
+    /// The connection is already gone.
+    Poisoned,
 }
 
 impl State {
@@ -786,11 +835,40 @@ impl Shared {
         draining && !close
     }
 
+    /// Judges, under one lock, a request whose waiter's deadline has passed: takes it back if
+    /// the writer has not begun it, and otherwise tells whether it is still owed an answer.
+    fn at_deadline(&self, seq: u64, expects_answer: bool) -> AtDeadline {
+        let mut st = lock(&self.state);
+        if st.poisoned.is_some() {
+            return AtDeadline::Poisoned;
+        }
+        if Self::withdraw_locked(&self.stats, &mut st, seq) {
+            return AtDeadline::Withdrawn;
+        }
+        let pending = if expects_answer {
+            st.fifo.iter().any(|e| e.seq == seq)
+        } else {
+            seq > st.written_seq
+        };
+        match (pending, expects_answer) {
+            (true, _) => AtDeadline::Pending,
+            (false, true) => AtDeadline::Answered,
+            (false, false) => AtDeadline::Written,
+        }
+    }
+
     /// Takes back a request the writer has not begun to write: its FIFO entry goes, and the
     /// writer will skip its frame. Returns false if it may already be on the wire.
     fn withdraw(&self, seq: u64) -> bool {
         let mut st = lock(&self.state);
-        if st.poisoned.is_some() || seq <= st.claimed_seq {
+        if st.poisoned.is_some() {
+            return false;
+        }
+        Self::withdraw_locked(&self.stats, &mut st, seq)
+    }
+
+    fn withdraw_locked(stats: &ConnStats, st: &mut State, seq: u64) -> bool {
+        if seq <= st.claimed_seq {
             return false;
         }
         let Some(pos) = st.fifo.iter().position(|e| e.seq == seq) else {
@@ -799,7 +877,7 @@ impl Shared {
         let entry = st.fifo.remove(pos).expect("position is valid");
         match entry.reply {
             Reply::Answer(_) => {
-                self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+                stats.in_flight.fetch_sub(1, Ordering::Relaxed);
             }
             Reply::None => st.no_response_slots -= 1,
         }
@@ -978,6 +1056,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         if let Err(e) = result {
             shared.poison(ConnError::io(e));
             return;
+        }
+        if let Some(last) = batch.iter().rev().find(|o| o.written.is_some()) {
+            let mut st = lock(&shared.state);
+            st.written_seq = st.written_seq.max(last.seq);
         }
         for o in batch.drain(..) {
             if let Some(tx) = o.written {
@@ -1265,6 +1347,64 @@ mod tests {
         answer(&mut peer, id_b, b"B").await;
         assert_eq!(&payload(b.wait(far()).await.unwrap())[..], b"B");
         assert!(c.poisoned().is_none());
+    }
+
+    /// Runs `req`'s wait with a deadline 1 s ahead that passes at once (the peer is silent);
+    /// the wait then pauses, before it judges the connection, until the returned sender fires.
+    async fn wait_paused_after_deadline(
+        mut req: InFlight,
+    ) -> (
+        oneshot::Sender<()>,
+        tokio::task::JoinHandle<Result<Option<Bytes>, RequestError>>,
+    ) {
+        let (go, hook) = oneshot::channel();
+        req.after_deadline = Some(hook);
+        let waiter = tokio::spawn(req.wait(Instant::now() + Duration::from_secs(1)));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!waiter.is_finished(), "paused at the hook");
+        (go, waiter)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_read_as_the_deadline_passes_is_kept_and_the_connection_too() {
+        let (c, mut peer) = conn(16, 0, 64 * 1024);
+        let a = send(&c, b"a").await;
+        let (_, _, id, _) = read_request(&mut peer).await;
+        let (go, waiter) = wait_paused_after_deadline(a).await;
+        // The answer arrives between the deadline and the waiter's verdict.
+        answer(&mut peer, id, b"A").await;
+        while c.stats().completed.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        go.send(()).unwrap();
+        let got = waiter.await.unwrap();
+        assert_eq!(&payload(got.expect("the answer, not a timeout"))[..], b"A");
+        assert!(c.poisoned().is_none(), "{:?}", c.poisoned());
+        assert_eq!(c.stats().timeouts.load(Ordering::Relaxed), 0);
+        // The connection still serves.
+        let b = send(&c, b"b").await;
+        let (_, _, id_b, _) = read_request(&mut peer).await;
+        answer(&mut peer, id_b, b"B").await;
+        assert_eq!(&payload(b.wait(far()).await.unwrap())[..], b"B");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_acks_zero_write_completed_as_the_deadline_passes_counts_as_written() {
+        // A 64-byte pipe the peer does not read yet: the 200 KB write is under way.
+        let (c, mut peer) = conn(16, 0, 64);
+        let z = c
+            .send(ApiKey::Produce, 9, Bytes::from_static(&BIG), false)
+            .await
+            .unwrap();
+        let (go, waiter) = wait_paused_after_deadline(z).await;
+        // The write completes between the deadline and the waiter's verdict.
+        let (_, _, _, rest) = read_request(&mut peer).await;
+        assert!(rest.ends_with(&BIG));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        go.send(()).unwrap();
+        assert!(waiter.await.unwrap().expect("written").is_none());
+        assert!(c.poisoned().is_none(), "{:?}", c.poisoned());
+        assert_eq!(c.stats().timeouts.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test(start_paused = true)]
