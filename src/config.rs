@@ -66,6 +66,10 @@ pub struct Config {
     /// Age after which the leader map is refreshed even without errors. While no broker can be
     /// reached, refreshes are retried every second and health reports NOT_SERVING.
     pub metadata_max_age_ms: u64,
+    /// A topic no call has used for this long leaves the leader map at the next refresh
+    /// (Kafka's Java producer: `metadata.max.idle.ms`), so the map and every Metadata request
+    /// hold only topics in use. A later call for it learns it again, as for a new topic.
+    pub metadata_max_idle_ms: u64,
     /// First pause before a retry; doubles per retry up to `retry_backoff_max_ms`.
     pub retry_backoff_ms: u64,
     /// Longest pause between retries.
@@ -224,6 +228,7 @@ impl Default for Config {
             connect_timeout_ms: 5_000,
             kafka_timeout_ms: 30_000,
             metadata_max_age_ms: 30_000,
+            metadata_max_idle_ms: 300_000,
             retry_backoff_ms: 50,
             retry_backoff_max_ms: 1_000,
             allow_auto_topic_creation: true,
@@ -470,6 +475,7 @@ impl Config {
             ("default_timeout_ms", self.default_timeout_ms),
             ("connect_timeout_ms", self.connect_timeout_ms),
             ("metadata_max_age_ms", self.metadata_max_age_ms),
+            ("metadata_max_idle_ms", self.metadata_max_idle_ms),
             ("retry_backoff_ms", self.retry_backoff_ms),
             ("retry_backoff_max_ms", self.retry_backoff_max_ms),
         ] {
@@ -700,6 +706,7 @@ impl Config {
             retry_backoff_max: Duration::from_millis(self.retry_backoff_max_ms),
             connections_per_leader: self.connections_per_leader,
             trace_record_header: self.trace_record_header,
+            metadata_max_idle: Duration::from_millis(self.metadata_max_idle_ms),
         }
     }
 }

@@ -187,3 +187,59 @@ async fn draining_a_connection_lets_in_flight_requests_finish_and_reconnects() {
     assert_eq!(slot.connects, 2, "reconnected on next use: {slot:?}");
     assert_eq!(slot.poisoned, 0, "a drain is not a failure");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_idle_for_metadata_max_idle_ms_leaves_the_leader_map_until_used_again() {
+    let h = start(|cfg| {
+        cfg.admin_token = Some(TOKEN.into());
+        cfg.metadata_max_idle_ms = 1_000;
+    })
+    .await;
+    let (idle, busy) = (topic("idle"), topic("busy"));
+    for t in [&idle, &busy] {
+        h.dev.create_topic(t, 1).unwrap();
+    }
+    let mut c = h.client.clone();
+    let mut a = admin(&h).await;
+    let mut id = 0u64;
+    let mut send = async |c: &mut _, t: &str| {
+        id += 1;
+        let r = forward_one(c, request(id, Acks::All, t, 0, records("a", 1)))
+            .await
+            .unwrap();
+        assert_eq!(r.error_code, 0, "{r:?}");
+    };
+    let mapped = async |a: &mut leaderlink::proto::v1::admin_client::AdminClient<_>| {
+        let leaders = a
+            .list_leaders(ListLeadersRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .leaders;
+        let has = |t: &str| leaders.iter().any(|l| l.topic == t);
+        (has(&idle), has(&busy))
+    };
+    send(&mut c, &idle).await;
+    send(&mut c, &busy).await;
+    assert_eq!(mapped(&mut a).await, (true, true));
+    // Only `busy` is used from now on. Each refresh asks for the topics in use; `idle` must
+    // leave the map within a few refreshes after its second of idleness.
+    let mut rounds = 0;
+    loop {
+        send(&mut c, &busy).await;
+        a.refresh_metadata(with_token(RefreshMetadataRequest {}, TOKEN))
+            .await
+            .unwrap();
+        match mapped(&mut a).await {
+            (false, true) => break,
+            (true, true) => {}
+            other => panic!("the busy topic left the map: {other:?}"),
+        }
+        rounds += 1;
+        assert!(rounds < 100, "the idle topic never left the leader map");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Used again, it is learnt again like a new topic.
+    send(&mut c, &idle).await;
+    assert_eq!(mapped(&mut a).await, (true, true));
+}

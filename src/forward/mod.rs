@@ -126,6 +126,8 @@ pub struct ForwardConfig {
     pub connections_per_leader: usize,
     /// Add the call's `traceparent` as a header to each record leaderlink encodes.
     pub trace_record_header: bool,
+    /// A topic unused for this long leaves the leader map at the next refresh.
+    pub metadata_max_idle: Duration,
 }
 
 /// Kafka errors after which the leader map is refreshed before retrying (docs/design.md §3.13):
@@ -299,7 +301,12 @@ impl Forwarder {
         let max_in_flight_bytes = conn.max_in_flight_bytes;
         Self {
             inner: Arc::new(Inner {
-                metadata: MetadataClient::new(bootstrap, conn.clone(), allow_auto_topic_creation),
+                metadata: MetadataClient::new(
+                    bootstrap,
+                    conn.clone(),
+                    allow_auto_topic_creation,
+                    cfg.metadata_max_idle,
+                ),
                 pool: Pool::new(conn, (cfg.retry_backoff, cfg.retry_backoff_max)),
                 stats: Arc::new(Stats::default()),
                 gates: std::sync::Mutex::new(HashMap::new()),
@@ -1086,7 +1093,12 @@ impl Forwarder {
         let mut topics: Vec<&str> = pending.iter().map(|&i| v.items[i].topic.as_str()).collect();
         topics.sort_unstable();
         topics.dedup();
-        if !force && topics.iter().all(|t| map.topics.contains_key(*t)) {
+        // Every topic is marked (no short cut): marking keeps a topic in the map.
+        let mut all_known = true;
+        for t in &topics {
+            all_known &= map.mark_used(t);
+        }
+        if !force && all_known {
             return Ok(false);
         }
         self.inner

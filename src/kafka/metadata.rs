@@ -89,22 +89,55 @@ pub enum Route {
 pub struct LeaderMap {
     /// Brokers by id.
     pub brokers: HashMap<i32, Broker>,
-    /// Topics asked about so far.
+    /// Topics asked about and used within `metadata_max_idle_ms`.
     pub topics: HashMap<String, TopicState>,
     /// When the last successful Metadata answer arrived; `None` before the first.
     pub fetched_at: Option<Instant>,
     /// Bumped on every successful refresh.
     pub generation: u64,
+    /// When each topic of `topics` was last used, in milliseconds since `born`. Shared by every
+    /// snapshot (the counters outlive the map they were made in), so marking a use never
+    /// copies the map.
+    last_use: HashMap<String, Arc<AtomicU64>>,
+    /// The time base of `last_use`: when the client was made.
+    born: Instant,
 }
 
 impl LeaderMap {
-    fn empty() -> Self {
+    fn empty(born: Instant) -> Self {
         Self {
             brokers: HashMap::new(),
             topics: HashMap::new(),
             fetched_at: None,
             generation: 0,
+            last_use: HashMap::new(),
+            born,
         }
+    }
+
+    fn age_ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.born).as_millis() as u64
+    }
+
+    /// Notes that a call is about to send to `topic`, so that it stays in the map. Returns
+    /// whether the topic is in the map.
+    pub fn mark_used(&self, topic: &str) -> bool {
+        let Some(stamp) = self.last_use.get(topic) else {
+            return false;
+        };
+        stamp.store(self.age_ms(Instant::now()), Ordering::Relaxed);
+        true
+    }
+
+    /// Topics of the map used within `max_idle` of `now`: the ones a refresh asks about again.
+    fn in_use(&self, now: Instant, max_idle: Duration) -> Vec<String> {
+        let now_ms = self.age_ms(now);
+        let max_idle_ms = max_idle.as_millis() as u64;
+        self.last_use
+            .iter()
+            .filter(|(_, used)| now_ms.saturating_sub(used.load(Ordering::Relaxed)) <= max_idle_ms)
+            .map(|(t, _)| t.clone())
+            .collect()
     }
 
     /// Where to send a partition's batch.
@@ -136,6 +169,11 @@ pub struct MetadataClient {
     bootstrap: Vec<String>,
     config: ConnectionConfig,
     allow_auto_topic_creation: bool,
+    /// A topic no call has used for this long leaves the map at the next refresh, so that the
+    /// map and every Metadata request stay the size of the topics in use, not of every name a
+    /// caller ever sent (Kafka's Java producer: `metadata.max.idle.ms`). A call for it later
+    /// learns it again, as for a new topic.
+    max_idle: Duration,
     map: RwLock<Arc<LeaderMap>>,
     /// The connection Metadata requests go over. The lock also makes refreshes single-flight.
     conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
@@ -145,16 +183,19 @@ pub struct MetadataClient {
 
 impl MetadataClient {
     /// A client that bootstraps through `bootstrap` (`host:port` each).
+    /// `max_idle`: see the field.
     pub fn new(
         bootstrap: Vec<String>,
         config: ConnectionConfig,
         allow_auto_topic_creation: bool,
+        max_idle: Duration,
     ) -> Self {
         Self {
             bootstrap,
             config,
             allow_auto_topic_creation,
-            map: RwLock::new(Arc::new(LeaderMap::empty())),
+            max_idle,
+            map: RwLock::new(Arc::new(LeaderMap::empty(Instant::now()))),
             conn: tokio::sync::Mutex::new(None),
             stats: Arc::new(ConnStats::default()),
             refreshes: AtomicU64::new(0),
@@ -171,8 +212,9 @@ impl MetadataClient {
         self.refreshes.load(Ordering::Relaxed)
     }
 
-    /// Fetches metadata for every known topic plus `topics`, unless a refresh newer than
-    /// `seen_generation` that covered `topics` completed while this call waited for its turn.
+    /// Fetches metadata for every topic in use (see `max_idle`) plus `topics`, unless a refresh
+    /// newer than `seen_generation` that covered `topics` completed while this call waited for
+    /// its turn. The new map holds exactly the topics asked about.
     /// Traced as a `metadata refresh` span (a child of the call that needed it).
     pub async fn refresh(
         &self,
@@ -213,7 +255,7 @@ impl MetadataClient {
         {
             return Ok(current);
         }
-        let mut wanted: Vec<String> = current.topics.keys().cloned().collect();
+        let mut wanted = current.in_use(Instant::now(), self.max_idle);
         let known: HashSet<&str> = wanted.iter().map(String::as_str).collect();
         let extra: Vec<String> = topics
             .iter()
@@ -267,7 +309,7 @@ impl MetadataClient {
             };
             match self.fetch(&c, &wanted, deadline).await {
                 Ok(resp) => {
-                    let map = self.merge(resp);
+                    let map = self.merge(resp, &wanted);
                     self.refreshes.fetch_add(1, Ordering::Relaxed);
                     return Ok(map);
                 }
@@ -371,11 +413,15 @@ impl MetadataClient {
     /// Lays a Metadata answer over the latest map (under the write lock, so a leader hint
     /// applied during the fetch is not lost). A partition whose known leader epoch is newer
     /// than the answer's keeps its entry: a broker with a stale cache must not bring an old
-    /// leader back.
-    fn merge(&self, resp: MetadataResponse) -> Arc<LeaderMap> {
+    /// leader back. Topics not in `wanted` (idle ones) leave the map; a topic new to the map
+    /// counts as used now.
+    fn merge(&self, resp: MetadataResponse, wanted: &[String]) -> Arc<LeaderMap> {
         let mut guard = self.map.write().unwrap_or_else(|p| p.into_inner());
         let current = guard.clone();
         let mut next = (*current).clone();
+        let keep: HashSet<&str> = wanted.iter().map(String::as_str).collect();
+        next.topics.retain(|t, _| keep.contains(t.as_str()));
+        next.last_use.retain(|t, _| keep.contains(t.as_str()));
         next.brokers = resp
             .brokers
             .into_iter()
@@ -427,7 +473,16 @@ impl MetadataClient {
                 }
                 TopicState::Partitions(parts)
             };
-            next.topics.insert(name.0.as_str().to_string(), state);
+            let name = name.0.as_str();
+            if !keep.contains(name) {
+                continue; // not asked about (a broker answering more than it was asked)
+            }
+            if !next.last_use.contains_key(name) {
+                let now = next.age_ms(Instant::now());
+                next.last_use
+                    .insert(name.to_string(), Arc::new(AtomicU64::new(now)));
+            }
+            next.topics.insert(name.to_string(), state);
         }
         next.fetched_at = Some(Instant::now());
         next.generation = current.generation + 1;
@@ -449,6 +504,10 @@ mod tests {
     use super::*;
 
     fn client() -> MetadataClient {
+        client_idle(Duration::from_secs(300))
+    }
+
+    fn client_idle(max_idle: Duration) -> MetadataClient {
         MetadataClient::new(
             vec![],
             ConnectionConfig {
@@ -461,7 +520,56 @@ mod tests {
                 security: Default::default(),
             },
             true,
+            max_idle,
         )
+    }
+
+    fn answer_for(names: &[&str]) -> MetadataResponse {
+        MetadataResponse::default()
+            .with_brokers(vec![
+                MetadataResponseBroker::default()
+                    .with_node_id(BrokerId(1))
+                    .with_host(StrBytes::from_static_str("h"))
+                    .with_port(9092),
+            ])
+            .with_topics(
+                names
+                    .iter()
+                    .map(|n| {
+                        MetadataResponseTopic::default()
+                            .with_name(Some(TopicName(StrBytes::from_string(n.to_string()))))
+                            .with_partitions(vec![partition(0, 1)])
+                    })
+                    .collect(),
+            )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_topic_unused_for_max_idle_leaves_the_map_and_the_next_request() {
+        let c = client_idle(Duration::from_secs(10));
+        let all = ["busy".to_string(), "idle".to_string(), "new".to_string()];
+        let map = c.merge(answer_for(&["busy", "idle"]), &all[..2]);
+        assert_eq!(map.topics.len(), 2);
+        tokio::time::advance(Duration::from_secs(8)).await;
+        assert!(map.mark_used("busy"));
+        assert!(!map.mark_used("new"), "not in the map yet");
+        tokio::time::advance(Duration::from_secs(4)).await;
+        // 12 s after it was learnt, "idle" was never used: the next refresh leaves it out.
+        let mut wanted = c.leader_map().in_use(Instant::now(), c.max_idle);
+        assert_eq!(wanted, vec!["busy".to_string()]);
+        wanted.push("new".to_string());
+        // A broker that answers for more than it was asked does not bring it back either.
+        let map = c.merge(answer_for(&["busy", "idle", "new"]), &wanted);
+        let mut names: Vec<&String> = map.topics.keys().collect();
+        names.sort();
+        assert_eq!(names, ["busy", "new"]);
+        assert_eq!(map.route("idle", 0), Route::Unknown);
+        // The use counters outlive the snapshot they were marked in; "new" counts as used when
+        // learnt.
+        tokio::time::advance(Duration::from_secs(9)).await;
+        let mut in_use = c.leader_map().in_use(Instant::now(), c.max_idle);
+        in_use.sort();
+        assert_eq!(in_use, ["new"]);
     }
 
     fn partition(index: i32, leader: i32) -> MetadataResponsePartition {
@@ -490,7 +598,7 @@ mod tests {
                         partition(-3, 1),
                     ]),
             ]);
-        let map = c.merge(resp);
+        let map = c.merge(resp, &["t".to_string()]);
         let Some(TopicState::Partitions(parts)) = map.topics.get("t") else {
             panic!("topic missing")
         };

@@ -169,6 +169,7 @@ default_timeout_ms = {{ include "leaderlink.tomlInt" $c.default_timeout_ms }}
 connect_timeout_ms = {{ include "leaderlink.tomlInt" $c.connect_timeout_ms }}
 kafka_timeout_ms = {{ include "leaderlink.tomlInt" $c.kafka_timeout_ms }}
 metadata_max_age_ms = {{ include "leaderlink.tomlInt" $c.metadata_max_age_ms }}
+metadata_max_idle_ms = {{ include "leaderlink.tomlInt" $c.metadata_max_idle_ms }}
 retry_backoff_ms = {{ include "leaderlink.tomlInt" $c.retry_backoff_ms }}
 retry_backoff_max_ms = {{ include "leaderlink.tomlInt" $c.retry_backoff_max_ms }}
 allow_auto_topic_creation = {{ $c.allow_auto_topic_creation }}
