@@ -129,3 +129,48 @@ async fn a_wrong_password_is_an_authentication_error_at_once() {
             .all(|s| { s.stats.connects.load(std::sync::atomic::Ordering::Relaxed) == 0 })
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real Kafka of scripts/kafka-cluster (scripts/test provides it)"]
+async fn connections_are_renewed_before_the_brokers_sasl_session_ends() {
+    // The cluster limits SASL sessions to 10 s (connections.max.reauth.ms): a connection still
+    // in use after that is closed by the broker at its next request.
+    let mut cfg = secure_config(SaslMechanism::Plain, "alice-secret");
+    cfg.metadata_max_age_ms = 2_000;
+    let (server, mut client) = leaderlink(&cfg).await;
+    let topic = format!("secure-renewal-{}", std::process::id());
+    let started = Instant::now();
+    let mut calls = 0u64;
+    let mut last_offset = -1;
+    // 26 s: every connection outlives at least two session lifetimes.
+    while started.elapsed() < Duration::from_secs(26) {
+        let mut r = tonic::Request::new(request(calls, Acks::All, &topic, 0, records("r", 1)));
+        r.set_timeout(Duration::from_secs(30));
+        let resp = client.forward(r).await.expect("every call succeeds");
+        let p = &resp.into_inner().partitions[0];
+        assert_eq!(p.error_code, 0, "call {calls}: {p:?}");
+        assert_eq!(last_offset + 1, p.base_offset, "call {calls}: {p:?}");
+        last_offset = p.base_offset;
+        // The first calls may wait for the topic's creation; after that, no call needs a
+        // second attempt: no connection was closed under it.
+        if calls > 0 {
+            assert_eq!(p.attempts, 1, "call {calls}: {p:?}");
+            assert!(!p.possibly_duplicated, "call {calls}: {p:?}");
+        }
+        calls += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let slots = server.forwarder.pool().slots();
+    let sum = |f: fn(&leaderlink::kafka::connection::ConnStats) -> u64| -> u64 {
+        slots.iter().map(|s| f(&s.stats)).sum()
+    };
+    let connects = sum(|s| s.connects.load(std::sync::atomic::Ordering::Relaxed));
+    let poisoned = sum(|s| s.poisoned.load(std::sync::atomic::Ordering::Relaxed));
+    println!("{calls} calls; leader connections opened {connects}, poisoned {poisoned}");
+    assert_eq!(poisoned, 0, "a leader connection failed under load");
+    assert!(
+        connects >= 3,
+        "the leader connection was renewed twice: {connects}"
+    );
+    server.shutdown(Duration::from_secs(5)).await;
+}

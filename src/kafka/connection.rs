@@ -207,6 +207,12 @@ struct Shared {
 pub struct Connection {
     shared: Arc<Shared>,
     versions: OnceLock<Versions>,
+    /// When to replace this connection: set when the broker's SASL session has a lifetime
+    /// (KIP-368, `connections.max.reauth.ms`). A broker closes a connection whose session has
+    /// expired as soon as it gets another request on it, failing everything in flight; the
+    /// pool drains the connection and opens a fresh one before that (see
+    /// [`Connection::due_for_renewal`]).
+    renew_at: OnceLock<Instant>,
     /// Merges concurrent Produce batches into shared requests; started on first use.
     coalescer: OnceLock<super::coalesce::Coalescer>,
 }
@@ -530,6 +536,7 @@ impl Connection {
         Arc::new(Connection {
             shared,
             versions: OnceLock::new(),
+            renew_at: OnceLock::new(),
             coalescer: OnceLock::new(),
         })
     }
@@ -545,6 +552,17 @@ impl Connection {
 
     pub(crate) fn set_versions(&self, versions: Versions) {
         let _ = self.versions.set(versions);
+    }
+
+    pub(crate) fn set_renew_at(&self, at: Instant) {
+        let _ = self.renew_at.set(at);
+    }
+
+    /// Whether the connection's SASL session is close enough to its end that the connection
+    /// should take no new requests (see the `renew_at` field). Always false without a session
+    /// lifetime.
+    pub fn due_for_renewal(&self) -> bool {
+        self.renew_at.get().is_some_and(|at| Instant::now() >= *at)
     }
 
     /// Queues one request: [`Self::admit`] then [`Admission::send`].

@@ -273,6 +273,14 @@ impl MetadataClient {
                 candidates.push(b.clone());
             }
         }
+        // A connection whose SASL session nears its end takes no more Metadata requests
+        // (see `Connection::due_for_renewal`).
+        if conn.as_ref().is_some_and(|c| c.due_for_renewal())
+            && let Some(old) = conn.take()
+        {
+            debug!("renewing the metadata connection before its SASL session ends");
+            old.drain();
+        }
         let mut last_err = ConnError::Shutdown;
         let mut tried_open = false;
         loop {

@@ -69,12 +69,21 @@ pub async fn connect(
     let versions = versions::negotiate(&conn, deadline)
         .await
         .map_err(|e| timed_out(e.cause, addr, started))?;
-    if let Some(sasl) = &config.security.sasl
-        && let Err(e) = security::authenticate(&conn, &versions, sasl, deadline).await
-    {
-        let e = timed_out(e, addr, started);
-        conn.poison(e.clone());
-        return Err(e);
+    if let Some(sasl) = &config.security.sasl {
+        match security::authenticate(&conn, &versions, sasl, deadline).await {
+            // Like Kafka's Java client (KIP-368), at a random point between 85% and 95% of the
+            // session's lifetime, counted from before the handshake began (the broker counts
+            // from its end), so that connections made together are not all renewed together.
+            Ok(Some(lifetime)) => {
+                conn.set_renew_at(started + lifetime.mul_f64(0.85 + rand::random::<f64>() / 10.0))
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let e = timed_out(e, addr, started);
+                conn.poison(e.clone());
+                return Err(e);
+            }
+        }
     }
     conn.set_versions(versions);
     Ok(conn)

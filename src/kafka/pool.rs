@@ -6,7 +6,7 @@ use std::{
 };
 
 use tokio::time::{Duration, Instant};
-use tracing::info_span;
+use tracing::{info, info_span};
 
 use super::{
     connect,
@@ -58,8 +58,29 @@ impl Slot {
     fn healthy_for(&self, addr: &str) -> Option<Arc<Connection>> {
         let cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
         cur.as_ref()
-            .filter(|(c, a)| a == addr && c.poisoned().is_none())
+            .filter(|(c, a)| a == addr && c.poisoned().is_none() && !c.due_for_renewal())
             .map(|(c, _)| c.clone())
+    }
+
+    /// Takes the current connection out of service if `retire` says so: it takes no new
+    /// requests, finishes the ones in flight, then closes. Returns the requests it had
+    /// awaiting answers, or `None` if nothing was retired.
+    fn retire_current(&self, retire: impl Fn(&Connection) -> bool) -> Option<usize> {
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if !cur
+            .as_ref()
+            .is_some_and(|(c, _)| c.poisoned().is_none() && retire(c))
+        {
+            return None;
+        }
+        let (conn, addr) = cur.take()?;
+        drop(cur);
+        let in_flight = conn.pending();
+        conn.drain();
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired.retain(|(w, _)| w.upgrade().is_some_and(|c| c.poisoned().is_none()));
+        retired.push((Arc::downgrade(&conn), addr));
+        Some(in_flight)
     }
 }
 
@@ -132,6 +153,15 @@ impl Pool {
         };
         if let Some(c) = slot.healthy_for(&addr) {
             return Ok(c);
+        }
+        // A connection whose SASL session nears its end is replaced before the broker closes
+        // it (see `Connection::due_for_renewal`); the wait below keeps the partitions' order
+        // across the change.
+        if let Some(in_flight) = slot.retire_current(Connection::due_for_renewal) {
+            info!(
+                broker = broker.id,
+                index, in_flight, "renewing a leader connection before its SASL session ends"
+            );
         }
         Self::await_earlier(&slot, &addr, deadline).await?;
         let failed = slot
@@ -221,20 +251,9 @@ impl Pool {
             .into_iter()
             .filter(|s| s.broker_id == broker_id)
         {
-            let taken = slot
-                .current
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
-            if let Some((conn, addr)) = taken
-                && conn.poisoned().is_none()
-            {
-                in_flight += conn.pending();
-                conn.drain();
+            if let Some(n) = slot.retire_current(|_| true) {
+                in_flight += n;
                 drained += 1;
-                let mut retired = slot.retired.lock().unwrap_or_else(|p| p.into_inner());
-                retired.retain(|(w, _)| w.upgrade().is_some_and(|c| c.poisoned().is_none()));
-                retired.push((Arc::downgrade(&conn), addr));
             }
         }
         (drained, in_flight)

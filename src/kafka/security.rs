@@ -7,7 +7,7 @@
 //! messages come from the `sasl` crate (PLAIN, SCRAM-SHA-256); it has no SHA-512 provider, so
 //! [`Sha512`] supplies one for SCRAM-SHA-512 from the same hash, HMAC and PBKDF2 crates.
 
-use std::{fmt, path::Path, sync::Arc};
+use std::{fmt, path::Path, sync::Arc, time::Duration};
 
 use hmac::{Hmac, Mac, digest::InvalidLength};
 use kafka_protocol::{
@@ -212,13 +212,15 @@ async fn request<Resp: kafka_protocol::protocol::Decodable>(
 }
 
 /// Authenticates a freshly negotiated connection with SASL. Nothing else may be sent on it
-/// before this returns Ok.
+/// before this returns Ok. Returns the session's lifetime when the broker limits it
+/// (SaslAuthenticate v1+ `session_lifetime_ms`, KIP-368): after it, the broker closes the
+/// connection at its next request.
 pub async fn authenticate(
     conn: &Arc<Connection>,
     versions: &Versions,
     sasl: &Sasl,
     deadline: Instant,
-) -> Result<(), ConnError> {
+) -> Result<Option<Duration>, ConnError> {
     let mech = sasl.mechanism;
     if versions.sasl_handshake < 1 || versions.sasl_authenticate < 0 {
         return Err(auth_error(
@@ -299,7 +301,11 @@ pub async fn authenticate(
                     .success(&resp.auth_bytes)
                     .map_err(|e| auth_error(mech, format!("the broker's proof is wrong: {e}")))?;
             }
-            return Ok(());
+            let lifetime = u64::try_from(resp.session_lifetime_ms)
+                .ok()
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis);
+            return Ok(lifetime);
         }
         if mech != SaslMechanism::Plain {
             check_scram_iterations(mech, &resp.auth_bytes)?;
