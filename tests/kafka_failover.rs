@@ -28,20 +28,12 @@ use leaderlink::{
 };
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
-    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-    client::DefaultClientContext,
     consumer::{BaseConsumer, Consumer},
 };
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
 const PARTITIONS: i32 = 6;
-
-fn bootstrap() -> String {
-    std::env::var("LEADERLINK_KAFKA_BOOTSTRAP").expect(
-        "LEADERLINK_KAFKA_BOOTSTRAP: run `scripts/kafka-cluster start 3` (scripts/test does)",
-    )
-}
 
 fn cluster(args: &[&str]) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka-cluster");
@@ -50,25 +42,13 @@ fn cluster(args: &[&str]) {
 }
 
 async fn create_topic(name: &str) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .create()
-        .unwrap();
-    let topic =
-        NewTopic::new(name, PARTITIONS, TopicReplication::Fixed(3)).set("min.insync.replicas", "2");
-    let res = admin
-        .create_topics([&topic], &AdminOptions::new())
-        .await
-        .unwrap();
-    for r in res {
-        r.unwrap();
-    }
+    common::create_kafka_topic(name, PARTITIONS, &[("min.insync.replicas", "2")]).await;
 }
 
 /// Reads every partition from the beginning to its high watermark: record value → count.
 fn consume_all(topic: &str) -> HashMap<String, u32> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
+        .set("bootstrap.servers", common::kafka_bootstrap())
         .set("group.id", format!("verify-{topic}"))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
@@ -117,7 +97,10 @@ async fn leaderlink(
     idempotence: bool,
 ) -> (Running, ForwarderClient<Channel>) {
     let cfg = Config {
-        bootstrap: bootstrap().split(',').map(str::to_string).collect(),
+        bootstrap: common::kafka_bootstrap()
+            .split(',')
+            .map(str::to_string)
+            .collect(),
         ordering,
         idempotence,
         ..Config::default()
@@ -412,7 +395,7 @@ fn out_of_order(topic: &str) -> usize {
 /// (partition, record value) of every partition, each partition in offset order.
 fn read_in_log_order_by_partition(topic: &str) -> Vec<(i32, String)> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
+        .set("bootstrap.servers", common::kafka_bootstrap())
         .set("group.id", format!("log-{topic}"))
         .set("enable.auto.commit", "false")
         .create()

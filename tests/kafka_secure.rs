@@ -1,7 +1,9 @@
 //! Against the SASL_SSL listener of the real Apache Kafka that `scripts/kafka-cluster` starts
 //! (certificates generated at start, user `alice` / `alice-secret` for PLAIN, SCRAM-SHA-256 and
 //! SCRAM-SHA-512): forwarding over TLS with each mechanism, and a wrong password answered at
-//! once with an error naming authentication.
+//! once with an error naming authentication. PLAIN user `bob` is known to every node but the
+//! last: a call whose partitions that node leads gets SASL_AUTHENTICATION_FAILED for those only.
+//! Sessions last 10 s (`connections.max.reauth.ms`): connections are renewed before then.
 //!
 //! `#[ignore]`d in a plain `cargo test`; `scripts/test` runs them with
 //! `LEADERLINK_KAFKA_SECURE_BOOTSTRAP` and `LEADERLINK_KAFKA_TLS_DIR` set.
@@ -13,7 +15,7 @@ use std::{path::PathBuf, time::Duration};
 use common::{records, request};
 use leaderlink::{
     config::{Config, SecurityProtocol},
-    kafka::security::SaslMechanism,
+    kafka::{metadata::TopicState, security::SaslMechanism},
     proto::v1::{Acks, forwarder_client::ForwarderClient},
     server::Running,
 };
@@ -172,5 +174,93 @@ async fn connections_are_renewed_before_the_brokers_sasl_session_ends() {
         connects >= 3,
         "the leader connection was renewed twice: {connects}"
     );
+    server.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real Kafka of scripts/kafka-cluster (scripts/test provides it)"]
+async fn a_broker_that_refuses_the_credentials_fails_only_its_own_partitions() {
+    // PLAIN user "bob" is known to nodes 1 and 2; node 3 refuses him.
+    const REFUSING: i32 = 3;
+    let topic = format!("secure-partial-{}", std::process::id());
+    common::create_kafka_topic(&topic, 6, &[]).await;
+    let mut cfg = secure_config(SaslMechanism::Plain, "bob-secret");
+    cfg.kafka_sasl_username = Some("bob".into());
+    // Bootstrap through node 1 only: the metadata connection needs a broker that takes bob.
+    cfg.bootstrap.truncate(1);
+    let (server, mut client) = leaderlink(&cfg).await;
+    // A partition led by the refusing node and one led by another.
+    let (mut refused, mut accepted) = (None, None);
+    let started = Instant::now();
+    while refused.is_none() || accepted.is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no leaders on both sides"
+        );
+        server
+            .forwarder
+            .metadata()
+            .refresh(&[&topic], None, Instant::now() + Duration::from_secs(5))
+            .await
+            .unwrap();
+        if let Some(TopicState::Partitions(parts)) =
+            server.forwarder.metadata().leader_map().topics.get(&topic)
+        {
+            for (p, l) in parts.iter().enumerate() {
+                match l.leader_id {
+                    REFUSING => refused = Some(p as i32),
+                    id if id > 0 => accepted = Some(p as i32),
+                    _ => {}
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (refused, accepted) = (refused.unwrap(), accepted.unwrap());
+    let call = |id: u64, partitions: &[i32]| {
+        let mut req = request(id, Acks::All, &topic, partitions[0], records("p", 2));
+        for &p in &partitions[1..] {
+            let mut more = request(id, Acks::All, &topic, p, records("p", 2));
+            req.partitions.append(&mut more.partitions);
+        }
+        let mut r = tonic::Request::new(req);
+        r.set_timeout(Duration::from_secs(20));
+        r
+    };
+
+    // Nothing of the call can be sent: the call as a whole is UNAVAILABLE, at once.
+    let e = client.forward(call(1, &[refused])).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        e.message().contains("SASL PLAIN authentication failed"),
+        "{}",
+        e.message()
+    );
+
+    // With a partition the other leaders take: that one is written and answered with its
+    // offset, the refused one gets an error of its own.
+    let resp = client
+        .forward(call(2, &[accepted, refused]))
+        .await
+        .expect("a partial refusal is not a failed call")
+        .into_inner();
+    let (ok, no) = (&resp.partitions[0], &resp.partitions[1]);
+    assert_eq!((ok.partition, ok.error_code), (accepted, 0), "{ok:?}");
+    assert_eq!(ok.base_offset, 0, "{ok:?}");
+    assert_eq!(no.partition, refused, "{no:?}");
+    assert_eq!(no.error_name, "SASL_AUTHENTICATION_FAILED", "{no:?}");
+    assert!(
+        no.error_message.contains(&format!("broker {REFUSING}")),
+        "{no:?}"
+    );
+    assert_eq!((no.base_offset, no.attempts), (-1, 0), "{no:?}");
+
+    // The accepted partition's records are in its log: the next batch comes after them.
+    let resp = client
+        .forward(call(3, &[accepted]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.partitions[0].base_offset, 2, "{resp:?}");
     server.shutdown(Duration::from_secs(5)).await;
 }

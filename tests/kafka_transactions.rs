@@ -33,8 +33,6 @@ use leaderlink::{
 };
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
-    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-    client::DefaultClientContext,
     consumer::{BaseConsumer, Consumer},
 };
 use tokio::{
@@ -42,12 +40,6 @@ use tokio::{
     net::TcpStream,
     time::Instant,
 };
-
-fn bootstrap() -> String {
-    std::env::var("LEADERLINK_KAFKA_BOOTSTRAP").expect(
-        "LEADERLINK_KAFKA_BOOTSTRAP: run `scripts/kafka-cluster start 3` (scripts/test does)",
-    )
-}
 
 /// Kafka errors a transactional client retries: COORDINATOR_LOAD_IN_PROGRESS,
 /// COORDINATOR_NOT_AVAILABLE, NOT_COORDINATOR, CONCURRENT_TRANSACTIONS.
@@ -121,7 +113,8 @@ struct Txn {
 impl Txn {
     /// FindCoordinator, then InitProducerId on the coordinator.
     async fn init(transactional_id: &str) -> Txn {
-        let mut any = KafkaClient::connect(bootstrap().split(',').next().unwrap()).await;
+        let mut any =
+            KafkaClient::connect(common::kafka_bootstrap().split(',').next().unwrap()).await;
         let started = Instant::now();
         let addr = loop {
             let req = FindCoordinatorRequest::default()
@@ -204,25 +197,10 @@ impl Txn {
     }
 }
 
-async fn create_topic(name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .create()
-        .unwrap();
-    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(3));
-    for r in admin
-        .create_topics([&topic], &AdminOptions::new())
-        .await
-        .unwrap()
-    {
-        r.unwrap();
-    }
-}
-
 /// Two partitions of `topic` with the same leader.
 fn two_partitions_of_one_leader(topic: &str) -> (i32, i32) {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
+        .set("bootstrap.servers", common::kafka_bootstrap())
         .create()
         .unwrap();
     let started = Instant::now();
@@ -254,7 +232,7 @@ fn two_partitions_of_one_leader(topic: &str) -> (i32, i32) {
 /// position back).
 fn read_committed(topic: &str, partition: i32) -> Vec<String> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
+        .set("bootstrap.servers", common::kafka_bootstrap())
         .set("group.id", format!("committed-{topic}-{partition}"))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
@@ -303,7 +281,7 @@ fn read_committed(topic: &str, partition: i32) -> Vec<String> {
 #[ignore = "needs a real Kafka: LEADERLINK_KAFKA_BOOTSTRAP (scripts/test starts one)"]
 async fn a_committed_transaction_is_read_an_aborted_one_is_not_and_plain_calls_are_untouched() {
     let topic = common::topic("txn");
-    create_topic(&topic, 6).await;
+    common::create_kafka_topic(&topic, 6, &[]).await;
     let (tx_partition, plain_partition) = two_partitions_of_one_leader(&topic);
 
     let suffix = common::topic("id");
@@ -313,7 +291,10 @@ async fn a_committed_transaction_is_read_an_aborted_one_is_not_and_plain_calls_a
     abort.add_partition(&topic, tx_partition).await;
 
     let cfg = Config {
-        bootstrap: bootstrap().split(',').map(str::to_string).collect(),
+        bootstrap: common::kafka_bootstrap()
+            .split(',')
+            .map(str::to_string)
+            .collect(),
         ..Config::default()
     };
     let server = common::start_server(&cfg).await;

@@ -198,6 +198,12 @@ const INVALID_PRODUCER_EPOCH: i16 = ResponseError::InvalidProducerEpoch.code();
 const UNKNOWN_PRODUCER_ID: i16 = ResponseError::UnknownProducerId.code();
 /// Kafka's PRODUCER_FENCED.
 const PRODUCER_FENCED: i16 = ResponseError::ProducerFenced.code();
+/// Kafka's SASL_AUTHENTICATION_FAILED: a partition whose leader refused leaderlink's SASL
+/// credentials.
+const SASL_AUTHENTICATION_FAILED: i16 = ResponseError::SaslAuthenticationFailed.code();
+/// Kafka's NETWORK_EXCEPTION: a partition whose leader's TLS handshake failed (Kafka has no
+/// code of its own for that; the message says TLS).
+const NETWORK_EXCEPTION: i16 = ResponseError::NetworkException.code();
 
 /// The batches with a producer id one call has handed to leaders and not yet settled (see
 /// [`idempotence::Producer::settle`]). Dropping it settles the rest as given up: a call that
@@ -511,6 +517,8 @@ impl Forwarder {
         let mut pending: Vec<usize> = (0..v.items.len()).collect();
         let mut refresh = false;
         let mut refreshed = false;
+        // The first broker that refused leaderlink's credentials or certificate, and why.
+        let mut refused: Option<(Broker, ConnError)> = None;
         let mut backoff = self.inner.cfg.retry_backoff;
         for round in 0u32.. {
             match self.ensure_metadata(&v, &pending, refresh, deadline).await {
@@ -640,16 +648,31 @@ impl Forwarder {
                 let conn = match conn {
                     Ok(c) => c,
                     // A broker that refuses leaderlink's credentials or certificate will do so
-                    // again: answer now instead of retrying until the deadline.
+                    // again: its partitions are answered now instead of retried until the
+                    // deadline, and the call's other partitions go on (some may be written
+                    // already). If nothing of the call was ever sent, the call as a whole is
+                    // UNAVAILABLE (below).
                     Err(cause @ (ConnError::Auth { .. } | ConnError::Tls { .. })) => {
-                        return Err(ForwardError::Unavailable {
-                            detail: format!(
-                                "broker {} ({}) refused the connection",
+                        let (code, what) = match cause {
+                            ConnError::Auth { .. } => (SASL_AUTHENTICATION_FAILED, "SASL"),
+                            _ => (NETWORK_EXCEPTION, "TLS"),
+                        };
+                        for i in items {
+                            st[i].result = Some(error_result(
+                                &v.items[i],
+                                code,
+                                format!(
+                                    "broker {} ({}) refused the connection ({what}): {}",
+                                    broker.id,
+                                    broker.addr(),
+                                    chain(&cause)
+                                ),
                                 broker.id,
-                                broker.addr()
-                            ),
-                            cause,
-                        });
+                                &st[i],
+                            ));
+                        }
+                        refused.get_or_insert((broker, cause));
+                        continue;
                     }
                     Err(cause) => {
                         debug!(broker = broker.id, cause = %cause, "leader connection failed");
@@ -1069,6 +1092,20 @@ impl Forwarder {
                 return Err(self.expired(&v, &st, &pending));
             }
             backoff = (backoff * 2).min(self.inner.cfg.retry_backoff_max);
+        }
+        // Refused by a broker, and not one batch of the call ever sent: nothing can be in a log,
+        // and the cause concerns the whole service, not one partition.
+        if let Some((broker, cause)) = refused
+            && st.iter().all(|s| s.attempts == 0)
+        {
+            return Err(ForwardError::Unavailable {
+                detail: format!(
+                    "broker {} ({}) refused the connection",
+                    broker.id,
+                    broker.addr()
+                ),
+                cause,
+            });
         }
         Ok(ForwardResponse {
             id: v.id,
