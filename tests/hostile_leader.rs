@@ -27,7 +27,9 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Once,
-        atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, AtomicUsize, Ordering},
+        atomic::{
+            AtomicBool, AtomicI32, AtomicI64, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+        },
     },
     time::Duration,
 };
@@ -154,10 +156,17 @@ enum Mode {
     /// nothing appended) and the others OUT_OF_ORDER_SEQUENCE_NUMBER, as a broker does for the
     /// batches behind one it refused; then the connection behaves.
     SequenceGap,
+    /// Produce as a broker checks an idempotent producer's sequences on `t`-0: the next
+    /// sequence is appended, an earlier one is a duplicate, a later one OUT_OF_ORDER. The batch
+    /// with the next sequence is refused NOT_ENOUGH_REPLICAS (retriable, nothing appended) as
+    /// often as `refusals` says. The gathered requests are answered together; OUT_OF_ORDER
+    /// answers after them are counted as `strays` (a batch sent although leaderlink knew an
+    /// earlier one was missing).
+    EnforceSequence,
 }
 
 impl Mode {
-    const ALL: [Mode; 13] = [
+    const ALL: [Mode; 14] = [
         Mode::Behave,
         Mode::Garbage,
         Mode::GarbageBody,
@@ -171,6 +180,7 @@ impl Mode {
         Mode::SilentHandshake,
         Mode::OmitPartition,
         Mode::SequenceGap,
+        Mode::EnforceSequence,
     ];
 
     fn from_u8(v: u8) -> Mode {
@@ -200,6 +210,11 @@ struct BrokerState {
     metadata_conns: AtomicU64,
     /// Connections open now (on the fake's side).
     live: AtomicI64,
+    /// [`Mode::EnforceSequence`]: the next sequence of `t`-0, refusals left, and OUT_OF_ORDER
+    /// answers after the gathered requests.
+    expected_sequence: AtomicI32,
+    refusals: AtomicU32,
+    strays: AtomicU64,
 }
 
 impl BrokerState {
@@ -256,6 +271,9 @@ impl FakeBroker {
             produce_requests: AtomicU64::new(0),
             metadata_conns: AtomicU64::new(0),
             live: AtomicI64::new(0),
+            expected_sequence: AtomicI32::new(0),
+            refusals: AtomicU32::new(0),
+            strays: AtomicU64::new(0),
         });
         let st = state.clone();
         let accept = tokio::spawn(async move {
@@ -444,6 +462,62 @@ fn produce_answer(st: &BrokerState, req: &Req, correlation_id: i32) -> Option<By
     })
 }
 
+/// [`Mode::EnforceSequence`]'s answer to a Produce request; `after_gather` counts strays.
+fn sequence_answer(st: &BrokerState, req: &Req, after_gather: bool) -> Option<Bytes> {
+    let asked = ProduceRequest::decode(&mut req.body.clone(), req.version).ok()?;
+    /// Producer id, base sequence and record count of a batch.
+    type Header = (i64, i32, i32);
+    // The record batch header (v2): producer id at byte 43, base sequence at 53, count at 57.
+    let header = |b: &[u8]| -> Option<Header> {
+        let at = |o: usize, n: usize| b.get(o..o + n);
+        Some((
+            i64::from_be_bytes(at(43, 8)?.try_into().ok()?),
+            i32::from_be_bytes(at(53, 4)?.try_into().ok()?),
+            i32::from_be_bytes(at(57, 4)?.try_into().ok()?),
+        ))
+    };
+    let batches: Vec<(i32, Option<Header>)> = asked
+        .topic_data
+        .iter()
+        .flat_map(|t| t.partition_data.iter())
+        .map(|p| (p.index, p.records.as_deref().and_then(header)))
+        .collect();
+    produce_answer_with(req, req.correlation_id, |index| {
+        let r = PartitionProduceResponse::default()
+            .with_index(index)
+            .with_log_append_time_ms(-1)
+            .with_log_start_offset(0);
+        let ok = |r: PartitionProduceResponse, count: i32| {
+            r.with_base_offset(st.next_offset.fetch_add(i64::from(count), Ordering::SeqCst))
+        };
+        let Some((_, Some((pid, seq, count)))) = batches.iter().find(|(i, _)| *i == index) else {
+            return r.with_error_code(87); // INVALID_RECORD
+        };
+        if *pid < 0 {
+            return ok(r, *count);
+        }
+        let expected = st.expected_sequence.load(Ordering::SeqCst);
+        if *seq == expected {
+            let refuse = st
+                .refusals
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if refuse {
+                return r.with_error_code(19).with_base_offset(-1); // NOT_ENOUGH_REPLICAS
+            }
+            st.expected_sequence.fetch_add(*count, Ordering::SeqCst);
+            ok(r, *count)
+        } else if *seq < expected {
+            r.with_error_code(46).with_base_offset(-1) // DUPLICATE_SEQUENCE_NUMBER
+        } else {
+            if after_gather {
+                st.strays.fetch_add(1, Ordering::SeqCst);
+            }
+            r.with_error_code(45).with_base_offset(-1) // OUT_OF_ORDER_SEQUENCE_NUMBER
+        }
+    })
+}
+
 /// An answer to a Produce request that gives every partition `code`.
 fn error_answer(req: &Req, code: i16) -> Option<Bytes> {
     produce_answer_with(req, req.correlation_id, |index| {
@@ -546,6 +620,33 @@ async fn misbehave(
     let half = &answer[..answer.len() / 2];
     let wrote = match mode {
         Mode::Behave | Mode::SilentHandshake => unreachable!("not hostile on Produce"),
+        Mode::EnforceSequence => {
+            let mut all = BytesMut::new();
+            for req in &pending {
+                match sequence_answer(st, req, false) {
+                    Some(a) => all.put_slice(&a),
+                    None => return,
+                }
+            }
+            if w.write_all(&all).await.is_err() {
+                return;
+            }
+            // Sequences stay enforced on this connection, strays counted from now on.
+            let mut r = r;
+            while let Some(req) = read_request(&mut r).await {
+                let answer = if req.key == ApiKey::Produce {
+                    st.produce_requests.fetch_add(1, Ordering::SeqCst);
+                    sequence_answer(st, &req, true)
+                } else {
+                    proper_answer(st, &req)
+                };
+                match answer {
+                    Some(a) if w.write_all(&a).await.is_ok() => {}
+                    _ => return,
+                }
+            }
+            return;
+        }
         Mode::Garbage => {
             w.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
                 .await
@@ -1293,6 +1394,68 @@ async fn out_of_order_behind_a_refused_batch_is_retried_behind_it() {
     assert_eq!(attempts, vec![2; CALLS], "each call sent twice");
     assert_eq!(s.broker.hostile_acts(), 1);
     s.assert_alive().await;
+}
+
+/// Five idempotent batches of t-0 in flight (`raw`: callers' own batches of one producer,
+/// sequences 0 to 4; else records leaderlink stamps); the leader refuses the first three times
+/// (retriable) and, as a broker does, answers OUT_OF_ORDER for the four behind it. leaderlink
+/// must then send them again in sequence order, each once the one before it is appended: sent
+/// on their own schedule, they come back OUT_OF_ORDER while the first is being retried.
+async fn retries_in_sequence_order(raw: bool) {
+    let _shared = GATE.read().await;
+    let s = setup(true).await;
+    const CALLS: usize = 5;
+    const REFUSALS: u32 = 3;
+    s.broker.state.refusals.store(REFUSALS, Ordering::SeqCst);
+    s.broker.set(Mode::EnforceSequence, true, CALLS);
+    let results = join_all((0..CALLS as u64).map(|i| {
+        let mut c = s.client.clone();
+        async move {
+            let mut req = common::request(100 + i, Acks::All, "t", 0, common::records("seq", 1));
+            if raw {
+                let value = format!("raw{i}");
+                req.partitions[0].records.clear();
+                req.partitions[0].record_batch = common::raw_batch(&[&value], 77, i as i32);
+            }
+            let mut req = tonic::Request::new(req);
+            req.set_timeout(LONG_DEADLINE);
+            c.forward(req).await
+        }
+    }))
+    .await;
+    for r in results {
+        let resp = r.expect("every call succeeds").into_inner();
+        let p = &resp.partitions[0];
+        assert_eq!(p.error_code, 0, "{p:?}");
+        assert!(!p.possibly_duplicated, "{p:?}");
+    }
+    assert_eq!(
+        s.broker.hostile_acts(),
+        1,
+        "the first requests were gathered"
+    );
+    assert_eq!(s.broker.state.refusals.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        s.broker.state.expected_sequence.load(Ordering::SeqCst),
+        CALLS as i32,
+        "each batch appended once"
+    );
+    assert_eq!(
+        s.broker.state.strays.load(Ordering::SeqCst),
+        0,
+        "batches sent while an earlier one was missing"
+    );
+    s.assert_alive().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_go_in_sequence_order_one_after_another() {
+    retries_in_sequence_order(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_idempotent_batches_are_retried_in_sequence_order_too() {
+    retries_in_sequence_order(true).await;
 }
 
 fn rss_kib() -> u64 {

@@ -139,6 +139,8 @@ struct Tally {
     unacked: HashSet<String>,
     failed: HashMap<String, u64>,
     longest: Duration,
+    /// Calls answered in each second of the load (printed: where a run loses its pace).
+    per_second: Vec<u32>,
 }
 
 /// Runs `callers` loops of one-record Forward calls (acks=all, 15 s deadline) until `stop`.
@@ -151,6 +153,7 @@ async fn load(
     stop: Arc<AtomicBool>,
     tally: Arc<Mutex<Tally>>,
 ) {
+    let began = Instant::now();
     let tasks: Vec<_> = (0..callers)
         .map(|c| {
             let mut client = client.clone();
@@ -180,6 +183,11 @@ async fn load(
                     let mut t = tally.lock().unwrap();
                     t.calls += 1;
                     t.longest = t.longest.max(took);
+                    let second = began.elapsed().as_secs() as usize;
+                    if t.per_second.len() <= second {
+                        t.per_second.resize(second + 1, 0);
+                    }
+                    t.per_second[second] += 1;
                     match out {
                         Ok(resp) => {
                             let r = &resp.get_ref().partitions[0];
@@ -237,6 +245,10 @@ async fn run_with_failover(
     stop.store(true, Ordering::Relaxed);
     job.await.unwrap();
     let t = std::mem::take(&mut *tally.lock().unwrap());
+    eprintln!(
+        "calls answered per second (kill at 8 s, restart at 20 s): {:?}",
+        t.per_second
+    );
     (t, victim)
 }
 
@@ -360,10 +372,7 @@ async fn an_idempotent_forwarder_writes_each_record_once_in_order_through_a_lead
         t.failed,
         t.longest
     );
-    // The idempotent load makes fewer calls than the plain one (934 to 4,931 seen against
-    // 6,927 to 13,604; the cause is open, see the README's "What idempotence costs"): this
-    // floor only checks that the load ran through the kill.
-    assert!(t.calls > 300, "the load ran: {} calls", t.calls);
+    assert!(t.calls > 1000, "the load ran: {} calls", t.calls);
     assert_eq!(missing, 0, "acknowledged but not in the log");
     assert!(duplicates.is_empty(), "in the log twice: {duplicates:?}");
     assert_eq!(out_of_order, 0, "a caller's records out of order");

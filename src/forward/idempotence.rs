@@ -10,6 +10,13 @@
 //! * at most five requests in flight per partition (the forwarder's partition gates);
 //! * OUT_OF_ORDER_SEQUENCE_NUMBER while an earlier batch of the same producer and partition is
 //!   still unfinished means "retry behind it";
+//! * a partition's batches go on the wire in sequence order: a batch waits (without backoff)
+//!   while an earlier one of its producer and epoch is in leaderlink's hands but not on the wire
+//!   (it failed and waits for its own retry). Sent anyway, it could only come back
+//!   OUT_OF_ORDER_SEQUENCE_NUMBER, and every later batch behind it, each retried on its own
+//!   backoff: after a leader failover that convoy kept a partition at a few batches per second.
+//!   Java's producer has the same rule (`RecordAccumulator` drains a partition's retried batches
+//!   one at a time, in sequence order, before new ones);
 //! * a batch given up without a success (a final error, the call's deadline, a cancelled call)
 //!   leaves a hole in its partition's sequence, which only a new epoch closes: the epoch is
 //!   bumped (KIP-360) before the next batch is stamped, every partition's sequence starts again
@@ -18,8 +25,11 @@
 //!   epoch bump it too, and the batch is retried with a new stamp.
 
 use std::{
-    collections::{BTreeSet, HashMap},
-    sync::{Arc, Mutex, MutexGuard},
+    collections::{BTreeMap, HashMap},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use bytes::Bytes;
@@ -69,8 +79,56 @@ struct State {
     bump: bool,
     /// Next sequence per partition, for the current generation.
     next: HashMap<Tp, i32>,
-    /// Batches with a producer id in leaderlink's hands, per partition.
-    open: HashMap<Tp, BTreeSet<Open>>,
+    /// Batches with a producer id in leaderlink's hands, per partition, and whether each is on
+    /// the wire now (handed to its connection and not yet answered).
+    open: HashMap<Tp, BTreeMap<Open, bool>>,
+}
+
+/// A batch about to go on the wire, for the turn rule (the module's rules): when it may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// A batch to be stamped now: once every batch of the current identity on its partition in
+    /// leaderlink's hands is on the wire.
+    New,
+    /// A batch with a producer id sent for the first time (a caller's raw idempotent batch):
+    /// once every earlier batch of its producer and epoch in leaderlink's hands is on the wire.
+    Behind(Open),
+    /// A batch sent again: once no earlier batch of its producer and epoch is in leaderlink's
+    /// hands at all. Retries go one at a time, each after the one before it is acknowledged,
+    /// as Java's producer sends them: pipelined behind an earlier retry, a batch would come
+    /// back OUT_OF_ORDER_SEQUENCE_NUMBER whenever that one fails again.
+    First(Open),
+}
+
+impl State {
+    /// Whether every batch of `tp` in leaderlink's hands that `earlier` selects is on the wire.
+    fn all_on_wire(&self, tp: &Tp, earlier: impl Fn(&Open) -> bool) -> bool {
+        self.open
+            .get(tp)
+            .is_none_or(|set| set.iter().all(|(o, on)| *on || !earlier(o)))
+    }
+
+    fn has_turn(&self, tp: &Tp, turn: Turn) -> bool {
+        let earlier = |open: Open| {
+            move |o: &Open| {
+                o.producer_id == open.producer_id
+                    && o.epoch == open.epoch
+                    && o.base_sequence < open.base_sequence
+            }
+        };
+        match turn {
+            Turn::New => self.identity.is_none_or(|id| {
+                self.all_on_wire(tp, |o| {
+                    o.producer_id == id.producer_id && o.epoch == id.epoch
+                })
+            }),
+            Turn::Behind(open) => self.all_on_wire(tp, earlier(open)),
+            Turn::First(open) => self
+                .open
+                .get(tp)
+                .is_none_or(|set| !set.keys().any(earlier(open))),
+        }
+    }
 }
 
 /// The idempotent producer of one forwarder.
@@ -79,6 +137,10 @@ pub struct Producer {
     /// Single flight for InitProducerId (the first identity, and epoch bumps).
     init: tokio::sync::Mutex<()>,
     state: Mutex<State>,
+    /// Calls waiting for their turn ([`Producer::wait_turn`]); nobody is woken while it is zero.
+    turn_waiters: AtomicUsize,
+    /// Woken when an open batch goes on the wire or is settled.
+    changed: tokio::sync::Notify,
 }
 
 /// The producer's state, locked: stamping and handing the stamped batches to their connection
@@ -99,17 +161,44 @@ impl Stamper<'_> {
         // Sequences wrap to 0 after i32::MAX, as Kafka's do.
         *next =
             ((i64::from(base_sequence) + i64::from(records)) % (i64::from(i32::MAX) + 1)) as i32;
-        self.st.open.entry(tp.clone()).or_default().insert(Open {
-            producer_id: identity.producer_id,
-            epoch: identity.epoch,
-            base_sequence,
-        });
+        self.st.open.entry(tp.clone()).or_default().insert(
+            Open {
+                producer_id: identity.producer_id,
+                epoch: identity.epoch,
+                base_sequence,
+            },
+            false,
+        );
         Some(Stamp {
             generation,
             identity,
             base_sequence,
             batch: batch::stamp(batch, identity.producer_id, identity.epoch, base_sequence),
         })
+    }
+}
+
+impl Stamper<'_> {
+    /// Counts a caller's batch with a producer id (a raw idempotent batch) as open on `tp`.
+    pub fn open_raw(&mut self, tp: &Tp, open: Open) {
+        self.st
+            .open
+            .entry(tp.clone())
+            .or_default()
+            .entry(open)
+            .or_insert(false);
+    }
+
+    /// Whether a batch of `tp` may go on the wire now (see [`Turn`]).
+    pub fn has_turn(&self, tp: &Tp, turn: Turn) -> bool {
+        self.st.has_turn(tp, turn)
+    }
+
+    /// The open batch `open` of `tp` was handed to its connection.
+    pub fn on_wire(&mut self, tp: &Tp, open: Open) {
+        if let Some(on) = self.st.open.get_mut(tp).and_then(|set| set.get_mut(&open)) {
+            *on = true;
+        }
     }
 }
 
@@ -199,13 +288,13 @@ impl Producer {
         lock(&self.state).generation == stamp.generation
     }
 
-    /// Counts a caller's batch with a producer id (a raw idempotent batch) as open on `tp`.
-    pub fn open(&self, tp: &Tp, open: Open) {
-        lock(&self.state)
-            .open
-            .entry(tp.clone())
-            .or_default()
-            .insert(open);
+    /// The open batch `open` of `tp` is back from the wire (answered, or its request failed):
+    /// until it is sent again, later batches of its producer wait for their turn.
+    pub fn off_wire(&self, tp: &Tp, open: Open) {
+        let mut st = lock(&self.state);
+        if let Some(on) = st.open.get_mut(tp).and_then(|set| set.get_mut(&open)) {
+            *on = false;
+        }
     }
 
     /// The batch `open` on `tp` is settled: acknowledged (`acked`), or given up. A stamp of the
@@ -221,6 +310,44 @@ impl Producer {
         }
         if !acked && stamp_generation == Some(st.generation) {
             st.bump = true;
+        }
+        drop(st);
+        self.turn_may_have_changed();
+    }
+
+    /// Wakes the calls waiting for their turn, if any. Called after an open batch went on the
+    /// wire or was settled, with the state unlocked (a batch leaving the wire gives no turn).
+    pub fn turn_may_have_changed(&self) {
+        if self.turn_waiters.load(Ordering::SeqCst) > 0 {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Waits until one of `batches` has its turn (see [`Turn`]), or until `deadline`.
+    pub async fn wait_turn(&self, batches: &[(Tp, Turn)], deadline: tokio::time::Instant) {
+        /// Counts a waiter for as long as it waits, however the wait ends (a cancelled call).
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.turn_waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.turn_waiters);
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            // Registered before the state is looked at: a change after the look wakes it.
+            notified.as_mut().enable();
+            {
+                let st = lock(&self.state);
+                if batches.iter().any(|(tp, turn)| st.has_turn(tp, *turn)) {
+                    return;
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
         }
     }
 
@@ -247,7 +374,7 @@ impl Producer {
             return true;
         }
         st.open.get(tp).is_some_and(|set| {
-            set.iter().any(|o| {
+            set.keys().any(|o| {
                 o.producer_id == open.producer_id
                     && o.epoch == open.epoch
                     && o.base_sequence < open.base_sequence
@@ -335,7 +462,7 @@ mod tests {
             epoch: 3,
             base_sequence: seq,
         };
-        p.open(&tp, raw(10));
+        p.stamper().open_raw(&tp, raw(10));
         assert!(p.retry_out_of_order(&tp, raw(11), None));
         assert!(!p.retry_out_of_order(&tp, raw(10), None));
     }
@@ -361,5 +488,56 @@ mod tests {
         assert!(p.needs_init());
         assert!(p.retry_out_of_order(&tp, open_of(&second), Some(1)));
         assert_eq!(p.open_partitions(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_partitions_batches_take_turns_in_sequence_order() {
+        let p = Arc::new(producer_with(ProducerIdentity {
+            producer_id: 9,
+            epoch: 0,
+        }));
+        let tp = ("t".to_string(), 0);
+        let b = plain();
+        let (a, c) = {
+            let mut s = p.stamper();
+            let (a, c) = (s.stamp(&tp, &b, 1).unwrap(), s.stamp(&tp, &b, 1).unwrap());
+            // Stamped, not yet on the wire: nothing behind them may go.
+            assert!(!s.has_turn(&tp, Turn::New));
+            assert!(!s.has_turn(&tp, Turn::Behind(open_of(&c))));
+            assert!(s.has_turn(&tp, Turn::Behind(open_of(&a))));
+            s.on_wire(&tp, open_of(&a));
+            s.on_wire(&tp, open_of(&c));
+            // Both on the wire: new batches pipeline behind them.
+            assert!(s.has_turn(&tp, Turn::New));
+            assert!(s.has_turn(&tp, Turn::Behind(open_of(&c))));
+            (a, c)
+        };
+        // The first comes back failed: nothing new goes, and the second's retry waits until
+        // the first is appended.
+        p.off_wire(&tp, open_of(&a));
+        assert!(!p.stamper().has_turn(&tp, Turn::New));
+        assert!(p.stamper().has_turn(&tp, Turn::First(open_of(&a))));
+        assert!(!p.stamper().has_turn(&tp, Turn::First(open_of(&c))));
+        let waiter = {
+            let p = p.clone();
+            let (tp, c) = (tp.clone(), open_of(&c));
+            tokio::spawn(async move {
+                let far = Instant::now() + std::time::Duration::from_secs(3600);
+                p.wait_turn(&[(tp, Turn::First(c))], far).await;
+            })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        p.settle(&tp, open_of(&a), Some(1), true);
+        waiter.await.unwrap();
+        assert!(p.stamper().has_turn(&tp, Turn::First(open_of(&c))));
+        // Another producer's batches take no turn from leaderlink's.
+        let raw = Open {
+            producer_id: 77,
+            epoch: 0,
+            base_sequence: 0,
+        };
+        p.stamper().open_raw(&tp, raw);
+        assert!(p.stamper().has_turn(&tp, Turn::First(open_of(&c))));
     }
 }

@@ -33,7 +33,7 @@ use crate::{
     proto::v1::{ForwardRequest, ForwardResponse, PartitionResult},
     stats::Stats,
 };
-use idempotence::{Open, Producer, Stamp, Tp};
+use idempotence::{Open, Producer, Stamp, Stamper, Tp, Turn};
 use validate::{Validated, validate};
 
 /// Why a forward failed as a whole. Kafka errors of single partitions are not here: they are
@@ -251,6 +251,43 @@ impl Drop for Ledger {
             self.producer.settle(&tp, open, generation, false);
         }
     }
+}
+
+/// Item `i`'s partition.
+fn tp_of(v: &Validated, i: usize) -> Tp {
+    (v.items[i].topic.clone(), v.items[i].partition)
+}
+
+/// Item `i`'s batch for the turn rule (see [`Turn`]): `None` for a batch without a producer id;
+/// `new` when leaderlink stamps it now.
+fn turn_of(v: &Validated, i: usize, s: &ItemState, new: bool) -> Option<Turn> {
+    if new {
+        return Some(Turn::New);
+    }
+    let open = s.stamp.as_ref().map(open_of).or(v.items[i].producer)?;
+    Some(if s.attempts > 0 {
+        Turn::First(open)
+    } else {
+        Turn::Behind(open)
+    })
+}
+
+/// Marks the chunk's batches with a producer id as on the wire (they were just handed to their
+/// connection). Returns whether there was any.
+fn mark_on_wire(
+    stamper: &mut Stamper<'_>,
+    v: &Validated,
+    st: &[ItemState],
+    chunk: &[usize],
+) -> bool {
+    let mut any = false;
+    for &i in chunk {
+        if let Some(open) = st[i].stamp.as_ref().map(open_of).or(v.items[i].producer) {
+            stamper.on_wire(&tp_of(v, i), open);
+            any = true;
+        }
+    }
+    any
 }
 
 fn open_of(stamp: &Stamp) -> Open {
@@ -554,6 +591,8 @@ impl Forwarder {
             // Gated batches (strict mode, or idempotent ones) go one per partition per round:
             // a later batch of the partition waits for the earlier one's final answer.
             let mut deferred = Vec::new();
+            // Batches with a producer id held back by the turn rule (see `turn_of`).
+            let mut turn_wait = Vec::new();
             let mut gated_seen: HashSet<(&str, i32)> = HashSet::new();
             let mut groups: BTreeMap<(i32, usize), (Broker, Vec<usize>)> = BTreeMap::new();
             for &i in &pending {
@@ -703,35 +742,28 @@ impl Forwarder {
                             .chain((!together.is_empty()).then_some(together))
                     })
                     .collect();
-                for chunk in chunks {
-                    let not_sent =
-                        |st: &mut [ItemState], retry: &mut Vec<usize>, cause: ConnError| {
-                            for &i in &chunk {
-                                // Likewise, running out of time before the write is no news
-                                // when an earlier attempt already failed for a reason.
-                                let artifact = matches!(cause, ConnError::NotSentInTime)
-                                    && st[i].last.is_some();
-                                if !artifact {
-                                    st[i].last = Some(Failure::Conn {
-                                        cause: cause.clone(),
-                                        connecting: false,
-                                    });
-                                }
-                                retry.push(i);
+                for mut chunk in chunks {
+                    let not_sent = |st: &mut [ItemState],
+                                    retry: &mut Vec<usize>,
+                                    chunk: &[usize],
+                                    cause: ConnError| {
+                        for &i in chunk {
+                            // Likewise, running out of time before the write is no news
+                            // when an earlier attempt already failed for a reason.
+                            let artifact =
+                                matches!(cause, ConnError::NotSentInTime) && st[i].last.is_some();
+                            if !artifact {
+                                st[i].last = Some(Failure::Conn {
+                                    cause: cause.clone(),
+                                    connecting: false,
+                                });
                             }
-                        };
-                    // The gate permits of the chunk's partitions go with its request.
-                    let holds: Vec<GateHold> = chunk
-                        .iter()
-                        .filter_map(|&i| {
-                            gates
-                                .get(&(v.items[i].topic.clone(), v.items[i].partition))
-                                .cloned()
-                        })
-                        .collect();
+                            retry.push(i);
+                        }
+                    };
                     // Batches leaderlink stamps as the idempotent producer's: a producer
                     // identity first (or a new epoch after a batch was given up).
-                    let to_stamp: Vec<usize> = chunk
+                    let mut to_stamp: Vec<usize> = chunk
                         .iter()
                         .copied()
                         .filter(|&i| self.needs_stamp(&v, i, &st[i]))
@@ -743,7 +775,7 @@ impl Forwarder {
                         match e {
                             InitProducerIdError::Conn(cause) => {
                                 refresh |= !matches!(cause, ConnError::NotSentInTime);
-                                not_sent(&mut st, &mut retry, cause);
+                                not_sent(&mut st, &mut retry, &chunk, cause);
                             }
                             InitProducerIdError::Unsupported => {
                                 // Sent again at once, without a producer id.
@@ -776,6 +808,29 @@ impl Forwarder {
                     // Stamping and queueing under one lock: a partition's sequences reach its
                     // connection in order.
                     let mut stamper = self.inner.producer.stamper();
+                    // A batch with a producer id waits while an earlier one of its partition is
+                    // off the wire (docs/design.md §3.16).
+                    chunk.retain(|&i| {
+                        let turn = turn_of(&v, i, &st[i], to_stamp.contains(&i));
+                        let go = turn.is_none_or(|t| stamper.has_turn(&tp_of(&v, i), t));
+                        if !go {
+                            turn_wait.push(i);
+                        }
+                        go
+                    });
+                    if chunk.is_empty() {
+                        continue;
+                    }
+                    to_stamp.retain(|i| chunk.contains(i));
+                    // The gate permits of the chunk's partitions go with its request.
+                    let holds: Vec<GateHold> = chunk
+                        .iter()
+                        .filter_map(|&i| {
+                            gates
+                                .get(&(v.items[i].topic.clone(), v.items[i].partition))
+                                .cloned()
+                        })
+                        .collect();
                     let mut stamped = Vec::with_capacity(to_stamp.len());
                     for &i in &to_stamp {
                         let it = &v.items[i];
@@ -796,7 +851,9 @@ impl Forwarder {
                         if let Some(open) = it.producer
                             && !ledger.holds(i)
                         {
-                            ledger.hold(i, (it.topic.clone(), it.partition), open, None);
+                            let tp = (it.topic.clone(), it.partition);
+                            stamper.open_raw(&tp, open);
+                            ledger.hold(i, tp, open, None);
                         }
                     }
                     // Into the connection's coalescing queue: concurrent calls' batches for
@@ -823,7 +880,12 @@ impl Forwarder {
                                 .collect(),
                         },
                     );
+                    let went_on_wire =
+                        submitted.is_ok() && mark_on_wire(&mut stamper, &v, &st, &chunk);
                     drop(stamper);
+                    if went_on_wire {
+                        self.inner.producer.turn_may_have_changed();
+                    }
                     // The ledger settles replaced stamps, which takes the producer's lock.
                     for (i, tp, open, generation) in stamped {
                         ledger.hold(i, tp, open, Some(generation));
@@ -856,7 +918,7 @@ impl Forwarder {
                         }
                         Err(e) => {
                             refresh = true;
-                            not_sent(&mut st, &mut retry, e.cause);
+                            not_sent(&mut st, &mut retry, &chunk, e.cause);
                         }
                     }
                 }
@@ -893,6 +955,13 @@ impl Forwarder {
             for (conn, broker, chunk, r, span) in answers {
                 // The span ends when this iteration has read the answer.
                 let _entered = span.enter();
+                // Whatever came back, the chunk's batches with a producer id are off the wire
+                // until they are sent again (or settled below).
+                for &i in &chunk {
+                    if let Some((tp, open, _)) = ledger.get(i) {
+                        self.inner.producer.off_wire(&tp, open);
+                    }
+                }
                 let answers = match r {
                     Ok(None) => {
                         // acks=0: done once written (docs/design.md §3.4).
@@ -1009,12 +1078,13 @@ impl Forwarder {
                             .retry_out_of_order(&tp, open, generation)
                     {
                         // An earlier batch of the producer on this partition is still being
-                        // retried (or this stamp is replaced): retry behind it.
+                        // retried (or this stamp is replaced): retry behind it, once it is
+                        // back on the wire, without a backoff of its own.
                         st[i].last = Some(Failure::Kafka {
                             code: a.error_code,
                             message: a.error_message,
                         });
-                        retry.push(i);
+                        turn_wait.push(i);
                     } else if let Some(stamp) = &st[i].stamp
                         && matches!(
                             a.error_code,
@@ -1070,6 +1140,15 @@ impl Forwarder {
                 return Err(self.overloaded(&v, &st, cause));
             }
             let failed = !retry.is_empty();
+            // Batches waiting for an earlier one of their partition to go back on the wire.
+            let turns: Vec<(Tp, Turn)> = turn_wait
+                .iter()
+                .filter_map(|&i| {
+                    let new = self.needs_stamp(&v, i, &st[i]);
+                    Some((tp_of(&v, i), turn_of(&v, i, &st[i], new)?))
+                })
+                .collect();
+            retry.extend(turn_wait);
             retry.extend(deferred);
             retry.sort_unstable();
             pending = retry;
@@ -1081,7 +1160,14 @@ impl Forwarder {
                 return Err(self.expired(&v, &st, &pending));
             }
             if !failed {
-                // Only batches deferred behind an earlier one of their partition: go on.
+                // Only batches deferred behind an earlier one of their partition (or their
+                // producer's sequence): go on once one of them can go.
+                if !turns.is_empty() {
+                    self.inner.producer.wait_turn(&turns, deadline).await;
+                    if Instant::now() >= deadline {
+                        return Err(self.expired(&v, &st, &pending));
+                    }
+                }
                 continue;
             }
             debug!(pending = pending.len(), ?backoff, "retrying partitions");
