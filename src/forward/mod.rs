@@ -690,7 +690,7 @@ impl Forwarder {
                     // again: its partitions are answered now instead of retried until the
                     // deadline, and the call's other partitions go on (some may be written
                     // already). If nothing of the call was ever sent, the call as a whole is
-                    // UNAVAILABLE (below).
+                    // UNAVAILABLE (below; docs/design.md §3.19).
                     Err(cause @ (ConnError::Auth { .. } | ConnError::Tls { .. })) => {
                         let (code, what) = match cause {
                             ConnError::Auth { .. } => (SASL_AUTHENTICATION_FAILED, "SASL"),
@@ -808,8 +808,9 @@ impl Forwarder {
                     // Stamping and queueing under one lock: a partition's sequences reach its
                     // connection in order.
                     let mut stamper = self.inner.producer.stamper();
-                    // A batch with a producer id waits while an earlier one of its partition is
-                    // off the wire (docs/design.md §3.16).
+                    // A batch with a producer id waits for its turn (docs/design.md §3.16):
+                    // while an earlier one of its partition waits for a retry, and, as a retry
+                    // itself, until every earlier one is appended.
                     chunk.retain(|&i| {
                         let turn = turn_of(&v, i, &st[i], to_stamp.contains(&i));
                         let go = turn.is_none_or(|t| stamper.has_turn(&tp_of(&v, i), t));
@@ -1078,8 +1079,8 @@ impl Forwarder {
                             .retry_out_of_order(&tp, open, generation)
                     {
                         // An earlier batch of the producer on this partition is still being
-                        // retried (or this stamp is replaced): retry behind it, once it is
-                        // back on the wire, without a backoff of its own.
+                        // retried (or this stamp is replaced): retry behind it, when its turn
+                        // comes, without a backoff of its own.
                         st[i].last = Some(Failure::Kafka {
                             code: a.error_code,
                             message: a.error_message,
@@ -1140,7 +1141,7 @@ impl Forwarder {
                 return Err(self.overloaded(&v, &st, cause));
             }
             let failed = !retry.is_empty();
-            // Batches waiting for an earlier one of their partition to go back on the wire.
+            // Batches waiting for their turn behind earlier ones of their partition.
             let turns: Vec<(Tp, Turn)> = turn_wait
                 .iter()
                 .filter_map(|&i| {

@@ -208,7 +208,7 @@ pub struct Connection {
     shared: Arc<Shared>,
     versions: OnceLock<Versions>,
     /// When to replace this connection: set when the broker's SASL session has a lifetime
-    /// (KIP-368, `connections.max.reauth.ms`). A broker closes a connection whose session has
+    /// (KIP-368, `connections.max.reauth.ms`; docs/design.md §3.18). A broker closes a connection whose session has
     /// expired as soon as it gets another request on it, failing everything in flight; the
     /// pool drains the connection and opens a fresh one before that (see
     /// [`Connection::due_for_renewal`]).
