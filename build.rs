@@ -11,8 +11,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("leaderlink_descriptor.bin"))
-        // `bytes` fields become `bytes::Bytes`, so a record batch travels from the decoded gRPC
-        // message to the socket without being copied.
+        // `bytes` fields become `bytes::Bytes`: leaderlink passes a caller's record batch along by
+        // reference count and copies it once on its way to the socket, when the Produce
+        // request's body is encoded into one buffer.
         .bytes(".")
         .compile_protos(
             &[

@@ -7,6 +7,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use kafka_protocol::protocol::StrBytes;
 use serde::{Deserialize, Serialize};
 
+pub use crate::telemetry::LogFormat;
 use crate::{
     forward::{ForwardConfig, PartitionOrder},
     kafka::{
@@ -175,17 +176,6 @@ impl SecurityProtocol {
             SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
         )
     }
-}
-
-/// How log lines are written to stderr.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// The embedded dev cluster (librdkafka's mock brokers, in memory).

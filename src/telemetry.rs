@@ -35,13 +35,24 @@ use opentelemetry_sdk::{
         SpanExporter, SpanProcessor,
     },
 };
+use serde::{Deserialize, Serialize};
 use tracing::{Level, level_filters::LevelFilter};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
     EnvFilter, Layer, filter::Targets, layer::SubscriberExt, util::SubscriberInitExt,
 };
 
-use crate::config::LogFormat;
+/// How log lines are written to stderr (config key `log_format`). It lives here, not in
+/// `config`, so that the wire layer's use of [`TASK_TARGET`] does not tie `kafka` to `config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Target of the spans of long-lived tasks (servers, the cluster watcher, connections). They
 /// give log lines their context but are not exported: a span open for the life of the process

@@ -14,7 +14,7 @@ pub mod producer_id;
 pub mod security;
 pub mod versions;
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use tokio::{net::TcpStream, time::Instant};
 use tracing::Span;
@@ -99,9 +99,4 @@ fn timed_out(e: ConnError, addr: &str, started: Instant) -> ConnError {
         },
         other => other,
     }
-}
-
-/// Time left until `deadline`, zero if it passed.
-pub fn remaining(deadline: Instant) -> Duration {
-    deadline.saturating_duration_since(Instant::now())
 }
