@@ -2,8 +2,11 @@
 //! connections, retry within the caller's deadline, assemble one result per partition.
 
 pub mod batch;
+mod errors;
 pub mod idempotence;
 pub mod validate;
+
+pub use errors::error_name;
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -13,7 +16,6 @@ use std::{
 };
 
 use futures::future::join_all;
-use kafka_protocol::error::ResponseError;
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore, oneshot},
     time::Instant,
@@ -32,6 +34,12 @@ use crate::{
     },
     proto::v1::{ForwardRequest, ForwardResponse, PartitionResult},
     stats::Stats,
+};
+use errors::{
+    DUPLICATE_SEQUENCE_NUMBER, FENCED_LEADER_EPOCH, INVALID_PRODUCER_EPOCH, MESSAGE_TOO_LARGE,
+    NETWORK_EXCEPTION, NOT_LEADER_OR_FOLLOWER, OUT_OF_ORDER_SEQUENCE_NUMBER, PRODUCER_FENCED,
+    SASL_AUTHENTICATION_FAILED, UNKNOWN_PRODUCER_ID, UNKNOWN_TOPIC_OR_PARTITION, may_have_appended,
+    needs_refresh, retriable,
 };
 use idempotence::{Open, Producer, Stamp, Stamper, Tp, Turn};
 use validate::{Validated, validate};
@@ -130,36 +138,6 @@ pub struct ForwardConfig {
     pub metadata_max_idle: Duration,
 }
 
-/// Kafka errors after which the leader map is refreshed before retrying (docs/design.md §3.13):
-/// UNKNOWN_TOPIC_OR_PARTITION, LEADER_NOT_AVAILABLE, NOT_LEADER_OR_FOLLOWER, NETWORK_EXCEPTION,
-/// KAFKA_STORAGE_ERROR, FENCED_LEADER_EPOCH.
-fn needs_refresh(code: i16) -> bool {
-    matches!(code, 3 | 5 | 6 | 13 | 56 | 74)
-}
-
-fn retriable(code: i16) -> bool {
-    needs_refresh(code) || ResponseError::try_from_code(code).is_some_and(|e| e.is_retriable())
-}
-
-/// Kafka's name for an error code, e.g. `UNKNOWN_TOPIC_OR_PARTITION`.
-pub fn error_name(code: i16) -> String {
-    match ResponseError::try_from_code(code) {
-        None => String::new(),
-        Some(ResponseError::Unknown(_)) => "UNKNOWN_ERROR_CODE".into(),
-        Some(e) => {
-            let camel = e.to_string();
-            let mut out = String::with_capacity(camel.len() + 8);
-            for (i, c) in camel.chars().enumerate() {
-                if c.is_ascii_uppercase() && i > 0 {
-                    out.push('_');
-                }
-                out.push(c.to_ascii_uppercase());
-            }
-            out
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 enum Failure {
     Kafka { code: i16, message: Option<String> },
@@ -185,25 +163,6 @@ struct ItemState {
     /// The idempotent producer's stamp on the batch, kept with its bytes for retries.
     stamp: Option<Stamp>,
 }
-
-/// Kafka's MESSAGE_TOO_LARGE.
-const MESSAGE_TOO_LARGE: i16 = ResponseError::MessageTooLarge.code();
-/// Kafka's OUT_OF_ORDER_SEQUENCE_NUMBER.
-const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = ResponseError::OutOfOrderSequenceNumber.code();
-/// Kafka's DUPLICATE_SEQUENCE_NUMBER.
-const DUPLICATE_SEQUENCE_NUMBER: i16 = ResponseError::DuplicateSequenceNumber.code();
-/// Kafka's INVALID_PRODUCER_EPOCH.
-const INVALID_PRODUCER_EPOCH: i16 = ResponseError::InvalidProducerEpoch.code();
-/// Kafka's UNKNOWN_PRODUCER_ID.
-const UNKNOWN_PRODUCER_ID: i16 = ResponseError::UnknownProducerId.code();
-/// Kafka's PRODUCER_FENCED.
-const PRODUCER_FENCED: i16 = ResponseError::ProducerFenced.code();
-/// Kafka's SASL_AUTHENTICATION_FAILED: a partition whose leader refused leaderlink's SASL
-/// credentials.
-const SASL_AUTHENTICATION_FAILED: i16 = ResponseError::SaslAuthenticationFailed.code();
-/// Kafka's NETWORK_EXCEPTION: a partition whose leader's TLS handshake failed (Kafka has no
-/// code of its own for that; the message says TLS).
-const NETWORK_EXCEPTION: i16 = ResponseError::NetworkException.code();
 
 /// The batches with a producer id one call has handed to leaders and not yet settled (see
 /// [`idempotence::Producer::settle`]). Dropping it settles the rest as given up: a call that
@@ -617,27 +576,32 @@ impl Forwarder {
                             .push(i);
                     }
                     Route::Unknown => {
-                        st[i].last = Some(fail(3, "topic not in the leader map yet"));
+                        st[i].last = Some(fail(
+                            UNKNOWN_TOPIC_OR_PARTITION,
+                            "topic not in the leader map yet",
+                        ));
                         refresh = true;
                         retry.push(i);
                     }
                     // An unknown topic is final once a refresh confirmed it — after a few
                     // rounds when the broker may be creating it on our request.
-                    Route::Error(3)
+                    Route::Error(UNKNOWN_TOPIC_OR_PARTITION)
                         if refreshed && st[i].unknown_rounds >= self.unknown_topic_rounds() =>
                     {
                         st[i].result = Some(error_result(
                             it,
-                            3,
+                            UNKNOWN_TOPIC_OR_PARTITION,
                             "the cluster's metadata does not know this topic".into(),
                             -1,
                             &st[i],
                         ));
                     }
-                    Route::Error(3) => {
+                    Route::Error(UNKNOWN_TOPIC_OR_PARTITION) => {
                         st[i].unknown_rounds += u32::from(refreshed);
-                        st[i].last =
-                            Some(fail(3, "the cluster's metadata does not know this topic"));
+                        st[i].last = Some(fail(
+                            UNKNOWN_TOPIC_OR_PARTITION,
+                            "the cluster's metadata does not know this topic",
+                        ));
                         refresh = true;
                         retry.push(i);
                     }
@@ -659,7 +623,7 @@ impl Forwarder {
                     Route::NoSuchPartition { partitions } if refreshed => {
                         st[i].result = Some(error_result(
                             it,
-                            3,
+                            UNKNOWN_TOPIC_OR_PARTITION,
                             format!("topic {} has {partitions} partitions", it.topic),
                             -1,
                             &st[i],
@@ -1101,16 +1065,17 @@ impl Forwarder {
                         retry.push(i);
                     } else if retriable(a.error_code) {
                         // KIP-951: a newer leader named in the answer saves a full refresh.
-                        let hinted = matches!(a.error_code, 6 | 74)
-                            && a.current_leader.is_some_and(|(leader, epoch)| {
-                                self.inner.metadata.apply_hint(
-                                    &it.topic,
-                                    it.partition,
-                                    leader,
-                                    epoch,
-                                    &answers.endpoints,
-                                )
-                            });
+                        let hinted =
+                            matches!(a.error_code, NOT_LEADER_OR_FOLLOWER | FENCED_LEADER_EPOCH)
+                                && a.current_leader.is_some_and(|(leader, epoch)| {
+                                    self.inner.metadata.apply_hint(
+                                        &it.topic,
+                                        it.partition,
+                                        leader,
+                                        epoch,
+                                        &answers.endpoints,
+                                    )
+                                });
                         refresh |= needs_refresh(a.error_code) && !hinted;
                         st[i].may_be_in_log |= may_have_appended(a.error_code, v.acks);
                         st[i].last = Some(Failure::Kafka {
@@ -1373,13 +1338,6 @@ fn is_connect_failure(cause: &ConnError) -> bool {
     )
 }
 
-/// Kafka answers after which the batch may nevertheless be in the log (docs/design.md §3.12):
-/// REQUEST_TIMED_OUT, NOT_ENOUGH_REPLICAS_AFTER_APPEND, and NOT_LEADER_OR_FOLLOWER under
-/// acks=all (the old leader may have appended before losing leadership).
-fn may_have_appended(code: i16, acks_value: i16) -> bool {
-    matches!(code, 7 | 20) || (code == 6 && acks_value == acks::ALL)
-}
-
 /// Splits one leader connection's items into requests holding at most one batch per partition
 /// (docs/design.md §3.10): the k-th batch for a partition goes into the k-th request, so batches of
 /// one partition keep their order on the wire.
@@ -1446,18 +1404,5 @@ fn error_result(
         leader_id,
         attempts: st.attempts,
         possibly_duplicated: st.possibly_duplicated,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn error_names_are_kafka_style() {
-        assert_eq!(error_name(3), "UNKNOWN_TOPIC_OR_PARTITION");
-        assert_eq!(error_name(6), "NOT_LEADER_OR_FOLLOWER");
-        assert_eq!(error_name(0), "");
-        assert_eq!(error_name(20), "NOT_ENOUGH_REPLICAS_AFTER_APPEND");
     }
 }
