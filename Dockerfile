@@ -27,11 +27,15 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
 COPY src ./src
+# The workspace's other member (the load generator): its manifest must be there for cargo.
+COPY bench ./bench
+# Default features: `dev-cluster` keeps the embedded librdkafka mock cluster in the image (the
+# chart's dev values run it); add --no-default-features for an image without librdkafka.
 # Cache mounts keep the crates.io downloads and compiled dependencies between builds; the binary
 # is copied out of the cached target directory in the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --locked --release --bin leaderlink \
+    cargo build --locked --release -p leaderlink --bin leaderlink \
     && install -D -m 0755 target/release/leaderlink /out/leaderlink
 
 # --- run -----------------------------------------------------------------------------------

@@ -26,6 +26,7 @@
 
 pub mod admin;
 pub mod config;
+#[cfg(feature = "dev-cluster")]
 pub mod dev;
 pub mod forward;
 pub mod grpc;

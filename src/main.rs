@@ -3,13 +3,16 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, error::ErrorKind};
+#[cfg(feature = "dev-cluster")]
+use leaderlink::{config::parse_dev_topic, dev::DevCluster};
 use leaderlink::{
-    config::{Config, ServeArgs, parse_dev_topic},
-    dev::DevCluster,
+    config::{Config, ServeArgs},
     kafka::error::chain,
     server, telemetry,
 };
-use tracing::{error, info, warn};
+#[cfg(feature = "dev-cluster")]
+use tracing::warn;
+use tracing::{error, info};
 
 /// mimalloc serves every allocation of the binary: under load glibc's malloc took about a fifth
 /// of the forwarder's CPU, much of it waiting on arena locks (see the README's Performance
@@ -122,8 +125,17 @@ fn serve(cfg: Config) -> ExitCode {
     code
 }
 
-fn serve_on(runtime: &tokio::runtime::Runtime, mut cfg: Config) -> ExitCode {
+fn serve_on(runtime: &tokio::runtime::Runtime, #[allow(unused_mut)] mut cfg: Config) -> ExitCode {
+    #[cfg(not(feature = "dev-cluster"))]
+    if cfg.bootstrap.is_empty() {
+        error!(
+            "no --bootstrap given, and this build has no embedded dev cluster (it was built \
+             without the `dev-cluster` feature): give --bootstrap HOST:PORT,..."
+        );
+        return ExitCode::FAILURE;
+    }
     // The dev cluster must outlive the server; it is dropped at the end of this function.
+    #[cfg(feature = "dev-cluster")]
     let _dev = if cfg.bootstrap.is_empty() {
         match start_dev(&cfg) {
             Ok(dev) => {
@@ -161,6 +173,7 @@ fn serve_on(runtime: &tokio::runtime::Runtime, mut cfg: Config) -> ExitCode {
     })
 }
 
+#[cfg(feature = "dev-cluster")]
 fn start_dev(cfg: &Config) -> Result<DevCluster, String> {
     let dev = DevCluster::start(cfg.dev.brokers)?;
     for spec in &cfg.dev.topics {
