@@ -131,6 +131,15 @@ struct Args {
     /// with leaderlink's `idempotence`.
     #[arg(long)]
     rdkafka_idempotence: bool,
+    /// rdkafka mode: `linger.ms`. 0 by default: with a closed loop of `-c` callers, lingering
+    /// only delays the few records outstanding (librdkafka ships with 5).
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    linger_ms: u64,
+    /// rdkafka mode: `batch.num.messages` = records per call, so that librdkafka cannot merge
+    /// concurrent callers' records into one batch (a handicapped setting, kept to compare with
+    /// older measurements). Without it librdkafka batches as it ships.
+    #[arg(long)]
+    rdkafka_batch_per_call: bool,
     /// forwarder mode: speak TLS to leaderlink, trusting the CAs in FILE (PEM).
     #[arg(long, value_name = "FILE")]
     tls_ca: Option<std::path::PathBuf>,
@@ -370,24 +379,39 @@ fn grpc_target(args: &Args, client: ForwarderClient<Channel>) -> Target {
     }
 }
 
-fn rdkafka_producer(args: &Args, bootstrap: &str) -> FutureProducer {
+/// The settings rdkafka mode passes to librdkafka (besides `bootstrap.servers`): librdkafka as a
+/// broker embedding it would run it, batching concurrent records as it ships
+/// (`batch.num.messages` and `batch.size` at their defaults), unless
+/// `--rdkafka-batch-per-call` asks for one call's records per batch.
+fn rdkafka_settings(args: &Args) -> Vec<(&'static str, String)> {
     let acks = match args.acks {
         AcksArg::Zero => "0",
         AcksArg::One => "1",
         AcksArg::All => "all",
     };
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", bootstrap)
-        .set("acks", acks)
-        // Comparable batching: like leaderlink, send what callers hand over without waiting
-        // for more (linger 0); callers' records of one call may share a batch.
-        .set("linger.ms", "0")
-        .set("batch.num.messages", args.batch_records.max(1).to_string())
-        .set("enable.idempotence", args.rdkafka_idempotence.to_string())
-        .set("compression.type", "none")
-        .set("queue.buffering.max.messages", "2000000");
+    let mut s = vec![
+        ("acks", acks.to_string()),
+        ("linger.ms", args.linger_ms.to_string()),
+        ("enable.idempotence", args.rdkafka_idempotence.to_string()),
+        ("compression.type", "none".to_string()),
+        // The default (100,000) is below what -b 100 runs keep queued; a full queue would show
+        // as errors, not as speed.
+        ("queue.buffering.max.messages", "2000000".to_string()),
+    ];
+    if args.rdkafka_batch_per_call {
+        s.push(("batch.num.messages", args.batch_records.max(1).to_string()));
+    }
     if let Some(n) = args.max_in_flight {
-        cfg.set("max.in.flight.requests.per.connection", n.to_string());
+        s.push(("max.in.flight.requests.per.connection", n.to_string()));
+    }
+    s
+}
+
+fn rdkafka_producer(args: &Args, bootstrap: &str) -> FutureProducer {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", bootstrap);
+    for (k, v) in rdkafka_settings(args) {
+        cfg.set(k, v);
     }
     cfg.create().expect("rdkafka producer")
 }
@@ -667,6 +691,13 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
         "records_in_log": in_log,
         "spans_exported": args.otlp_endpoint.as_ref().map(|_| telemetry::spans_exported()),
         "spans_dropped": args.otlp_endpoint.as_ref().map(|_| telemetry::spans_dropped()),
+        // What rdkafka mode passed to librdkafka (null in the other modes).
+        "rdkafka_config": (args.mode == Mode::Rdkafka).then(|| {
+            rdkafka_settings(&args)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), serde_json::Value::String(v)))
+                .collect::<serde_json::Map<_, _>>()
+        }),
     });
     eprintln!(
         "\n{:<10} {:>6} {:>4} {:>6} {:>4} {:>12} {:>12} {:>9} {:>9} {:>9} {:>7}",

@@ -103,6 +103,33 @@ fn rdkafka_baseline_runs_against_the_same_cluster() {
         v["records_in_log"].as_i64().unwrap(),
         v["records"].as_i64().unwrap()
     );
+    // librdkafka batches as it ships: no batch.num.messages, linger 0.
+    let cfg = &v["rdkafka_config"];
+    assert_eq!(cfg["acks"], "all", "{v}");
+    assert_eq!(cfg["linger.ms"], "0", "{v}");
+    assert!(cfg.get("batch.num.messages").is_none(), "{v}");
+}
+
+#[test]
+fn the_old_one_batch_per_call_baseline_is_a_separate_option() {
+    let v = bench(&[
+        "--mode",
+        "rdkafka",
+        "-d",
+        "1s",
+        "-c",
+        "4",
+        "-b",
+        "3",
+        "--rdkafka-batch-per-call",
+        "--linger-ms",
+        "2",
+    ]);
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["rdkafka_config"]["batch.num.messages"], "3", "{v}");
+    assert_eq!(v["rdkafka_config"]["linger.ms"], "2", "{v}");
+    let v = bench(&["--mode", "direct", "-d", "1s", "-c", "4"]);
+    assert!(v["rdkafka_config"].is_null(), "{v}");
 }
 
 #[test]
