@@ -10,9 +10,10 @@
 //! * at most five requests in flight per partition (the forwarder's partition gates);
 //! * OUT_OF_ORDER_SEQUENCE_NUMBER while an earlier batch of the same producer and partition is
 //!   still unfinished means "retry behind it";
-//! * a partition's batches go on the wire in sequence order: a batch waits (without backoff)
-//!   while an earlier one of its producer and epoch is in leaderlink's hands but not on the wire
-//!   (it failed and waits for its own retry). Sent anyway, it could only come back
+//! * a partition's batches go on the wire in sequence order ([`Turn`]): a batch waits (without
+//!   backoff) while an earlier one of its producer and epoch is in leaderlink's hands but not on
+//!   the wire (it failed and waits for its own retry), and retries go one at a time, each once
+//!   every earlier batch is acknowledged. Sent anyway, a batch could only come back
 //!   OUT_OF_ORDER_SEQUENCE_NUMBER, and every later batch behind it, each retried on its own
 //!   backoff: after a leader failover that convoy kept a partition at a few batches per second.
 //!   Java's producer has the same rule (`RecordAccumulator` drains a partition's retried batches
@@ -176,9 +177,7 @@ impl Stamper<'_> {
             batch: batch::stamp(batch, identity.producer_id, identity.epoch, base_sequence),
         })
     }
-}
 
-impl Stamper<'_> {
     /// Counts a caller's batch with a producer id (a raw idempotent batch) as open on `tp`.
     pub fn open_raw(&mut self, tp: &Tp, open: Open) {
         self.st
