@@ -11,14 +11,13 @@ use std::{
 };
 
 use tokio::time::Instant;
-use tonic::{Status, body::Body, server::NamedService};
+use tonic::{body::Body, server::NamedService};
 use tower::{
     BoxError, Layer, Service, ServiceBuilder, limit::GlobalConcurrencyLimitLayer,
     load_shed::LoadShedLayer,
 };
-use tracing::warn;
 
-use super::{answer_within, caller_timeout_headers};
+use super::{Failure, answer_within, caller_timeout_headers, status};
 use crate::stats::{Outcome, Stats};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -95,8 +94,8 @@ where
     }
 }
 
-/// Turns the errors of the layers below into gRPC answers — the only place besides
-/// [`super::status`] where a status is chosen — and counts sheds.
+/// Turns the errors of the layers below into gRPC answers (the status itself is chosen by
+/// [`super::status`], like every other) and counts sheds.
 #[derive(Clone)]
 pub struct RescueLayer {
     stats: Arc<Stats>,
@@ -136,19 +135,14 @@ impl<S: Clone> Clone for Rescue<S> {
 
 impl<S> Rescue<S> {
     fn answer(stats: &Stats, max: usize, err: BoxError, started: Instant) -> http::Response<Body> {
-        let (status, outcome) = if err.is::<tower::load_shed::error::Overloaded>() {
-            let s = Status::resource_exhausted(format!(
-                "leaderlink is serving its limit of {max} concurrent calls \
-                 (max_concurrent_calls); retry later"
-            ));
-            (s, Outcome::Shed)
+        let (failure, outcome) = if err.is::<tower::load_shed::error::Overloaded>() {
+            (Failure::Shed(Some(max)), Outcome::Shed)
         } else if let Some(e) = err.downcast_ref::<DeadlineElapsed>() {
-            (Status::deadline_exceeded(e.to_string()), Outcome::Timeout)
+            (Failure::Backstop(e), Outcome::Timeout)
         } else {
-            warn!(error = %err, "unexpected error in the Forwarder stack");
-            let s = Status::internal(format!("internal error: {err}"));
-            (s, Outcome::Error)
+            (Failure::Unexpected(&err), Outcome::Error)
         };
+        let status = status(failure);
         stats.record(outcome, started.elapsed());
         status.into_http()
     }

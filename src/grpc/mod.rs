@@ -21,18 +21,48 @@ use crate::{
     telemetry::{self, TASK_TARGET},
 };
 
-/// Turns a forwarding error into the gRPC status the caller sees. Every error path of the
-/// Forwarder handlers goes through here (the layers' own errors through
-/// [`layers::RescueLayer`]).
-pub fn status(err: &ForwardError) -> Status {
-    match err {
-        ForwardError::Invalid { .. } => Status::invalid_argument(err.to_string()),
-        ForwardError::DeadlineExceeded { .. } => Status::deadline_exceeded(err.to_string()),
-        ForwardError::Unavailable { .. } => Status::unavailable(chain(err)),
-        ForwardError::Overloaded { .. } => Status::resource_exhausted(chain(err)),
-        ForwardError::Internal(_) => {
-            warn!(error = %err, "internal error");
-            Status::internal(err.to_string())
+/// Every way a Forwarder call can end without its answer. [`status`] is the one place that
+/// chooses the gRPC status for each: the handlers' own errors, the stack's
+/// ([`layers::RescueLayer`]) and a stream's in-band answers all come here.
+pub enum Failure<'a> {
+    /// Forwarding failed as a whole.
+    Forward(&'a ForwardError),
+    /// `max_concurrent_calls` calls are being served already (the limit, when known).
+    Shed(Option<usize>),
+    /// The deadline layer's backstop fired: the handler did not answer in time.
+    Backstop(&'a layers::DeadlineElapsed),
+    /// The shutdown grace expired while the call was running.
+    ShuttingDown,
+    /// An error the stack did not expect.
+    Unexpected(&'a tower::BoxError),
+}
+
+/// The gRPC status the caller sees for `failure` (see [`Failure`]).
+pub fn status(failure: Failure<'_>) -> Status {
+    match failure {
+        Failure::Forward(err) => match err {
+            ForwardError::Invalid { .. } => Status::invalid_argument(err.to_string()),
+            ForwardError::DeadlineExceeded { .. } => Status::deadline_exceeded(err.to_string()),
+            ForwardError::Unavailable { .. } => Status::unavailable(chain(err)),
+            ForwardError::Overloaded { .. } => Status::resource_exhausted(chain(err)),
+            ForwardError::Internal(_) => {
+                warn!(error = %err, "internal error");
+                Status::internal(err.to_string())
+            }
+        },
+        Failure::Shed(limit) => Status::resource_exhausted(format!(
+            "leaderlink is serving its limit of {}concurrent calls (max_concurrent_calls); \
+             retry later",
+            limit.map(|n| format!("{n} ")).unwrap_or_default()
+        )),
+        Failure::Backstop(e) => Status::deadline_exceeded(e.to_string()),
+        Failure::ShuttingDown => Status::unavailable(
+            "leaderlink is shutting down and its shutdown_grace expired; retry on another \
+             instance",
+        ),
+        Failure::Unexpected(err) => {
+            warn!(error = %err, "unexpected error in the Forwarder stack");
+            Status::internal(format!("internal error: {err}"))
         }
     }
 }
@@ -93,12 +123,6 @@ async fn aborted(mut abort: watch::Receiver<bool>) {
     if abort.wait_for(|a| *a).await.is_err() {
         std::future::pending::<()>().await;
     }
-}
-
-fn shutdown_status() -> Status {
-    Status::unavailable(
-        "leaderlink is shutting down and its shutdown_grace expired; retry on another instance",
-    )
 }
 
 impl ForwarderService {
@@ -203,8 +227,8 @@ impl forwarder_server::Forwarder for ForwarderService {
                 .forward(request.into_inner(), deadline, traceparent.as_deref(), None);
         let result = async {
             tokio::select! {
-                r = call => r.map_err(|e| status(&e)),
-                () = aborted(self.abort.clone()) => Err(shutdown_status()),
+                r = call => r.map_err(|e| status(Failure::Forward(&e))),
+                () = aborted(self.abort.clone()) => Err(status(Failure::ShuttingDown)),
             }
         }
         .instrument(span.clone())
@@ -286,13 +310,7 @@ impl forwarder_server::Forwarder for ForwarderService {
                         async move {
                             let stats = forwarder.stats().clone();
                             let (result, outcome) = match call {
-                                Err(_) => (
-                                    Err(Status::resource_exhausted(
-                                        "leaderlink is serving its limit of concurrent calls \
-                                 (max_concurrent_calls); retry later",
-                                    )),
-                                    Outcome::Shed,
-                                ),
+                                Err(_) => (Err(status(Failure::Shed(None))), Outcome::Shed),
                                 Ok(_call) => {
                                     let _in_progress = GaugeGuard::enter(&stats.calls_in_progress);
                                     let call = forwarder.forward(
@@ -302,8 +320,8 @@ impl forwarder_server::Forwarder for ForwarderService {
                                         Some(enq_tx),
                                     );
                                     let r = tokio::select! {
-                                        r = call => r.map_err(|e| status(&e)),
-                                        () = aborted(abort) => Err(shutdown_status()),
+                                        r = call => r.map_err(|e| status(Failure::Forward(&e))),
+                                        () = aborted(abort) => Err(status(Failure::ShuttingDown)),
                                     };
                                     let outcome = outcome_of(&r);
                                     (r, outcome)
