@@ -33,7 +33,15 @@ pub struct Deadline(pub Instant);
 #[error("no answer within the call's deadline of {0:?}")]
 pub struct DeadlineElapsed(Duration);
 
-/// Computes each call's [`Deadline`] and, as a backstop, ends calls that outlive it.
+/// Whether `path` is the Forwarder's streaming method (`/leaderlink.v1.Forwarder/ForwardStream`).
+fn is_forward_stream(path: &str) -> bool {
+    path.strip_prefix('/')
+        .and_then(|p| p.strip_prefix(crate::proto::v1::forwarder_server::SERVICE_NAME))
+        == Some("/ForwardStream")
+}
+
+/// Computes each call's [`Deadline`] (the only place that derives it) and, as a backstop, ends
+/// calls that outlive it.
 #[derive(Debug, Clone)]
 pub struct DeadlineLayer {
     default: Duration,
@@ -71,7 +79,7 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        let streaming = req.uri().path().ends_with("/ForwardStream");
+        let streaming = is_forward_stream(req.uri().path());
         let limit = match caller_timeout_headers(req.headers()) {
             Some(t) => Some(t),
             None if streaming => None,
@@ -251,4 +259,19 @@ where
             })
             .service(forwarder),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_forwarders_stream_method_is_a_stream() {
+        assert!(is_forward_stream("/leaderlink.v1.Forwarder/ForwardStream"));
+        assert!(!is_forward_stream("/leaderlink.v1.Forwarder/Forward"));
+        assert!(!is_forward_stream("/other.v1.Service/ForwardStream"));
+        assert!(!is_forward_stream(
+            "/leaderlink.v1.Forwarder/ForwardStreamX"
+        ));
+    }
 }

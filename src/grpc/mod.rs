@@ -147,13 +147,11 @@ impl ForwarderService {
         }
     }
 
-    /// The deadline [`layers::DeadlineLayer`] computed, or the same rule applied here when the
-    /// service runs without the layer.
-    fn deadline<T>(&self, req: &Request<T>) -> Option<Instant> {
-        if let Some(d) = req.extensions().get::<layers::Deadline>() {
-            return Some(d.0);
-        }
-        caller_timeout(req.metadata()).map(|t| Instant::now() + answer_within(t))
+    /// The deadline [`layers::DeadlineLayer`] computed (the service always runs behind it, see
+    /// [`layers::forwarder_stack`]): for a unary call always there, for a stream only when its
+    /// caller sent `grpc-timeout`.
+    fn deadline<T>(req: &Request<T>) -> Option<Instant> {
+        req.extensions().get::<layers::Deadline>().map(|d| d.0)
     }
 }
 
@@ -215,9 +213,9 @@ impl forwarder_server::Forwarder for ForwarderService {
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
         let started = Instant::now();
-        let deadline = self
-            .deadline(&request)
-            .unwrap_or_else(|| Instant::now() + self.default_timeout);
+        // Outside its stack (no deadline layer) a call still gets the default.
+        let deadline =
+            Self::deadline(&request).unwrap_or_else(|| Instant::now() + self.default_timeout);
         let span = call_span("leaderlink.v1.Forwarder/Forward", request.get_ref().id);
         let traceparent = telemetry::adopt_caller(&span, request.metadata());
         let stats = self.forwarder.stats().clone();
@@ -246,7 +244,7 @@ impl forwarder_server::Forwarder for ForwarderService {
         request: Request<tonic::Streaming<ForwardRequest>>,
     ) -> Result<Response<Self::ForwardStreamStream>, Status> {
         // The stream's own deadline, if it has one, bounds every request on it.
-        let stream_deadline = self.deadline(&request);
+        let stream_deadline = Self::deadline(&request);
         // Streams carry metadata only at their start: each request's span is a child of the
         // caller's `traceparent` given then (one span per request, not one per stream, so a
         // long stream does not build an unbounded trace).
