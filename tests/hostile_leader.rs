@@ -468,6 +468,7 @@ fn sequence_answer(st: &BrokerState, req: &Req, after_gather: bool) -> Option<By
     /// Producer id, base sequence and record count of a batch.
     type Header = (i64, i32, i32);
     // The record batch header (v2): producer id at byte 43, base sequence at 53, count at 57.
+    // Read at fixed offsets: the fake needs three fields, not a decoded batch.
     let header = |b: &[u8]| -> Option<Header> {
         let at = |o: usize, n: usize| b.get(o..o + n);
         Some((
@@ -606,6 +607,37 @@ async fn serve(st: Arc<BrokerState>, sock: TcpStream) {
     }
 }
 
+/// Writes the gathered requests' `answers` at once, then serves the connection: Produce with
+/// `produce`, everything else properly. Stops at the first answer that cannot be made.
+async fn answer_then_serve(
+    st: &BrokerState,
+    mut r: OwnedReadHalf,
+    mut w: OwnedWriteHalf,
+    answers: impl Iterator<Item = Option<Bytes>>,
+    produce: impl Fn(&Req) -> Option<Bytes>,
+) {
+    let mut all = BytesMut::new();
+    for a in answers {
+        let Some(a) = a else { return };
+        all.put_slice(&a);
+    }
+    if w.write_all(&all).await.is_err() {
+        return;
+    }
+    while let Some(req) = read_request(&mut r).await {
+        let answer = if req.key == ApiKey::Produce {
+            st.produce_requests.fetch_add(1, Ordering::SeqCst);
+            produce(&req)
+        } else {
+            proper_answer(st, &req)
+        };
+        match answer {
+            Some(a) if w.write_all(&a).await.is_ok() => {}
+            _ => return,
+        }
+    }
+}
+
 async fn misbehave(
     st: &BrokerState,
     mode: Mode,
@@ -621,31 +653,10 @@ async fn misbehave(
     let wrote = match mode {
         Mode::Behave | Mode::SilentHandshake => unreachable!("not hostile on Produce"),
         Mode::EnforceSequence => {
-            let mut all = BytesMut::new();
-            for req in &pending {
-                match sequence_answer(st, req, false) {
-                    Some(a) => all.put_slice(&a),
-                    None => return,
-                }
-            }
-            if w.write_all(&all).await.is_err() {
-                return;
-            }
-            // Sequences stay enforced on this connection, strays counted from now on.
-            let mut r = r;
-            while let Some(req) = read_request(&mut r).await {
-                let answer = if req.key == ApiKey::Produce {
-                    st.produce_requests.fetch_add(1, Ordering::SeqCst);
-                    sequence_answer(st, &req, true)
-                } else {
-                    proper_answer(st, &req)
-                };
-                match answer {
-                    Some(a) if w.write_all(&a).await.is_ok() => {}
-                    _ => return,
-                }
-            }
-            return;
+            // Sequences stay enforced on this connection, strays counted after the gathered.
+            let gathered = pending.iter().map(|req| sequence_answer(st, req, false));
+            return answer_then_serve(st, r, w, gathered, |req| sequence_answer(st, req, true))
+                .await;
         }
         Mode::Garbage => {
             w.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
@@ -688,29 +699,15 @@ async fn misbehave(
                 .await
         }
         Mode::SequenceGap => {
-            let mut all = BytesMut::new();
-            for (k, req) in pending.iter().enumerate() {
-                let code = if k == 0 { 19 } else { 45 };
-                match error_answer(req, code) {
-                    Some(a) => all.put_slice(&a),
-                    None => return,
-                }
-            }
-            if w.write_all(&all).await.is_err() {
-                return;
-            }
+            let gathered = pending
+                .iter()
+                .enumerate()
+                .map(|(k, req)| error_answer(req, if k == 0 { 19 } else { 45 }));
             // The connection behaves from now on.
-            let mut r = r;
-            while let Some(req) = read_request(&mut r).await {
-                if req.key == ApiKey::Produce {
-                    st.produce_requests.fetch_add(1, Ordering::SeqCst);
-                }
-                match proper_answer(st, &req) {
-                    Some(a) if w.write_all(&a).await.is_ok() => {}
-                    _ => return,
-                }
-            }
-            return;
+            return answer_then_serve(st, r, w, gathered, |req| {
+                produce_answer(st, req, req.correlation_id)
+            })
+            .await;
         }
         Mode::Trickle => {
             let mut all = BytesMut::new();

@@ -6,34 +6,29 @@ use kafka_protocol::error::ResponseError;
 
 use crate::kafka::produce::acks;
 
-/// A Kafka error code by its name in kafka-protocol.
-const fn code(e: ResponseError) -> i16 {
-    e.code()
-}
-
 /// UNKNOWN_TOPIC_OR_PARTITION.
-pub(crate) const UNKNOWN_TOPIC_OR_PARTITION: i16 = code(ResponseError::UnknownTopicOrPartition);
+pub(crate) const UNKNOWN_TOPIC_OR_PARTITION: i16 = ResponseError::UnknownTopicOrPartition.code();
 /// NOT_LEADER_OR_FOLLOWER.
-pub(crate) const NOT_LEADER_OR_FOLLOWER: i16 = code(ResponseError::NotLeaderOrFollower);
+pub(crate) const NOT_LEADER_OR_FOLLOWER: i16 = ResponseError::NotLeaderOrFollower.code();
 /// FENCED_LEADER_EPOCH.
-pub(crate) const FENCED_LEADER_EPOCH: i16 = code(ResponseError::FencedLeaderEpoch);
+pub(crate) const FENCED_LEADER_EPOCH: i16 = ResponseError::FencedLeaderEpoch.code();
 /// MESSAGE_TOO_LARGE.
-pub(crate) const MESSAGE_TOO_LARGE: i16 = code(ResponseError::MessageTooLarge);
+pub(crate) const MESSAGE_TOO_LARGE: i16 = ResponseError::MessageTooLarge.code();
 /// OUT_OF_ORDER_SEQUENCE_NUMBER.
-pub(crate) const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = code(ResponseError::OutOfOrderSequenceNumber);
+pub(crate) const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = ResponseError::OutOfOrderSequenceNumber.code();
 /// DUPLICATE_SEQUENCE_NUMBER.
-pub(crate) const DUPLICATE_SEQUENCE_NUMBER: i16 = code(ResponseError::DuplicateSequenceNumber);
+pub(crate) const DUPLICATE_SEQUENCE_NUMBER: i16 = ResponseError::DuplicateSequenceNumber.code();
 /// INVALID_PRODUCER_EPOCH.
-pub(crate) const INVALID_PRODUCER_EPOCH: i16 = code(ResponseError::InvalidProducerEpoch);
+pub(crate) const INVALID_PRODUCER_EPOCH: i16 = ResponseError::InvalidProducerEpoch.code();
 /// UNKNOWN_PRODUCER_ID.
-pub(crate) const UNKNOWN_PRODUCER_ID: i16 = code(ResponseError::UnknownProducerId);
+pub(crate) const UNKNOWN_PRODUCER_ID: i16 = ResponseError::UnknownProducerId.code();
 /// PRODUCER_FENCED.
-pub(crate) const PRODUCER_FENCED: i16 = code(ResponseError::ProducerFenced);
+pub(crate) const PRODUCER_FENCED: i16 = ResponseError::ProducerFenced.code();
 /// SASL_AUTHENTICATION_FAILED: a partition whose leader refused leaderlink's SASL credentials.
-pub(crate) const SASL_AUTHENTICATION_FAILED: i16 = code(ResponseError::SaslAuthenticationFailed);
+pub(crate) const SASL_AUTHENTICATION_FAILED: i16 = ResponseError::SaslAuthenticationFailed.code();
 /// NETWORK_EXCEPTION: also a partition whose leader's TLS handshake failed (Kafka has no code of
 /// its own for that; the message says TLS).
-pub(crate) const NETWORK_EXCEPTION: i16 = code(ResponseError::NetworkException);
+pub(crate) const NETWORK_EXCEPTION: i16 = ResponseError::NetworkException.code();
 
 /// Whether the batch may be in the log after such an answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

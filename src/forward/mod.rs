@@ -196,6 +196,13 @@ impl Ledger {
         self.held.get(&i).cloned()
     }
 
+    /// Item `i`'s batch, if it is held, is back from the wire (see [`Producer::off_wire`]).
+    fn off_wire(&self, i: usize) {
+        if let Some((tp, open, _)) = self.held.get(&i) {
+            self.producer.off_wire(tp, *open);
+        }
+    }
+
     /// Item `i` has its final answer: acknowledged or not.
     fn settle(&mut self, i: usize, acked: bool) {
         if let Some((tp, open, generation)) = self.held.remove(&i) {
@@ -223,7 +230,7 @@ fn turn_of(v: &Validated, i: usize, s: &ItemState, new: bool) -> Option<Turn> {
     if new {
         return Some(Turn::New);
     }
-    let open = s.stamp.as_ref().map(open_of).or(v.items[i].producer)?;
+    let open = open_of_item(v, i, s)?;
     Some(if s.attempts > 0 {
         Turn::First(open)
     } else {
@@ -241,12 +248,17 @@ fn mark_on_wire(
 ) -> bool {
     let mut any = false;
     for &i in chunk {
-        if let Some(open) = st[i].stamp.as_ref().map(open_of).or(v.items[i].producer) {
+        if let Some(open) = open_of_item(v, i, &st[i]) {
             stamper.on_wire(&tp_of(v, i), open);
             any = true;
         }
     }
     any
+}
+
+/// Item `i`'s producer id, epoch and sequence: leaderlink's stamp, or the caller's own.
+fn open_of_item(v: &Validated, i: usize, s: &ItemState) -> Option<Open> {
+    s.stamp.as_ref().map(open_of).or(v.items[i].producer)
 }
 
 fn open_of(stamp: &Stamp) -> Open {
@@ -790,16 +802,12 @@ impl Forwarder {
                     // The gate permits of the chunk's partitions go with its request.
                     let holds: Vec<GateHold> = chunk
                         .iter()
-                        .filter_map(|&i| {
-                            gates
-                                .get(&(v.items[i].topic.clone(), v.items[i].partition))
-                                .cloned()
-                        })
+                        .filter_map(|&i| gates.get(&tp_of(&v, i)).cloned())
                         .collect();
                     let mut stamped = Vec::with_capacity(to_stamp.len());
                     for &i in &to_stamp {
                         let it = &v.items[i];
-                        let tp = (it.topic.clone(), it.partition);
+                        let tp = tp_of(&v, i);
                         let Some(stamp) = stamper.stamp(&tp, &it.batch, it.records) else {
                             continue;
                         };
@@ -816,7 +824,7 @@ impl Forwarder {
                         if let Some(open) = it.producer
                             && !ledger.holds(i)
                         {
-                            let tp = (it.topic.clone(), it.partition);
+                            let tp = tp_of(&v, i);
                             stamper.open_raw(&tp, open);
                             ledger.hold(i, tp, open, None);
                         }
@@ -923,9 +931,7 @@ impl Forwarder {
                 // Whatever came back, the chunk's batches with a producer id are off the wire
                 // until they are sent again (or settled below).
                 for &i in &chunk {
-                    if let Some((tp, open, _)) = ledger.get(i) {
-                        self.inner.producer.off_wire(&tp, open);
-                    }
+                    ledger.off_wire(i);
                 }
                 let answers = match r {
                     Ok(None) => {
