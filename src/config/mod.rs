@@ -351,7 +351,6 @@ impl Config {
     pub fn connection(&self) -> Result<ConnectionConfig, ConfigError> {
         Ok(ConnectionConfig {
             max_in_flight: self.max_in_flight,
-            max_queued: self.max_queued_per_connection,
             max_in_flight_bytes: self.max_in_flight_bytes_per_connection,
             max_frame_bytes: self.max_frame_bytes,
             client_id: Some(StrBytes::from_string(self.client_id.clone())),
@@ -370,6 +369,7 @@ impl Config {
             retry_backoff: Duration::from_millis(self.retry_backoff_ms),
             retry_backoff_max: Duration::from_millis(self.retry_backoff_max_ms),
             connections_per_leader: self.connections_per_leader,
+            max_queued_per_connection: self.max_queued_per_connection,
             trace_record_header: self.trace_record_header,
             metadata_max_idle: Duration::from_millis(self.metadata_max_idle_ms),
         }

@@ -1,9 +1,12 @@
 //! Coalescing: Produce batches of concurrent calls for one leader connection go out as one
 //! multi-partition Produce request.
 //!
-//! A call hands its batches for a connection over as a [`Chunk`] (at most one batch per
-//! partition) with [`submit`]. One flusher task per connection takes every chunk queued since
-//! its last round and packs them into as few Produce requests as these rules allow:
+//! This is the Produce layer in front of a [`Connection`], which itself knows nothing of
+//! Produce: the pool keeps one [`Coalescer`] per leader connection. A call hands its batches
+//! for the connection over as a [`Chunk`] (at most one batch per partition) with
+//! [`Coalescer::submit`]. The coalescer's queue is bounded (`max_queued`, counted in the slot's
+//! *queued* gauge); one flusher task per coalescer takes every chunk queued since its last
+//! round and packs them into as few Produce requests as these rules allow:
 //!
 //! * at most one batch per partition per request (docs/design.md §3.10), and a partition's batches
 //!   go out in the order their chunks were queued: a chunk goes into a request after every
@@ -25,7 +28,7 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Weak},
+    sync::{Arc, Weak, atomic::Ordering},
 };
 
 use bytes::Bytes;
@@ -41,7 +44,7 @@ use tokio::{
 use tracing::Instrument;
 
 use super::{
-    connection::{Attachment, Connection, QueuePlace},
+    connection::{Attachment, ConnStats, Connection},
     error::{ConnError, RequestError},
     produce::{self, Answers, PartitionBatch, acks},
 };
@@ -54,7 +57,7 @@ pub const MAX_COALESCED_BYTES: usize = 1024 * 1024;
 
 /// Most chunks the flusher takes from its queue for one round of packing. The rest wait for the
 /// next round, which goes out after this one, so order is kept; the queue itself is bounded by
-/// the connection's `max_queued` (see [`submit`]).
+/// the coalescer's `max_queued` (see [`Coalescer::submit`]).
 const MAX_ROUND: usize = 4096;
 
 /// What a Produce request adds around one partition's batch (partition index, records length,
@@ -141,7 +144,7 @@ impl Sent {
     }
 }
 
-/// A chunk queued by [`submit`].
+/// A chunk queued by [`Coalescer::submit`].
 pub struct Ticket {
     rx: oneshot::Receiver<Result<Sent, RequestError>>,
     conn: Arc<Connection>,
@@ -169,10 +172,28 @@ impl Ticket {
     }
 }
 
+/// A place in a coalescer's queue (the slot's *queued* gauge); dropping it gives the place
+/// back.
+struct QueuePlace(Arc<ConnStats>);
+
+impl QueuePlace {
+    /// Counts one more queued request; returns the place and the gauge's new value.
+    fn new(stats: Arc<ConnStats>) -> (Self, u64) {
+        let queued = stats.queued.fetch_add(1, Ordering::Relaxed) + 1;
+        (Self(stats), queued)
+    }
+}
+
+impl Drop for QueuePlace {
+    fn drop(&mut self) {
+        self.0.queued.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 struct Pending {
     chunk: Chunk,
     reply: oneshot::Sender<Result<Sent, RequestError>>,
-    /// The chunk counts as queued on the connection until it is sent or refused.
+    /// The chunk counts as queued until it is sent or refused.
     _place: QueuePlace,
 }
 
@@ -182,38 +203,74 @@ impl Pending {
     }
 }
 
-/// The coalescing queue of one connection.
-pub(crate) struct Coalescer {
+/// The coalescing Produce queue of one connection. Its flusher ends once the coalescer is
+/// dropped and its queue is empty, or once the connection is gone.
+pub struct Coalescer {
     tx: mpsc::UnboundedSender<Pending>,
+    conn: Arc<Connection>,
+    /// Most chunks waiting for room on the connection beyond those its free in-flight slots
+    /// take at once. Bounds the queue's memory and the wait of a call behind a slow leader;
+    /// when reached, [`Coalescer::submit`] fails at once with [`ConnError::QueueFull`], which a
+    /// caller answers RESOURCE_EXHAUSTED.
+    max_queued: usize,
 }
 
-/// Queues `chunk` for `conn`'s next Produce request. Fails at once, unsent, when the
-/// connection's queue is full (`max_queued`, [`ConnError::QueueFull`]) or it is closed.
-pub fn submit(conn: &Arc<Connection>, chunk: Chunk) -> Result<Ticket, RequestError> {
-    let place = conn.enter_queue()?;
-    let coalescer = conn.coalescer().get_or_init(|| {
+impl Coalescer {
+    /// A queue in front of `conn`, with its flusher task started.
+    pub fn new(conn: &Arc<Connection>, max_queued: usize) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        // The flusher holds the connection weakly: it ends when the connection is dropped
-        // (the queue's sender goes with it).
+        // The flusher holds the connection weakly: it ends when the connection is dropped.
         tokio::spawn(flush_loop(Arc::downgrade(conn), rx).instrument(conn.span().clone()));
-        Coalescer { tx }
-    });
-    let (reply, rx) = oneshot::channel();
-    let pending = Pending {
-        chunk,
-        reply,
-        _place: place,
-    };
-    if coalescer.tx.send(pending).is_err() {
-        return Err(RequestError {
-            cause: conn.poisoned().unwrap_or(ConnError::Shutdown),
-            maybe_sent: false,
-        });
+        Self {
+            tx,
+            conn: conn.clone(),
+            max_queued: max_queued.max(1),
+        }
     }
-    Ok(Ticket {
-        rx,
-        conn: conn.clone(),
-    })
+
+    /// Queues `chunk` for the connection's next Produce request. Fails at once, unsent, when
+    /// the queue is full ([`ConnError::QueueFull`], counted as *rejected*) or the connection
+    /// is closed.
+    pub fn submit(&self, chunk: Chunk) -> Result<Ticket, RequestError> {
+        let place = self.enter_queue()?;
+        let (reply, rx) = oneshot::channel();
+        let pending = Pending {
+            chunk,
+            reply,
+            _place: place,
+        };
+        if self.tx.send(pending).is_err() {
+            return Err(RequestError {
+                cause: self.conn.poisoned().unwrap_or(ConnError::Shutdown),
+                maybe_sent: false,
+            });
+        }
+        Ok(Ticket {
+            rx,
+            conn: self.conn.clone(),
+        })
+    }
+
+    /// Takes a place in the queue. Fails when `max_queued` chunks already wait beyond those
+    /// the free in-flight slots take at once (a burst on an idle connection is not refused
+    /// for requests that can go out now).
+    fn enter_queue(&self) -> Result<QueuePlace, RequestError> {
+        let stats = self.conn.stats();
+        let (place, queued) = QueuePlace::new(stats.clone());
+        let queued = queued.saturating_sub(self.conn.free_slots() as u64);
+        if queued > self.max_queued as u64 {
+            drop(place);
+            stats.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(RequestError {
+                cause: ConnError::QueueFull {
+                    limit: self.max_queued,
+                },
+                maybe_sent: false,
+            });
+        }
+        stats.peak_queued.fetch_max(queued, Ordering::Relaxed);
+        Ok(place)
+    }
 }
 
 async fn flush_loop(conn: Weak<Connection>, mut rx: mpsc::UnboundedReceiver<Pending>) {
@@ -367,7 +424,7 @@ async fn send(conn: &Arc<Connection>, mut req: Request) -> Option<Vec<Request>> 
         let earliest = req.members.iter().map(|m| m.chunk.deadline).min()?;
         // Waiting for room ends at the earliest deadline; that member is then taken out (it
         // has no time left) and the others wait on.
-        match tokio::time::timeout_at(earliest, conn.admit_queued(body.len())).await {
+        match tokio::time::timeout_at(earliest, conn.admit(body.len())).await {
             Err(_) => continue,
             Ok(Ok(a)) => break (a, body),
             Ok(Err(e))
@@ -474,7 +531,7 @@ mod tests {
         transactional_id: Option<&str>,
         parts: &[(&str, i32)],
     ) -> (Pending, oneshot::Receiver<Result<Sent, RequestError>>) {
-        let stats = Arc::new(super::super::connection::ConnStats::default());
+        let stats = Arc::new(ConnStats::default());
         let (reply, rx) = oneshot::channel();
         let chunk = Chunk {
             acks,

@@ -520,7 +520,6 @@ mod tests {
             vec![],
             ConnectionConfig {
                 max_in_flight: 1,
-                max_queued: 1,
                 max_in_flight_bytes: 1024,
                 max_frame_bytes: 1024,
                 client_id: None,

@@ -1,4 +1,5 @@
-//! Connections to leaders: `connections_per_leader` pipelined connections per broker.
+//! Connections to leaders: `connections_per_leader` pipelined connections per broker, each
+//! with the Produce queue in front of it ([`Leader`]).
 
 use std::{
     collections::HashMap,
@@ -9,6 +10,7 @@ use tokio::time::{Duration, Instant};
 use tracing::{info, info_span};
 
 use super::{
+    coalesce::Coalescer,
     connect,
     connection::{ConnStats, Connection, ConnectionConfig},
     error::ConnError,
@@ -19,6 +21,15 @@ use super::{
 /// requests in flight (see `Pool::await_earlier`).
 const EARLIER_POLL: Duration = Duration::from_millis(5);
 
+/// A leader connection and its coalescing Produce queue. Cheap to clone.
+#[derive(Clone)]
+pub struct Leader {
+    /// The connection: for requests sent one by one (InitProducerId), and to poison it.
+    pub conn: Arc<Connection>,
+    /// The queue Produce batches go through (see [`super::coalesce`]).
+    pub produce: Arc<Coalescer>,
+}
+
 /// One connection slot: broker id and index among that broker's connections.
 pub struct Slot {
     /// Broker id.
@@ -27,7 +38,7 @@ pub struct Slot {
     pub index: usize,
     /// Counters, kept across reconnects.
     pub stats: Arc<ConnStats>,
-    current: Mutex<Option<(Arc<Connection>, String)>>,
+    current: Mutex<Option<(Leader, String)>>,
     /// Connections taken out of service by a drain, shown until they close.
     retired: Mutex<Vec<(Weak<Connection>, String)>>,
     /// The last failed connect: until `retry_at`, requests fail at once with its cause instead
@@ -42,7 +53,8 @@ impl Slot {
         self.current
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .as_ref()
+            .map(|(l, a)| (l.conn.clone(), a.clone()))
     }
 
     /// Connections of this slot that are draining now.
@@ -55,11 +67,11 @@ impl Slot {
             .collect()
     }
 
-    fn healthy_for(&self, addr: &str) -> Option<Arc<Connection>> {
+    fn healthy_for(&self, addr: &str) -> Option<Leader> {
         let cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
         cur.as_ref()
-            .filter(|(c, a)| a == addr && c.poisoned().is_none() && !c.due_for_renewal())
-            .map(|(c, _)| c.clone())
+            .filter(|(l, a)| a == addr && l.conn.poisoned().is_none() && !l.conn.due_for_renewal())
+            .map(|(l, _)| l.clone())
     }
 
     /// Takes the current connection out of service if `retire` says so: it takes no new
@@ -69,11 +81,11 @@ impl Slot {
         let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
         if !cur
             .as_ref()
-            .is_some_and(|(c, _)| c.poisoned().is_none() && retire(c))
+            .is_some_and(|(l, _)| l.conn.poisoned().is_none() && retire(&l.conn))
         {
             return None;
         }
-        let (conn, addr) = cur.take()?;
+        let (Leader { conn, .. }, addr) = cur.take()?;
         drop(cur);
         let in_flight = conn.pending();
         conn.drain();
@@ -94,17 +106,21 @@ struct Failed {
 /// The pool of leader connections.
 pub struct Pool {
     config: ConnectionConfig,
+    /// Each Produce queue's bound (see [`Coalescer`]).
+    max_queued: usize,
     backoff: (Duration, Duration),
     slots: Mutex<HashMap<(i32, usize), Arc<Slot>>>,
 }
 
 impl Pool {
-    /// An empty pool; connections open on first use. After a failed connect, a slot waits
-    /// `backoff.0`, doubling per further failure up to `backoff.1`, each wait jittered to
-    /// 50–100%, before dialling again.
-    pub fn new(config: ConnectionConfig, backoff: (Duration, Duration)) -> Self {
+    /// An empty pool; connections open on first use, each with a Produce queue of at most
+    /// `max_queued` waiting requests. After a failed connect, a slot waits `backoff.0`,
+    /// doubling per further failure up to `backoff.1`, each wait jittered to 50–100%, before
+    /// dialling again.
+    pub fn new(config: ConnectionConfig, max_queued: usize, backoff: (Duration, Duration)) -> Self {
         Self {
             config,
+            max_queued,
             backoff,
             slots: Mutex::new(HashMap::new()),
         }
@@ -128,7 +144,8 @@ impl Pool {
             .clone()
     }
 
-    /// A healthy connection to `broker`, slot `index`, opened (and negotiated) if needed.
+    /// A healthy connection to `broker`, slot `index`, opened (and negotiated) if needed, with
+    /// its Produce queue.
     ///
     /// A poisoned connection is replaced here; since only poisoned connections are replaced, a
     /// stale failure can never tear down a fresh connection.
@@ -137,7 +154,7 @@ impl Pool {
         broker: &Broker,
         index: usize,
         deadline: Instant,
-    ) -> Result<Arc<Connection>, ConnError> {
+    ) -> Result<Leader, ConnError> {
         let slot = self.slot(broker.id, index);
         let addr = broker.addr();
         if let Some(c) = slot.healthy_for(&addr) {
@@ -207,8 +224,12 @@ impl Pool {
         };
         *slot.failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
         slot.stats.connects.fetch_add(1, Ordering::Relaxed);
-        *slot.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((conn.clone(), addr));
-        Ok(conn)
+        let leader = Leader {
+            produce: Arc::new(Coalescer::new(&conn, self.max_queued)),
+            conn,
+        };
+        *slot.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((leader.clone(), addr));
+        Ok(leader)
     }
 
     /// Waits, within `deadline`, until the slot's earlier connections (drained, or to the

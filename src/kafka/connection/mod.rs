@@ -24,24 +24,30 @@
 use std::{
     collections::VecDeque,
     sync::{
-        Arc, Mutex, MutexGuard, OnceLock,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
 };
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use kafka_protocol::{messages::ApiKey, protocol::StrBytes};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter},
-    sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot},
-    task::AbortHandle,
+    io::{AsyncRead, AsyncWrite},
+    sync::{Semaphore, mpsc},
     time::Instant,
 };
-use tracing::{Instrument, Span, debug, warn};
+use tracing::{Instrument, Span};
+
+mod request;
+mod shared;
+
+pub use request::{Admission, InFlight};
+pub use shared::Attachment;
+use shared::{Shared, State, lock, read_loop, write_loop};
 
 use super::{
     error::{ConnError, RequestError},
-    frame::{FrameDecoder, correlation_id, encode_request_head},
+    frame::FrameDecoder,
     histogram::Histogram,
     versions::Versions,
 };
@@ -53,9 +59,6 @@ pub struct ConnectionConfig {
     /// requests wait (they count as *queued*) until an answer frees a slot. `1` reproduces
     /// one-at-a-time forwarding.
     pub max_in_flight: usize,
-    /// Most requests waiting to be admitted (for an in-flight slot or for bytes). When reached,
-    /// [`Connection::send`] fails at once with [`ConnError::QueueFull`].
-    pub max_queued: usize,
     /// Most request bytes in flight. Requests beyond it wait like requests beyond
     /// `max_in_flight`; a single request larger than this fails with [`ConnError::TooLarge`].
     pub max_in_flight_bytes: usize,
@@ -70,20 +73,6 @@ pub struct ConnectionConfig {
     pub security: super::security::Security,
 }
 
-/// How many acks=0 slots (requests the broker may answer or skip, docs/design.md §3.4) the FIFO
-/// holds at most. Apache Kafka never answers acks=0 requests, so without this bound a stream of
-/// them would grow the FIFO forever, also behind an older request still awaiting its answer;
-/// when hit, the oldest such slot leaves the FIFO and its correlation id goes to a ring of as
-/// many forgotten ids, whose late answers are dropped like any acks=0 answer. Memory stays
-/// within twice this bound. (Smaller in unit tests, which fill it.)
-const MAX_NO_RESPONSE_SLOTS: usize = if cfg!(test) { 64 } else { 16 * 1024 };
-
-/// Most frames the writer takes from its queue before one flush.
-const MAX_WRITE_BATCH: usize = 256;
-
-/// Capacity of the writer's buffer; frames larger than this are written straight through.
-const WRITE_BUFFER: usize = 64 * 1024;
-
 /// Counters of one connection slot, kept across reconnects.
 #[derive(Debug, Default)]
 pub struct ConnStats {
@@ -91,7 +80,8 @@ pub struct ConnStats {
     pub in_flight: AtomicU64,
     /// Highest `in_flight` ever observed.
     pub peak_in_flight: AtomicU64,
-    /// Requests waiting for an in-flight permit now.
+    /// Produce requests waiting for room (an in-flight slot or bytes) in the slot's Produce
+    /// queue now (kept by [`super::coalesce`], in front of the connection).
     pub queued: AtomicU64,
     /// Frames handed to the socket (counted as the write starts; a failed write poisons).
     pub sent: AtomicU64,
@@ -109,7 +99,7 @@ pub struct ConnStats {
     pub in_flight_bytes: AtomicU64,
     /// Connections opened for this slot.
     pub connects: AtomicU64,
-    /// Requests refused because the queue was full or the request too large.
+    /// Requests refused because the Produce queue was full or the request too large.
     pub rejected: AtomicU64,
     /// Time from queueing a request to its answer.
     pub latency: Histogram,
@@ -126,82 +116,6 @@ pub enum ConnState {
     Closed(ConnError),
 }
 
-enum Reply {
-    /// A caller waits for the answer.
-    Answer(oneshot::Sender<Result<Bytes, RequestError>>),
-    /// acks=0: nobody waits; an answer, if the broker sends one, is dropped.
-    None,
-}
-
-struct Entry {
-    correlation_id: i32,
-    seq: u64,
-    reply: Reply,
-    queued_at: Instant,
-    /// Held until the answer arrives, so `max_in_flight` and `max_in_flight_bytes` bound
-    /// requests awaiting answers.
-    _hold: Option<Hold>,
-}
-
-/// An in-flight slot, the request's bytes, its share of the bytes gauge, and what the sender
-/// attached (see [`Admission::attach`]).
-type Hold = (
-    (OwnedSemaphorePermit, OwnedSemaphorePermit),
-    BytesGuard,
-    Option<Attachment>,
-);
-
-/// Something a sender wants kept alive exactly as long as its request occupies the connection
-/// (see [`Admission::attach`]).
-pub type Attachment = Box<dyn std::any::Any + Send + Sync>;
-
-struct Outgoing {
-    seq: u64,
-    head: Bytes,
-    body: Bytes,
-    /// Signalled once the frame is flushed (acks=0 callers wait for this).
-    written: Option<oneshot::Sender<()>>,
-    /// acks=0 requests hold their room only until written (or dropped unwritten).
-    _hold: Option<Hold>,
-}
-
-struct State {
-    next_correlation_id: i32,
-    next_seq: u64,
-    /// Sequence number of the last frame the writer has begun to write. Frames at or below it
-    /// may have reached the broker.
-    claimed_seq: u64,
-    /// Highest sequence number of a request sent without expecting an answer whose write has
-    /// completed (updated only for write batches that carry such requests).
-    written_seq: u64,
-    fifo: VecDeque<Entry>,
-    no_response_slots: usize,
-    /// Correlation ids of acks=0 slots taken out of the FIFO at its bound (oldest first, at
-    /// most [`MAX_NO_RESPONSE_SLOTS`]): an answer to one of them is dropped.
-    forgotten: VecDeque<i32>,
-    to_writer: Option<mpsc::UnboundedSender<Outgoing>>,
-    /// Requests taken back before the writer reached them (their deadline passed in the queue);
-    /// the writer drops their frames. Only ever holds requests queued behind a write in progress.
-    withdrawn: Vec<u64>,
-    /// Drain requested: the writer's queue is closed, and the connection closes once nothing
-    /// awaits an answer and the writer is done.
-    draining: bool,
-    writer_done: bool,
-    poisoned: Option<ConnError>,
-}
-
-struct Shared {
-    state: Mutex<State>,
-    permits: Arc<Semaphore>,
-    bytes: Arc<Semaphore>,
-    max_queued: usize,
-    max_in_flight_bytes: usize,
-    stats: Arc<ConnStats>,
-    tasks: Mutex<Vec<AbortHandle>>,
-    client_id: Option<StrBytes>,
-    span: Span,
-}
-
 /// A pipelined connection to one broker. Cheap to share behind an `Arc`; dropping the last
 /// reference closes it and fails whatever was pending.
 pub struct Connection {
@@ -213,262 +127,13 @@ pub struct Connection {
     /// pool drains the connection and opens a fresh one before that (see
     /// [`Connection::due_for_renewal`]).
     renew_at: OnceLock<Instant>,
-    /// Merges concurrent Produce batches into shared requests; started on first use.
-    coalescer: OnceLock<super::coalesce::Coalescer>,
-}
-
-/// Room on a connection for one request, from [`Connection::admit`]. Dropping it gives the
-/// room back.
-pub struct Admission {
-    conn: Arc<Connection>,
-    permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
-    size: usize,
-    queued_at: Instant,
-    attachment: Option<Attachment>,
-}
-
-/// A place in a connection's queue of requests waiting for room (the *queued* gauge), from
-/// [`Connection::enter_queue`]; dropping it gives the place back.
-pub(crate) struct QueuePlace(Arc<ConnStats>);
-
-impl QueuePlace {
-    /// Counts one more queued request; returns the place and the gauge's new value.
-    pub(crate) fn new(stats: Arc<ConnStats>) -> (Self, u64) {
-        let queued = stats.queued.fetch_add(1, Ordering::Relaxed) + 1;
-        (Self(stats), queued)
-    }
-}
-
-impl Drop for QueuePlace {
-    fn drop(&mut self) {
-        self.0.queued.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Releases a request's bytes from the in-flight gauge when the request is done with, however
-/// that happens (answered, written with acks=0, withdrawn, or failed by a poison).
-struct BytesGuard {
-    stats: Arc<ConnStats>,
-    bytes: u64,
-}
-
-impl Drop for BytesGuard {
-    fn drop(&mut self) {
-        self.stats
-            .in_flight_bytes
-            .fetch_sub(self.bytes, Ordering::Relaxed);
-    }
-}
-
-impl Admission {
-    /// Keeps `attachment` alive while the request occupies the connection: until its answer is
-    /// read, it is taken back unsent, or the connection is gone (for a request that expects no
-    /// answer, until it is written). A sender's own wait may end sooner (its deadline, a
-    /// cancelled call); what it attaches outlives that wait. The producer layer attaches its
-    /// per-partition in-flight permits (docs/design.md §3.16).
-    pub fn attach(mut self, attachment: Attachment) -> Self {
-        self.attachment = Some(attachment);
-        self
-    }
-
-    /// Registers the request and queues its frame for the writer, under one lock: the pending
-    /// entry exists before a byte is written, and queue order is wire order.
-    pub fn send(
-        self,
-        api_key: ApiKey,
-        api_version: i16,
-        body: Bytes,
-        expect_answer: bool,
-    ) -> Result<InFlight, RequestError> {
-        let Admission {
-            conn,
-            permits,
-            size,
-            queued_at,
-            attachment,
-        } = self;
-        let shared = &conn.shared;
-        let not_sent = |cause: ConnError| RequestError {
-            cause,
-            maybe_sent: false,
-        };
-        let mut st = lock(&shared.state);
-        if let Some(cause) = &st.poisoned {
-            return Err(not_sent(cause.clone()));
-        }
-        if st.draining {
-            return Err(not_sent(ConnError::Shutdown));
-        }
-        let correlation_id = st.next_correlation_id;
-        let head = encode_request_head(
-            api_key,
-            api_version,
-            correlation_id,
-            &shared.client_id,
-            body.len(),
-        )
-        .map_err(not_sent)?;
-        if st.to_writer.is_none() {
-            return Err(not_sent(ConnError::Shutdown));
-        }
-        // Correlation ids are i32 and wrap (docs/design.md §3.7); in-flight requests are bounded far
-        // below 2^32, so ids stay unique among them.
-        st.next_correlation_id = correlation_id.wrapping_add(1);
-        st.next_seq += 1;
-        let seq = st.next_seq;
-        // Counted under the lock, before the reader can see (and complete) the entry.
-        shared
-            .stats
-            .in_flight_bytes
-            .fetch_add(size as u64, Ordering::Relaxed);
-        let guard = BytesGuard {
-            stats: shared.stats.clone(),
-            bytes: size as u64,
-        };
-        let (reply, kind, entry_hold, out_hold, written) = if expect_answer {
-            let (tx, rx) = oneshot::channel();
-            (
-                Reply::Answer(tx),
-                Waiting::Answer(rx),
-                Some((permits, guard, attachment)),
-                None,
-                None,
-            )
-        } else {
-            let (tx, rx) = oneshot::channel();
-            (
-                Reply::None,
-                Waiting::Written(rx),
-                None,
-                Some((permits, guard, attachment)),
-                Some(tx),
-            )
-        };
-        let outgoing = Outgoing {
-            seq,
-            head,
-            body,
-            written,
-            _hold: out_hold,
-        };
-        if st
-            .to_writer
-            .as_ref()
-            .is_none_or(|w| w.send(outgoing).is_err())
-        {
-            return Err(not_sent(ConnError::Shutdown));
-        }
-        if expect_answer {
-            let now = shared.stats.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-            shared
-                .stats
-                .peak_in_flight
-                .fetch_max(now, Ordering::Relaxed);
-        } else {
-            st.no_response_slots += 1;
-        }
-        st.fifo.push_back(Entry {
-            correlation_id,
-            seq,
-            reply,
-            queued_at,
-            _hold: entry_hold,
-        });
-        while st.no_response_slots > MAX_NO_RESPONSE_SLOTS {
-            let Some(pos) = st.fifo.iter().position(|e| matches!(e.reply, Reply::None)) else {
-                break;
-            };
-            let entry = st.fifo.remove(pos).expect("position is valid");
-            st.no_response_slots -= 1;
-            if st.forgotten.len() == MAX_NO_RESPONSE_SLOTS {
-                st.forgotten.pop_front();
-            }
-            st.forgotten.push_back(entry.correlation_id);
-        }
-        drop(st);
-        Ok(InFlight {
-            conn: conn.clone(),
-            seq,
-            correlation_id,
-            kind: Some(kind),
-            deadline: None,
-            done: false,
-            #[cfg(test)]
-            after_deadline: None,
-        })
-    }
-}
-
-/// A request that was queued on a connection; [`InFlight::wait`] yields its answer.
-pub struct InFlight {
-    conn: Arc<Connection>,
-    seq: u64,
-    correlation_id: i32,
-    kind: Option<Waiting>,
-    /// Set by [`InFlight::with_deadline`] or [`InFlight::wait`]; applied by a watchdog if the
-    /// waiter is dropped before the answer.
-    deadline: Option<Instant>,
-    /// The wait ended (answer, error or timeout handled).
-    done: bool,
-    /// Test hook: once the deadline has passed, the wait pauses here before it judges the
-    /// connection, so a test can deliver the answer inside that window.
-    #[cfg(test)]
-    after_deadline: Option<oneshot::Receiver<()>>,
-}
-
-impl Drop for InFlight {
-    /// A caller that stops waiting (its call was cancelled) must not leave its request pending
-    /// for ever: unsent, it is taken back; sent and awaiting an answer with a known deadline, a
-    /// watchdog applies that deadline — poisoning the connection if the answer has not come by
-    /// then, so that a silent leader is still noticed and its slots freed. Without a known
-    /// deadline the request stays until its answer or the connection's end.
-    fn drop(&mut self) {
-        if self.done || !matches!(self.kind, Some(Waiting::Answer(_))) {
-            return;
-        }
-        let shared = self.conn.shared.clone();
-        if shared.withdraw(self.seq) {
-            return;
-        }
-        let Some(at) = self.deadline else { return };
-        let seq = self.seq;
-        let watch = async move {
-            tokio::time::sleep_until(at).await;
-            let pending = {
-                let st = lock(&shared.state);
-                st.poisoned.is_none() && st.fifo.iter().any(|e| e.seq == seq)
-            };
-            if pending {
-                shared.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                shared.poison(ConnError::TimedOut);
-            }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn(watch);
-            }
-            // No runtime to wait on (the process is ending): give the connection up now.
-            Err(_) => self.conn.shared.poison(ConnError::Shutdown),
-        }
-    }
-}
-
-enum Waiting {
-    Answer(oneshot::Receiver<Result<Bytes, RequestError>>),
-    Written(oneshot::Receiver<()>),
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock cannot leave the state half-updated in a way that matters
-    // more than losing the connection, so poisoning of the std mutex is ignored.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Connection {
     /// Starts the reader and writer tasks on an already connected stream.
     ///
     /// The connection is not negotiated yet: `versions` holds [`Versions::UNNEGOTIATED`] until
-    /// the caller sets it (see [`super::versions::negotiate`]).
+    /// the caller sets it (see [`super::connect`]).
     pub fn start<R, W>(
         reader: R,
         writer: W,
@@ -515,7 +180,6 @@ impl Connection {
             bytes: Arc::new(Semaphore::new(
                 config.max_in_flight_bytes.clamp(1, Semaphore::MAX_PERMITS),
             )),
-            max_queued: config.max_queued.max(1),
             max_in_flight_bytes: config.max_in_flight_bytes.clamp(1, Semaphore::MAX_PERMITS),
             stats,
             tasks: Mutex::new(Vec::new()),
@@ -537,12 +201,11 @@ impl Connection {
             shared,
             versions: OnceLock::new(),
             renew_at: OnceLock::new(),
-            coalescer: OnceLock::new(),
         })
     }
 
     /// API versions negotiated with this broker (docs/design.md §3.9), or
-    /// [`Versions::UNNEGOTIATED`] before [`super::versions::negotiate`] ran.
+    /// [`Versions::UNNEGOTIATED`] before [`super::connect`] ran.
     pub fn versions(&self) -> Versions {
         self.versions
             .get()
@@ -583,46 +246,10 @@ impl Connection {
             .send(api_key, api_version, body, expect_answer)
     }
 
-    /// Waits for room for a request of `size` body bytes: an in-flight slot and the bytes,
-    /// counted as *queued* meanwhile. Fails at once when the queue is full
-    /// ([`ConnError::QueueFull`]) or `size` exceeds the whole byte budget
-    /// ([`ConnError::TooLarge`]). Cancelling it sends nothing and holds nothing.
+    /// Waits for room for a request of `size` body bytes: an in-flight slot and the bytes.
+    /// Fails at once when `size` exceeds the whole byte budget ([`ConnError::TooLarge`],
+    /// counted as *rejected*). Cancelling it sends nothing and holds nothing.
     pub async fn admit(self: &Arc<Self>, size: usize) -> Result<Admission, RequestError> {
-        let queued = self.enter_queue()?;
-        let admitted = self.admit_queued(size).await;
-        drop(queued);
-        admitted
-    }
-
-    /// Takes a place in the connection's queue of requests waiting for room, counted in the
-    /// *queued* gauge until the returned guard drops. Fails (counted as *rejected*) when
-    /// `max_queued` requests already wait beyond those the free in-flight slots take at once
-    /// (a burst on an idle connection is not refused for requests that can go out now).
-    pub(crate) fn enter_queue(&self) -> Result<QueuePlace, RequestError> {
-        let stats = &self.shared.stats;
-        let (place, queued) = QueuePlace::new(stats.clone());
-        let free = self.shared.permits.available_permits() as u64;
-        let queued = queued.saturating_sub(free);
-        if queued > self.shared.max_queued as u64 {
-            drop(place);
-            stats.rejected.fetch_add(1, Ordering::Relaxed);
-            return Err(RequestError {
-                cause: ConnError::QueueFull {
-                    limit: self.shared.max_queued,
-                },
-                maybe_sent: false,
-            });
-        }
-        stats.peak_queued.fetch_max(queued, Ordering::Relaxed);
-        Ok(place)
-    }
-
-    /// [`Self::admit`] for a request whose place in the queue is already held (see
-    /// [`Self::enter_queue`]).
-    pub(crate) async fn admit_queued(
-        self: &Arc<Self>,
-        size: usize,
-    ) -> Result<Admission, RequestError> {
         let shared = &self.shared;
         if size > shared.max_in_flight_bytes {
             shared.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -723,8 +350,9 @@ impl Connection {
         &self.shared.span
     }
 
-    pub(crate) fn coalescer(&self) -> &OnceLock<super::coalesce::Coalescer> {
-        &self.coalescer
+    /// In-flight slots free now: requests that can go out without waiting (bytes allowing).
+    pub fn free_slots(&self) -> usize {
+        self.shared.permits.available_permits()
     }
 }
 
@@ -736,374 +364,19 @@ impl Drop for Connection {
     }
 }
 
-impl InFlight {
-    /// Records the caller's deadline now, so that it is enforced even if the caller goes away
-    /// before [`InFlight::wait`] runs (see `Drop`).
-    pub fn with_deadline(mut self, deadline: Instant) -> Self {
-        self.deadline = Some(deadline);
-        self
-    }
-
-    /// Correlation id the request was sent with.
-    pub fn correlation_id(&self) -> i32 {
-        self.correlation_id
-    }
-
-    /// Waits for the answer until `deadline`.
-    ///
-    /// Returns the response frame (header included) or, for a request sent without expecting
-    /// an answer, `None` once it is written. If the deadline passes first, the connection is
-    /// poisoned (docs/design.md §3.5) and the error says whether the request may have been written.
-    pub async fn wait(mut self, deadline: Instant) -> Result<Option<Bytes>, RequestError> {
-        self.deadline = Some(deadline);
-        let r = self.wait_inner(deadline).await;
-        self.done = true;
-        r
-    }
-
-    async fn wait_inner(&mut self, deadline: Instant) -> Result<Option<Bytes>, RequestError> {
-        let shared = self.conn.shared.clone();
-        // Borrowed, not taken: if this future is dropped mid-wait, `Drop` sees the kind.
-        let outcome = match self.kind.as_mut() {
-            Some(Waiting::Answer(rx)) => match tokio::time::timeout_at(deadline, rx).await {
-                Ok(Ok(result)) => return result.map(Some),
-                Ok(Err(_)) => None,
-                Err(_) => Some(()),
-            },
-            Some(Waiting::Written(rx)) => match tokio::time::timeout_at(deadline, rx).await {
-                Ok(Ok(())) => return Ok(None),
-                Ok(Err(_)) => None,
-                Err(_) => Some(()),
-            },
-            None => None,
-        };
-        if outcome.is_some() {
-            #[cfg(test)]
-            if let Some(hook) = self.after_deadline.take() {
-                let _ = hook.await;
-            }
-            let expects_answer = matches!(self.kind, Some(Waiting::Answer(_)));
-            match shared.at_deadline(self.seq, expects_answer) {
-                AtDeadline::Withdrawn => {
-                    shared.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                    return Err(RequestError {
-                        cause: ConnError::NotSentInTime,
-                        maybe_sent: false,
-                    });
-                }
-                // The deadline raced the answer and lost by a hair: the reader has taken the
-                // request's entry and is handing the answer over. The connection is in sync;
-                // poisoning it would fail every other request on it for nothing.
-                AtDeadline::Answered => {
-                    if let Some(Waiting::Answer(rx)) = self.kind.as_mut()
-                        && let Ok(result) = rx.await
-                    {
-                        return result.map(Some);
-                    }
-                }
-                AtDeadline::Written => return Ok(None),
-                AtDeadline::Pending => {
-                    shared.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                    shared.poison(ConnError::TimedOut);
-                }
-                AtDeadline::Poisoned => {}
-            }
-        }
-        let st = lock(&shared.state);
-        Err(RequestError {
-            cause: st.poisoned.clone().unwrap_or(ConnError::Shutdown),
-            maybe_sent: self.seq <= st.claimed_seq,
-        })
-    }
-}
-
-/// Where a request stands when its waiter's deadline has passed ([`Shared::at_deadline`]).
-enum AtDeadline {
-    /// Not begun on the wire: taken back, the connection is untouched.
-    Withdrawn,
-    /// Its answer has been read (it is being handed over).
-    Answered,
-    /// Sent without expecting an answer, and the write has completed.
-    Written,
-    /// On the wire and unanswered: the connection is out of step with its leader.
-    Pending,
-    /// The connection is already gone.
-    Poisoned,
-}
-
-impl State {
-    fn awaits_answers(&self) -> bool {
-        self.fifo.len() > self.no_response_slots
-    }
-}
-
-impl Shared {
-    /// The writer has written everything it was given after a drain: close now if nothing
-    /// awaits an answer.
-    /// Returns whether the writer should keep its half open (a drain still waits for answers).
-    fn writer_finished(&self) -> bool {
-        let mut st = lock(&self.state);
-        st.writer_done = true;
-        let draining = st.draining;
-        let close = draining && !st.awaits_answers();
-        drop(st);
-        if close {
-            self.poison(ConnError::Shutdown);
-        }
-        draining && !close
-    }
-
-    /// Judges, under one lock, a request whose waiter's deadline has passed: takes it back if
-    /// the writer has not begun it, and otherwise tells whether it is still owed an answer.
-    fn at_deadline(&self, seq: u64, expects_answer: bool) -> AtDeadline {
-        let mut st = lock(&self.state);
-        if st.poisoned.is_some() {
-            return AtDeadline::Poisoned;
-        }
-        if Self::withdraw_locked(&self.stats, &mut st, seq) {
-            return AtDeadline::Withdrawn;
-        }
-        let pending = if expects_answer {
-            st.fifo.iter().any(|e| e.seq == seq)
-        } else {
-            seq > st.written_seq
-        };
-        match (pending, expects_answer) {
-            (true, _) => AtDeadline::Pending,
-            (false, true) => AtDeadline::Answered,
-            (false, false) => AtDeadline::Written,
-        }
-    }
-
-    /// Takes back a request the writer has not begun to write: its FIFO entry goes, and the
-    /// writer will skip its frame. Returns false if it may already be on the wire.
-    fn withdraw(&self, seq: u64) -> bool {
-        let mut st = lock(&self.state);
-        if st.poisoned.is_some() {
-            return false;
-        }
-        Self::withdraw_locked(&self.stats, &mut st, seq)
-    }
-
-    fn withdraw_locked(stats: &ConnStats, st: &mut State, seq: u64) -> bool {
-        if seq <= st.claimed_seq {
-            return false;
-        }
-        let Some(pos) = st.fifo.iter().position(|e| e.seq == seq) else {
-            return false;
-        };
-        let entry = st.fifo.remove(pos).expect("position is valid");
-        match entry.reply {
-            Reply::Answer(_) => {
-                stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-            }
-            Reply::None => st.no_response_slots -= 1,
-        }
-        st.withdrawn.push(seq);
-        true
-    }
-
-    fn poison(&self, cause: ConnError) {
-        let (entries, claimed) = {
-            let mut st = lock(&self.state);
-            if st.poisoned.is_some() {
-                return;
-            }
-            st.poisoned = Some(cause.clone());
-            st.to_writer = None;
-            st.no_response_slots = 0;
-            (std::mem::take(&mut st.fifo), st.claimed_seq)
-        };
-        self.permits.close();
-        self.bytes.close();
-        if !matches!(cause, ConnError::Shutdown) {
-            self.stats.poisoned.fetch_add(1, Ordering::Relaxed);
-        }
-        let mut failed = 0usize;
-        for entry in entries {
-            if let Reply::Answer(tx) = entry.reply {
-                failed += 1;
-                self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-                self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                let _ = tx.send(Err(RequestError {
-                    cause: cause.clone(),
-                    maybe_sent: entry.seq <= claimed,
-                }));
-            }
-        }
-        self.span.in_scope(|| {
-            if cause.is_ordinary() {
-                debug!(cause = %cause, failed, "leader connection closed");
-            } else {
-                warn!(cause = %cause, failed, "leader connection poisoned");
-            }
-        });
-        for task in lock(&self.tasks).drain(..) {
-            task.abort();
-        }
-    }
-
-    /// Matches one answer against the FIFO of pending requests.
-    fn deliver(&self, frame: Bytes) -> Result<(), ConnError> {
-        let got = correlation_id(&frame);
-        let mut st = lock(&self.state);
-        // The answer to an acks=0 request forgotten at the FIFO's bound: dropped. (Ids are
-        // unique among recent requests; the ring is empty unless the bound was hit.)
-        if let Some(pos) = st.forgotten.iter().position(|&id| id == got) {
-            st.forgotten.remove(pos);
-            return Ok(());
-        }
-        loop {
-            let Some(front) = st.fifo.front() else {
-                return Err(ConnError::UnknownCorrelationId { got });
-            };
-            let matches = front.correlation_id == got;
-            let no_answer_expected = matches!(front.reply, Reply::None);
-            if !matches && !no_answer_expected {
-                return Err(ConnError::OutOfOrder {
-                    expected: front.correlation_id,
-                    got,
-                });
-            }
-            let entry = st.fifo.pop_front().expect("front exists");
-            if no_answer_expected {
-                // acks=0 slot: answered (drop the answer) or skipped (a later id came first).
-                st.no_response_slots -= 1;
-            }
-            if !matches {
-                continue;
-            }
-            let drained = st.draining && st.writer_done && !st.awaits_answers();
-            drop(st);
-            if let Reply::Answer(tx) = entry.reply {
-                self.stats.latency.record(entry.queued_at.elapsed());
-                self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-                self.stats.completed.fetch_add(1, Ordering::Relaxed);
-                // The caller may have gone away (cancelled); the answer is then dropped.
-                let _ = tx.send(Ok(frame));
-            }
-            if drained {
-                self.poison(ConnError::Shutdown);
-            }
-            return Ok(());
-        }
-    }
-}
-
-async fn read_loop<R: AsyncRead + Unpin>(
-    shared: Arc<Shared>,
-    mut reader: R,
-    decoder: FrameDecoder,
-) {
-    let mut buf = BytesMut::new();
-    let cause = loop {
-        match decoder.split(&mut buf) {
-            Ok(Some(frame)) => {
-                if let Err(e) = shared.deliver(frame) {
-                    break e;
-                }
-                continue;
-            }
-            Ok(None) => {}
-            Err(e) => break e,
-        }
-        match reader.read_buf(&mut buf).await {
-            Ok(0) => break ConnError::Closed,
-            Ok(_) => {}
-            Err(e) => break ConnError::io(e),
-        }
-    };
-    shared.poison(cause);
-}
-
-async fn write_loop<W: AsyncWrite + Unpin>(
-    shared: Arc<Shared>,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    writer: W,
-) {
-    let mut w = BufWriter::with_capacity(WRITE_BUFFER, writer);
-    let mut batch = Vec::with_capacity(MAX_WRITE_BATCH);
-    while let Some(first) = rx.recv().await {
-        batch.push(first);
-        while batch.len() < MAX_WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(o) => batch.push(o),
-                Err(_) => break,
-            }
-        }
-        {
-            let mut st = lock(&shared.state);
-            if st.poisoned.is_some() {
-                return;
-            }
-            st.claimed_seq = batch.last().map_or(st.claimed_seq, |o| o.seq);
-            if !st.withdrawn.is_empty() {
-                // Drop withdrawn frames of this batch; the others are still in the queue.
-                let in_batch: Vec<u64> = st
-                    .withdrawn
-                    .iter()
-                    .copied()
-                    .filter(|seq| batch.iter().any(|o| o.seq == *seq))
-                    .collect();
-                st.withdrawn.retain(|seq| !in_batch.contains(seq));
-                batch.retain(|o| !in_batch.contains(&o.seq));
-            }
-            // Counted before the write, not after: an answer can reach its caller before this
-            // task runs again, and a caller that reads `sent` after its answer must see its
-            // request counted. A write that then fails poisons the connection, and those
-            // requests are reported as maybe written, so counting them as sent is accurate.
-            shared
-                .stats
-                .sent
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        }
-        let mut result = Ok(());
-        for o in &batch {
-            result = async {
-                w.write_all(&o.head).await?;
-                w.write_all(&o.body).await
-            }
-            .await;
-            if result.is_err() {
-                break;
-            }
-        }
-        if result.is_ok() {
-            result = w.flush().await;
-        }
-        if let Err(e) = result {
-            shared.poison(ConnError::io(e));
-            return;
-        }
-        if let Some(last) = batch.iter().rev().find(|o| o.written.is_some()) {
-            let mut st = lock(&shared.state);
-            st.written_seq = st.written_seq.max(last.seq);
-        }
-        for o in batch.drain(..) {
-            if let Some(tx) = o.written {
-                let _ = tx.send(());
-            }
-        }
-    }
-    // The queue was closed by a drain (a poison aborts this task instead). Keep the write half
-    // open: dropping it would send FIN, and a broker may close the connection before
-    // answering what is in flight. The task is aborted when the connection closes.
-    if shared.writer_finished() {
-        let _keep_open = w;
-        std::future::pending::<()>().await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     //! The connection against a scripted fake peer over `tokio::io::duplex`, with paused time.
 
     use std::time::Duration;
 
-    use bytes::{Buf, BufMut};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+    use bytes::{Buf, BufMut, BytesMut};
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt, DuplexStream},
+        sync::oneshot,
+    };
 
-    use super::*;
+    use super::{shared::MAX_NO_RESPONSE_SLOTS, *};
 
     const MAX_FRAME: usize = 1024 * 1024;
 
@@ -1112,7 +385,6 @@ mod tests {
         let (r, w) = tokio::io::split(ours);
         let cfg = ConnectionConfig {
             max_in_flight,
-            max_queued: 64,
             max_in_flight_bytes: 1 << 30,
             max_frame_bytes: MAX_FRAME,
             client_id: Some(StrBytes::from_static_str("test")),
