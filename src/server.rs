@@ -199,6 +199,52 @@ fn reflection(extra: &'static [u8]) -> tonic_reflection::server::Builder<'static
         .register_encoded_file_descriptor_set(extra)
 }
 
+/// A router with the health service and both reflection versions (grpcurl 1.8.x speaks only
+/// v1alpha), to which the listener's own service is added.
+fn with_health_and_reflection(
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> std::io::Result<tonic::transport::server::Router> {
+    let v1 = reflection(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(std::io::Error::other)?;
+    let v1alpha = reflection(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(std::io::Error::other)?;
+    Ok(tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(v1)
+        .add_service(v1alpha))
+}
+
+/// Serves `router` on `listener`, over TLS when `tls` is set, in a task instrumented with
+/// `span`, until the returned sender fires (or is dropped).
+fn serve(
+    router: tonic::transport::server::Router,
+    listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
+    span: tracing::Span,
+) -> (oneshot::Sender<()>, ServerTask) {
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let stopped = async {
+        let _ = stop_rx.await;
+    };
+    let task = match tls {
+        None => tokio::spawn(
+            router
+                .serve_with_incoming_shutdown(plain_incoming(listener), stopped)
+                .instrument(span),
+        ),
+        Some(tls) => tokio::spawn(
+            router
+                .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), stopped)
+                .instrument(span),
+        ),
+    };
+    (stop_tx, task)
+}
+
 /// Starts both servers in the background: the Forwarder on `listener`, the Admin service on
 /// `admin_listener`; and `/metrics` on `cfg.metrics_listen`.
 pub async fn start(
@@ -238,18 +284,6 @@ pub async fn start(
             .instrument(info_span!(target: TASK_TARGET, "cluster_watch")),
     );
 
-    let v1 = || {
-        reflection(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(std::io::Error::other)
-    };
-    // grpcurl 1.8.x speaks only v1alpha.
-    let v1alpha = || {
-        reflection(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .map_err(std::io::Error::other)
-    };
-
     let (abort_tx, abort_rx) = watch::channel(false);
     let calls = Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_calls));
     let service = ForwarderService::new(
@@ -269,7 +303,6 @@ pub async fn start(
         calls,
         Duration::from_millis(cfg.default_timeout_ms),
     );
-
     let forwarder_tls = listener_tls(
         &cfg.tls_cert_file,
         &cfg.tls_key_file,
@@ -283,55 +316,15 @@ pub async fn start(
         "admin",
     )?;
 
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let router = tonic::transport::Server::builder()
-        .add_service(health.clone())
-        .add_service(v1()?)
-        .add_service(v1alpha()?)
-        .add_service(stack);
-    let stopped = async {
-        let _ = stop_rx.await;
-    };
     let span = info_span!(target: TASK_TARGET, "grpc", %addr, tls = forwarder_tls.is_some());
-    let task = match forwarder_tls {
-        None => tokio::spawn(
-            router
-                .serve_with_incoming_shutdown(plain_incoming(listener), stopped)
-                .instrument(span),
-        ),
-        Some(tls) => tokio::spawn(
-            router
-                .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), stopped)
-                .instrument(span),
-        ),
-    };
-
-    let (stop_admin_tx, stop_admin_rx) = oneshot::channel::<()>();
-    let admin = tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(v1()?)
-        .add_service(v1alpha()?)
-        .add_service(AdminServer::new(AdminService::new(
-            forwarder.clone(),
-            cfg.clone(),
-        )));
-    let stopped = async {
-        let _ = stop_admin_rx.await;
-    };
+    let router = with_health_and_reflection(health.clone())?.add_service(stack);
+    let (stop_tx, task) = serve(router, listener, forwarder_tls, span);
     let span =
         info_span!(target: TASK_TARGET, "admin", addr = %admin_addr, tls = admin_tls.is_some());
-    let admin_task = match admin_tls {
-        None => tokio::spawn(
-            admin
-                .serve_with_incoming_shutdown(plain_incoming(admin_listener), stopped)
-                .instrument(span),
-        ),
-        Some(tls) => tokio::spawn(
-            admin
-                .serve_with_incoming_shutdown(crate::tls::incoming(admin_listener, tls), stopped)
-                .instrument(span),
-        ),
-    };
+    let admin = with_health_and_reflection(health)?.add_service(AdminServer::new(
+        AdminService::new(forwarder.clone(), cfg.clone()),
+    ));
+    let (stop_admin_tx, admin_task) = serve(admin, admin_listener, admin_tls, span);
     let metrics_task = tokio::spawn(
         crate::metrics::serve(
             metrics_listener,

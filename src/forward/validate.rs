@@ -8,7 +8,7 @@ use prost::Message;
 use super::{ForwardError, batch, idempotence::Open};
 use crate::{
     kafka::produce::acks,
-    proto::v1::{Acks, ForwardRequest, Header},
+    proto::v1::{Acks, ForwardRequest, Header, Record},
 };
 
 /// Longest topic name Kafka accepts.
@@ -109,6 +109,76 @@ pub fn validate(
     // their protobuf size (more with a traceparent header); a request must not turn into an
     // allocation far beyond its own size.
     let mut batch_budget = max_request_bytes.saturating_mul(BATCH_EXPANSION);
+    let acks = check_request(&req, max_request_bytes)?;
+    let transactional_id: Option<Arc<str>> =
+        (!req.transactional_id.is_empty()).then(|| req.transactional_id.as_str().into());
+    let mut items = Vec::with_capacity(req.partitions.len());
+    for (i, p) in req.partitions.into_iter().enumerate() {
+        let field = |f: &str| format!("partitions[{i}].{f}");
+        check_topic(&p.topic).map_err(|r| invalid(field("topic"), r))?;
+        if p.partition < 0 {
+            return Err(invalid(
+                field("partition"),
+                format!("is {}; must be >= 0", p.partition),
+            ));
+        }
+        let encoded = p.record_batch.is_empty();
+        let (batch, records, producer) = match (p.record_batch.is_empty(), p.records.is_empty()) {
+            (false, false) => {
+                return Err(invalid(
+                    field("record_batch"),
+                    "both record_batch and records are set; set exactly one",
+                ));
+            }
+            (true, true) => {
+                return Err(invalid(
+                    field("records"),
+                    "neither record_batch nor records is set; set exactly one",
+                ));
+            }
+            (false, true) => raw_batch(p.record_batch, i, transactional_id.is_some())?,
+            (true, false) if transactional_id.is_some() => {
+                return Err(invalid(
+                    field("records"),
+                    "are encoded by leaderlink outside any transaction, but transactional_id \
+                     is set; send the producer's transactional record_batch instead",
+                ));
+            }
+            (true, false) => {
+                let records = p.records.len() as u32;
+                let batch = encode_records(
+                    p.records,
+                    traceparent.as_ref(),
+                    now_ms,
+                    &mut batch_budget,
+                    max_request_bytes,
+                )
+                .map_err(|r| invalid(field("records"), r))?;
+                (batch, records, None)
+            }
+        };
+        items.push(Item {
+            topic: p.topic,
+            partition: p.partition,
+            batch,
+            records,
+            idempotent: producer.is_some(),
+            producer,
+            encoded,
+        });
+    }
+    Ok(Validated {
+        id: req.id,
+        acks,
+        timeout_ms: req.timeout_ms,
+        transactional_id,
+        items,
+    })
+}
+
+/// Checks the request's own fields (size, acks, Kafka timeout, partitions present,
+/// transactional id); returns its Kafka `acks`.
+fn check_request(req: &ForwardRequest, max_request_bytes: usize) -> Result<i16, ForwardError> {
     let size = req.encoded_len();
     if size > max_request_bytes {
         return Err(invalid(
@@ -148,114 +218,76 @@ pub fn validate(
             ),
         ));
     }
-    let transactional_id: Option<Arc<str>> =
-        (!req.transactional_id.is_empty()).then(|| req.transactional_id.as_str().into());
-    let mut items = Vec::with_capacity(req.partitions.len());
-    for (i, p) in req.partitions.into_iter().enumerate() {
-        let field = |f: &str| format!("partitions[{i}].{f}");
-        check_topic(&p.topic).map_err(|r| invalid(field("topic"), r))?;
-        if p.partition < 0 {
+    Ok(acks)
+}
+
+/// Checks partition `i`'s caller-built `record_batch`; returns it with its record count and
+/// producer id, epoch and sequence (if it has a producer id).
+fn raw_batch(
+    record_batch: Bytes,
+    i: usize,
+    has_transactional_id: bool,
+) -> Result<(Bytes, u32, Option<Open>), ForwardError> {
+    let field = format!("partitions[{i}].record_batch");
+    let info = batch::check(&record_batch).map_err(|r| invalid(field.clone(), r))?;
+    // Apache Kafka refuses a whole Produce request that holds a transactional batch but no
+    // transactional id (TRANSACTIONAL_ID_AUTHORIZATION_FAILED), so the two go together
+    // (docs/design.md §3.15).
+    match (info.transactional, has_transactional_id) {
+        (true, false) => {
             return Err(invalid(
-                field("partition"),
-                format!("is {}; must be >= 0", p.partition),
+                "transactional_id",
+                format!(
+                    "is empty, but partitions[{i}].record_batch is transactional \
+                     (attributes bit 0x10); set the producer's transactional id"
+                ),
             ));
         }
-        let encoded = p.record_batch.is_empty();
-        let (batch, records, producer) = match (p.record_batch.is_empty(), p.records.is_empty()) {
-            (false, false) => {
-                return Err(invalid(
-                    field("record_batch"),
-                    "both record_batch and records are set; set exactly one",
-                ));
-            }
-            (true, true) => {
-                return Err(invalid(
-                    field("records"),
-                    "neither record_batch nor records is set; set exactly one",
-                ));
-            }
-            (false, true) => {
-                let info =
-                    batch::check(&p.record_batch).map_err(|r| invalid(field("record_batch"), r))?;
-                // Apache Kafka refuses a whole Produce request that holds a transactional batch
-                // but no transactional id (TRANSACTIONAL_ID_AUTHORIZATION_FAILED), so the two go
-                // together (docs/design.md §3.15).
-                match (info.transactional, transactional_id.is_some()) {
-                    (true, false) => {
-                        return Err(invalid(
-                            "transactional_id",
-                            format!(
-                                "is empty, but partitions[{i}].record_batch is transactional \
-                                 (attributes bit 0x10); set the producer's transactional id"
-                            ),
-                        ));
-                    }
-                    (false, true) => {
-                        return Err(invalid(
-                            field("record_batch"),
-                            "is not transactional (attributes bit 0x10 unset), but \
-                             transactional_id is set; send plain batches in another request",
-                        ));
-                    }
-                    _ => {}
-                }
-                let producer = (info.producer_id >= 0).then_some(Open {
-                    producer_id: info.producer_id,
-                    epoch: info.producer_epoch,
-                    base_sequence: info.base_sequence,
-                });
-                (p.record_batch, info.records as u32, producer)
-            }
-            (true, false) if transactional_id.is_some() => {
-                return Err(invalid(
-                    field("records"),
-                    "are encoded by leaderlink outside any transaction, but transactional_id \
-                     is set; send the producer's transactional record_batch instead",
-                ));
-            }
-            (true, false) => {
-                let mut records = p.records;
-                if let Some(tp) = &traceparent {
-                    for r in &mut records {
-                        if !r.headers.iter().any(|h| h.key == TRACEPARENT) {
-                            r.headers.push(Header {
-                                key: TRACEPARENT.into(),
-                                value: Some(tp.clone()),
-                            });
-                        }
-                    }
-                }
-                let encoded = batch::encode_within(&records, now_ms, batch_budget).map_err(|n| {
-                    invalid(
-                        field("records"),
-                        format!(
-                            "encode to a batch of {n} bytes; a request's encoded records may take \
-                             at most {BATCH_EXPANSION} x max_request_bytes ({} bytes) in all",
-                            max_request_bytes.saturating_mul(BATCH_EXPANSION)
-                        ),
-                    )
-                })?;
-                batch_budget -= encoded.len();
-                (encoded, records.len() as u32, None)
-            }
-        };
-        items.push(Item {
-            topic: p.topic,
-            partition: p.partition,
-            batch,
-            records,
-            idempotent: producer.is_some(),
-            producer,
-            encoded,
-        });
+        (false, true) => {
+            return Err(invalid(
+                field,
+                "is not transactional (attributes bit 0x10 unset), but \
+                 transactional_id is set; send plain batches in another request",
+            ));
+        }
+        _ => {}
     }
-    Ok(Validated {
-        id: req.id,
-        acks,
-        timeout_ms: req.timeout_ms,
-        transactional_id,
-        items,
-    })
+    let producer = (info.producer_id >= 0).then_some(Open {
+        producer_id: info.producer_id,
+        epoch: info.producer_epoch,
+        base_sequence: info.base_sequence,
+    });
+    Ok((record_batch, info.records as u32, producer))
+}
+
+/// Encodes `records` as one batch (with the call's `traceparent` header added where a record
+/// has none), taking its size from `budget`. Fails with the reason when the budget is spent.
+fn encode_records(
+    mut records: Vec<Record>,
+    traceparent: Option<&Bytes>,
+    now_ms: i64,
+    budget: &mut usize,
+    max_request_bytes: usize,
+) -> Result<Bytes, String> {
+    if let Some(tp) = traceparent {
+        for r in &mut records {
+            if !r.headers.iter().any(|h| h.key == TRACEPARENT) {
+                r.headers.push(Header {
+                    key: TRACEPARENT.into(),
+                    value: Some(tp.clone()),
+                });
+            }
+        }
+    }
+    let encoded = batch::encode_within(&records, now_ms, *budget).map_err(|n| {
+        format!(
+            "encode to a batch of {n} bytes; a request's encoded records may take at most \
+             {BATCH_EXPANSION} x max_request_bytes ({} bytes) in all",
+            max_request_bytes.saturating_mul(BATCH_EXPANSION)
+        )
+    })?;
+    *budget -= encoded.len();
+    Ok(encoded)
 }
 
 #[cfg(test)]

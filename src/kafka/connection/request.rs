@@ -16,9 +16,7 @@ use super::super::{
 };
 use super::{
     Connection,
-    shared::{
-        AtDeadline, Attachment, BytesGuard, Entry, MAX_NO_RESPONSE_SLOTS, Outgoing, Reply, lock,
-    },
+    shared::{AtDeadline, Attachment, BytesGuard, Entry, Outgoing, Reply, lock},
 };
 
 /// Room on a connection for one request, from [`Connection::admit`]. Dropping it gives the
@@ -145,17 +143,7 @@ impl Admission {
             queued_at,
             _hold: entry_hold,
         });
-        while st.no_response_slots > MAX_NO_RESPONSE_SLOTS {
-            let Some(pos) = st.fifo.iter().position(|e| matches!(e.reply, Reply::None)) else {
-                break;
-            };
-            let entry = st.fifo.remove(pos).expect("position is valid");
-            st.no_response_slots -= 1;
-            if st.forgotten.len() == MAX_NO_RESPONSE_SLOTS {
-                st.forgotten.pop_front();
-            }
-            st.forgotten.push_back(entry.correlation_id);
-        }
+        st.bound_no_response_slots();
         drop(st);
         Ok(InFlight {
             conn: conn.clone(),

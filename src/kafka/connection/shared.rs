@@ -147,6 +147,26 @@ pub(super) enum AtDeadline {
 }
 
 impl State {
+    /// Keeps the FIFO within [`MAX_NO_RESPONSE_SLOTS`] acks=0 slots: the oldest leave it, and
+    /// their correlation ids go to the `forgotten` ring.
+    pub(super) fn bound_no_response_slots(&mut self) {
+        while self.no_response_slots > MAX_NO_RESPONSE_SLOTS {
+            let Some(pos) = self
+                .fifo
+                .iter()
+                .position(|e| matches!(e.reply, Reply::None))
+            else {
+                break;
+            };
+            let entry = self.fifo.remove(pos).expect("position is valid");
+            self.no_response_slots -= 1;
+            if self.forgotten.len() == MAX_NO_RESPONSE_SLOTS {
+                self.forgotten.pop_front();
+            }
+            self.forgotten.push_back(entry.correlation_id);
+        }
+    }
+
     pub(super) fn awaits_answers(&self) -> bool {
         self.fifo.len() > self.no_response_slots
     }
