@@ -52,13 +52,15 @@ pub(super) struct Call<'a> {
     pub(super) fwd: &'a Forwarder,
     pub(super) v: Validated,
     pub(super) deadline: Instant,
+    /// Batches with a producer id this call has handed to a leader and not yet settled;
+    /// whatever ends the call (its deadline, a cancel) settles the rest as given up. Declared
+    /// before `gates`, so it drops first: a given-up batch is settled (its partition's next
+    /// stamp takes a new epoch) before the gate lets another call of the partition in.
+    pub(super) ledger: Ledger,
     /// The call's permits of its partitions' gates (see `Forwarder::enter_gates`).
     pub(super) gates: HashMap<(String, i32), GateHold>,
     /// Per item of `v`.
     pub(super) st: Vec<ItemState>,
-    /// Batches with a producer id this call has handed to a leader and not yet settled;
-    /// whatever ends the call (its deadline, a cancel) settles the rest as given up.
-    pub(super) ledger: Ledger,
     /// The next round refreshes metadata first.
     pub(super) refresh: bool,
     /// Some round has refreshed metadata.

@@ -50,8 +50,11 @@ impl Call<'_> {
             first = false;
             let mut r = Round::default();
             let groups = self.route(&pending, &mut r);
-            for (broker, items, leader) in self.dial(groups, &mut r).await {
-                self.submit(&leader, &broker, items, &mut r).await;
+            for (broker, items, leader) in self.dial(groups).await {
+                match leader {
+                    Ok(leader) => self.submit(&leader, &broker, items, &mut r).await,
+                    Err(cause) => self.dial_failed(broker, items, cause, &mut r),
+                }
             }
             // The caller may read its next request once this one's batches are all on their
             // connections (or final): only then does wire order follow arrival order.
@@ -204,17 +207,14 @@ impl Call<'_> {
     }
 
     /// Dial phase: a connection to every leader of the round, all at once (one slow or dead
-    /// leader must not use up the time of the others). A leader that cannot be reached has
-    /// its batches retried; one that refuses leaderlink's credentials or certificate has them
-    /// answered.
+    /// leader must not use up the time of the others).
     async fn dial(
-        &mut self,
+        &self,
         groups: BTreeMap<(i32, usize), Group>,
-        r: &mut Round,
-    ) -> Vec<(Broker, Vec<usize>, Leader)> {
+    ) -> Vec<(Broker, Vec<usize>, Result<Leader, ConnError>)> {
         let pool = &self.fwd.inner.pool;
         let deadline = self.deadline;
-        let dialed = join_all(
+        join_all(
             groups
                 .into_iter()
                 .map(|((_, index), (broker, items))| async move {
@@ -222,56 +222,56 @@ impl Call<'_> {
                     (broker, items, conn)
                 }),
         )
-        .await;
-        let mut open = Vec::with_capacity(dialed.len());
-        for (broker, items, conn) in dialed {
-            match conn {
-                Ok(c) => open.push((broker, items, c)),
-                // A broker that refuses leaderlink's credentials or certificate will do so
-                // again: its partitions are answered now instead of retried until the
-                // deadline, and the call's other partitions go on (some may be written
-                // already). If nothing of the call was ever sent, the call as a whole is
-                // UNAVAILABLE (see `finish`; docs/design.md §3.19).
-                Err(cause @ (ConnError::Auth { .. } | ConnError::Tls { .. })) => {
-                    let (code, what) = match cause {
-                        ConnError::Auth { .. } => (SASL_AUTHENTICATION_FAILED, "SASL"),
-                        _ => (NETWORK_EXCEPTION, "TLS"),
-                    };
-                    for i in items {
-                        self.st[i].result = Some(error_result(
-                            &self.v.items[i],
-                            code,
-                            format!(
-                                "broker {} ({}) refused the connection ({what}): {}",
-                                broker.id,
-                                broker.addr(),
-                                chain(&cause)
-                            ),
+        .await
+    }
+
+    /// A leader of the round could not be dialled: its batches are retried, or answered if it
+    /// refuses leaderlink's credentials or certificate.
+    fn dial_failed(&mut self, broker: Broker, items: Vec<usize>, cause: ConnError, r: &mut Round) {
+        match cause {
+            // A broker that refuses leaderlink's credentials or certificate will do so
+            // again: its partitions are answered now instead of retried until the
+            // deadline, and the call's other partitions go on (some may be written
+            // already). If nothing of the call was ever sent, the call as a whole is
+            // UNAVAILABLE (see `finish`; docs/design.md §3.19).
+            cause @ (ConnError::Auth { .. } | ConnError::Tls { .. }) => {
+                let (code, what) = match cause {
+                    ConnError::Auth { .. } => (SASL_AUTHENTICATION_FAILED, "SASL"),
+                    _ => (NETWORK_EXCEPTION, "TLS"),
+                };
+                for i in items {
+                    self.st[i].result = Some(error_result(
+                        &self.v.items[i],
+                        code,
+                        format!(
+                            "broker {} ({}) refused the connection ({what}): {}",
                             broker.id,
-                            &self.st[i],
-                        ));
-                    }
-                    self.refused.get_or_insert((broker, cause));
+                            broker.addr(),
+                            chain(&cause)
+                        ),
+                        broker.id,
+                        &self.st[i],
+                    ));
                 }
-                Err(cause) => {
-                    debug!(broker = broker.id, cause = %cause, "leader connection failed");
-                    let out_of_time = Instant::now() >= deadline;
-                    for i in items {
-                        // A dial cut short by the call's own deadline says nothing new: the
-                        // earlier cause stays the one reported.
-                        if !(out_of_time && self.st[i].last.is_some()) {
-                            self.st[i].last = Some(Failure::Conn {
-                                cause: cause.clone(),
-                                connecting: true,
-                            });
-                        }
-                        r.retry.push(i);
+                self.refused.get_or_insert((broker, cause));
+            }
+            cause => {
+                debug!(broker = broker.id, cause = %cause, "leader connection failed");
+                let out_of_time = Instant::now() >= self.deadline;
+                for i in items {
+                    // A dial cut short by the call's own deadline says nothing new: the
+                    // earlier cause stays the one reported.
+                    if !(out_of_time && self.st[i].last.is_some()) {
+                        self.st[i].last = Some(Failure::Conn {
+                            cause: cause.clone(),
+                            connecting: true,
+                        });
                     }
-                    self.refresh = true;
+                    r.retry.push(i);
                 }
+                self.refresh = true;
             }
         }
-        open
     }
 
     /// Retry phase: settles what has its final answer, then returns the batches for the next
