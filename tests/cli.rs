@@ -49,6 +49,12 @@ fn bad_values_exit_64_with_a_clear_message() {
             "bootstrap",
         ),
         (vec!["serve", "--dev-topics", "x:0"], vec![], "dev.topics"),
+        // A variable is read by one path, which names it when its value is bad.
+        (
+            vec!["serve"],
+            vec![("LEADERLINK_MAX_IN_FLIGHT", "zero")],
+            "LEADERLINK_MAX_IN_FLIGHT",
+        ),
         (
             vec!["serve", "--config", "/nonexistent/leaderlink.toml"],
             vec![],

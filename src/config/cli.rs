@@ -6,70 +6,78 @@ use std::{net::SocketAddr, path::PathBuf};
 use super::{Config, ConfigError, LogFormat};
 use crate::forward::PartitionOrder;
 
-/// Flags of `leaderlink serve`. Each may also come from the environment variable named in its
-/// help; both override the `--config` file.
+/// Flags of `leaderlink serve`. They override the environment variable named in each one's
+/// help, which overrides the `--config` file. The variables are read once, with every other
+/// `LEADERLINK_*` configuration key, by `Config::from_sources`; only `LEADERLINK_CONFIG`,
+/// which names the file, is read here.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ServeArgs {
     /// TOML configuration file.
     #[arg(long, env = "LEADERLINK_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Address the gRPC server listens on [default: 127.0.0.1:50051].
-    #[arg(long, env = "LEADERLINK_LISTEN", value_name = "ADDR")]
+    /// [env: LEADERLINK_LISTEN]
+    #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
     /// Address the admin server listens on [default: 127.0.0.1:50052].
-    #[arg(long, env = "LEADERLINK_ADMIN_LISTEN", value_name = "ADDR")]
+    /// [env: LEADERLINK_ADMIN_LISTEN]
+    #[arg(long, value_name = "ADDR")]
     pub admin_listen: Option<SocketAddr>,
     /// Kafka bootstrap brokers, comma-separated. Without it, the embedded dev cluster starts.
-    #[arg(
-        long,
-        env = "LEADERLINK_BOOTSTRAP",
-        value_name = "HOST:PORT,...",
-        value_delimiter = ','
-    )]
+    /// [env: LEADERLINK_BOOTSTRAP]
+    #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',')]
     pub bootstrap: Option<Vec<String>>,
     /// Most requests in flight per leader connection [default: 1024]; 1 = one at a time.
-    #[arg(long, env = "LEADERLINK_MAX_IN_FLIGHT", value_name = "N")]
+    /// [env: LEADERLINK_MAX_IN_FLIGHT]
+    #[arg(long, value_name = "N")]
     pub max_in_flight: Option<usize>,
     /// Most calls served at once; more are shed with RESOURCE_EXHAUSTED [default: 4096].
-    #[arg(long, env = "LEADERLINK_MAX_CONCURRENT_CALLS", value_name = "N")]
+    /// [env: LEADERLINK_MAX_CONCURRENT_CALLS]
+    #[arg(long, value_name = "N")]
     pub max_concurrent_calls: Option<usize>,
     /// Grace for in-flight calls on SIGTERM/SIGINT, in milliseconds [default: 20000].
-    #[arg(long, env = "LEADERLINK_SHUTDOWN_GRACE_MS", value_name = "MS")]
+    /// [env: LEADERLINK_SHUTDOWN_GRACE_MS]
+    #[arg(long, value_name = "MS")]
     pub shutdown_grace_ms: Option<u64>,
     /// Ordering of each partition's batches [default: pipelined].
-    #[arg(long, env = "LEADERLINK_ORDERING", value_enum)]
+    /// [env: LEADERLINK_ORDERING]
+    #[arg(long, value_enum)]
     pub ordering: Option<PartitionOrder>,
     /// Stamp the batches leaderlink encodes as an idempotent producer's [default: true].
-    #[arg(long, env = "LEADERLINK_IDEMPOTENCE", value_name = "BOOL")]
+    /// [env: LEADERLINK_IDEMPOTENCE]
+    #[arg(long, value_name = "BOOL")]
     pub idempotence: Option<bool>,
     /// Pipelined connections per leader broker [default: 1].
-    #[arg(long, env = "LEADERLINK_CONNECTIONS_PER_LEADER", value_name = "K")]
+    /// [env: LEADERLINK_CONNECTIONS_PER_LEADER]
+    #[arg(long, value_name = "K")]
     pub connections_per_leader: Option<usize>,
     /// Deadline of calls that carry none, in milliseconds [default: 30000].
-    #[arg(long, env = "LEADERLINK_DEFAULT_TIMEOUT_MS", value_name = "MS")]
+    /// [env: LEADERLINK_DEFAULT_TIMEOUT_MS]
+    #[arg(long, value_name = "MS")]
     pub default_timeout_ms: Option<u64>,
     /// Largest accepted ForwardRequest in bytes [default: 8388608].
-    #[arg(long, env = "LEADERLINK_MAX_REQUEST_BYTES", value_name = "BYTES")]
+    /// [env: LEADERLINK_MAX_REQUEST_BYTES]
+    #[arg(long, value_name = "BYTES")]
     pub max_request_bytes: Option<usize>,
     /// Address of the Prometheus /metrics endpoint [default: 127.0.0.1:9464].
-    #[arg(long, env = "LEADERLINK_METRICS_LISTEN", value_name = "ADDR")]
+    /// [env: LEADERLINK_METRICS_LISTEN]
+    #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
     /// OTLP/gRPC endpoint to export spans to (also read from OTEL_EXPORTER_OTLP_ENDPOINT).
-    #[arg(long, env = "LEADERLINK_OTLP_ENDPOINT", value_name = "URL")]
+    /// [env: LEADERLINK_OTLP_ENDPOINT]
+    #[arg(long, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
     /// Log line format [default: text].
-    #[arg(long, env = "LEADERLINK_LOG_FORMAT", value_enum)]
+    /// [env: LEADERLINK_LOG_FORMAT]
+    #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
     /// Dev cluster: topics to create at start, as NAME:PARTITIONS,...
-    #[arg(
-        long,
-        env = "LEADERLINK_DEV_TOPICS",
-        value_name = "NAME:PARTITIONS,...",
-        value_delimiter = ','
-    )]
+    /// [env: LEADERLINK_DEV_TOPICS]
+    #[arg(long, value_name = "NAME:PARTITIONS,...", value_delimiter = ',')]
     pub dev_topics: Option<Vec<String>>,
     /// Dev cluster: delay every mock broker response by this many milliseconds.
-    #[arg(long, env = "LEADERLINK_DEV_LEADER_LATENCY_MS", value_name = "MS")]
+    /// [env: LEADERLINK_DEV_LEADER_LATENCY_MS]
+    #[arg(long, value_name = "MS")]
     pub dev_leader_latency_ms: Option<u64>,
 }
 
