@@ -1,5 +1,10 @@
-//! Shared test harness: an embedded mock cluster and an in-process leaderlink on 127.0.0.1:0.
+//! Shared test harnesses: an embedded mock cluster with an in-process leaderlink on 127.0.0.1:0
+//! (here), the scripted fake broker (`fake_broker`), and the real Kafka of
+//! `scripts/kafka-cluster` (`kafka`).
 #![allow(dead_code)]
+
+pub mod fake_broker;
+pub mod kafka;
 
 use std::{
     sync::atomic::{AtomicU32, Ordering},
@@ -18,6 +23,10 @@ use leaderlink::{
     server::{self, Running},
 };
 use tonic::transport::Channel;
+
+/// Tests of one binary that sample the process (RSS, open descriptors) take this exclusively;
+/// the other tests of that binary hold it shared, so nothing else runs while they sample.
+pub static PROCESS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// A mock cluster with a leaderlink in front of it.
 pub struct Harness {
@@ -273,36 +282,4 @@ pub fn read_back(
         out.push((m.payload().unwrap_or_default().to_vec(), tp));
     }
     out
-}
-
-/// The PLAINTEXT bootstrap of the real Kafka that `scripts/kafka-cluster` runs.
-pub fn kafka_bootstrap() -> String {
-    std::env::var("LEADERLINK_KAFKA_BOOTSTRAP").expect(
-        "LEADERLINK_KAFKA_BOOTSTRAP: run `scripts/kafka-cluster start 3` (scripts/test does)",
-    )
-}
-
-/// Creates `name` on that Kafka with `partitions` partitions, replication factor 3 and the
-/// topic configs `configs`, with librdkafka's admin client.
-pub async fn create_kafka_topic(name: &str, partitions: i32, configs: &[(&str, &str)]) {
-    use rdkafka::{
-        ClientConfig,
-        admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
-        client::DefaultClientContext,
-    };
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", kafka_bootstrap())
-        .create()
-        .unwrap();
-    let topic = configs.iter().fold(
-        NewTopic::new(name, partitions, TopicReplication::Fixed(3)),
-        |t, (k, v)| t.set(k, v),
-    );
-    for r in admin
-        .create_topics([&topic], &AdminOptions::new())
-        .await
-        .unwrap()
-    {
-        r.unwrap();
-    }
 }

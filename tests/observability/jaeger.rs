@@ -4,7 +4,7 @@
 //! (`scripts/test` builds it with `scripts/fetch-tools jaeger` and runs them). The test of a
 //! collector that is down needs only leaderlink and always runs.
 
-mod common;
+use crate::common;
 
 use std::{
     io::{BufRead, BufReader},

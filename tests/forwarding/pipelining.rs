@@ -1,7 +1,7 @@
 //! Pipelining proof without timing assertions: with a slow leader and 128 concurrent callers on
 //! one partition, count how many requests were in flight at once on the leader connection.
 
-mod common;
+use crate::common;
 
 use std::{sync::atomic::Ordering, time::Duration};
 

@@ -1,7 +1,6 @@
-//! Hostile leaders ("Trust no one", item 3): a scripted fake Kafka broker on 127.0.0.1:0 that
-//! answers ApiVersions and Metadata properly (one broker, itself; topic `t`, partition 0 led by
-//! node 1) and then misbehaves on Produce in one scripted way per test, driven end to end through
-//! leaderlink's gRPC server with a real tonic client.
+//! Hostile leaders: the scripted fake Kafka broker of `common::fake_broker` misbehaves on
+//! Produce in one scripted way per test, driven end to end through leaderlink's gRPC server
+//! with a real tonic client.
 //!
 //! Each case checks what the caller sees (code, and a message naming the cause), that every
 //! concurrent call in flight fails (none hangs), that the leader connection is poisoned and
@@ -21,34 +20,18 @@
 //! and a request whose caller had gone away used to stay pending for ever on a silent leader
 //! (`a_cancelled_calls_request_is_still_timed_out`).
 
-mod common;
+use crate::common::{self, fake_broker::*};
 
 use std::{
-    net::SocketAddr,
     sync::{
         Arc, Once,
-        atomic::{
-            AtomicBool, AtomicI32, AtomicI64, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering,
-        },
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures::future::join_all;
-use kafka_protocol::{
-    messages::{
-        ApiKey, ApiVersionsResponse, BrokerId, InitProducerIdResponse, MetadataRequest,
-        MetadataResponse, ProduceRequest, ProduceResponse, ProducerId, RequestHeader,
-        ResponseHeader, TopicName,
-        api_versions_response::ApiVersion,
-        metadata_response::{
-            MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
-        },
-        produce_response::{PartitionProduceResponse, TopicProduceResponse},
-    },
-    protocol::{Decodable, Encodable, StrBytes},
-};
 use leaderlink::{
     config::Config,
     forward::ForwardError,
@@ -59,15 +42,7 @@ use leaderlink::{
     },
     server::Running,
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        TcpListener, TcpStream,
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-    },
-    sync::RwLock,
-    time::Instant,
-};
+use tokio::time::Instant;
 use tonic::{Code, Status, transport::Channel};
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -88,18 +63,9 @@ const PROMPT: Duration = Duration::from_secs(3);
 const HANG_MARGIN: Duration = Duration::from_secs(3);
 /// Calls in flight at once in every case.
 const CONCURRENT: usize = 4;
-/// Longest the fake waits for `gather` Produce requests before it misbehaves.
-const GATHER_WAIT: Duration = Duration::from_secs(1);
-/// The trickle: one byte of a valid answer every this often (an answer is ~50 bytes: ~3 s, well
-/// beyond [`HOSTILE_DEADLINE`]).
-const TRICKLE_EVERY: Duration = Duration::from_millis(60);
 
 // ---------------------------------------------------------------------------------------------
 // Test isolation and panic detection.
-
-/// The memory test takes this exclusively, every other test shares it: the process RSS and the
-/// open file descriptors it samples are then not disturbed by other tests of this file.
-static GATE: RwLock<()> = RwLock::const_new(());
 
 /// Panics on tokio worker threads (leaderlink's tasks, tonic's, the fake broker's). A test's own
 /// assertions run on the test thread and are not counted.
@@ -119,616 +85,6 @@ fn count_worker_panics() {
             previous(info);
         }));
     });
-}
-
-// ---------------------------------------------------------------------------------------------
-// The fake broker.
-
-/// How the fake broker answers Produce (and, for `SilentHandshake`, ApiVersions).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-enum Mode {
-    /// Proper answers.
-    Behave,
-    /// Case 1: bytes that are no Kafka frame at all (an HTTP answer).
-    Garbage,
-    /// Case 1, well framed: the right correlation id, then a body that is garbage.
-    GarbageBody,
-    /// Case 2: a length prefix of 0x7fff_ffff.
-    HugeLength,
-    /// Case 2: a negative length prefix.
-    NegativeLength,
-    /// Case 3: a valid answer under a correlation id nobody waits for.
-    UnknownCorrelation,
-    /// Case 4: half an answer, then the connection closed (FIN).
-    CutThenClose,
-    /// Case 5: half an answer, then nothing; the socket stays open (half-open).
-    CutThenSilence,
-    /// Case 6: the Produce is read, never answered; the socket stays open.
-    Silence,
-    /// Case 7: valid answers, one byte every [`TRICKLE_EVERY`].
-    Trickle,
-    /// Extra: a new connection's ApiVersions is never answered.
-    SilentHandshake,
-    /// A well-formed Produce answer that omits the partition asked for.
-    OmitPartition,
-    /// Of the gathered Produce requests, the first is answered NOT_ENOUGH_REPLICAS (retriable,
-    /// nothing appended) and the others OUT_OF_ORDER_SEQUENCE_NUMBER, as a broker does for the
-    /// batches behind one it refused; then the connection behaves.
-    SequenceGap,
-    /// Produce as a broker checks an idempotent producer's sequences on `t`-0: the next
-    /// sequence is appended, an earlier one is a duplicate, a later one OUT_OF_ORDER. The batch
-    /// with the next sequence is refused NOT_ENOUGH_REPLICAS (retriable, nothing appended) as
-    /// often as `refusals` says. The gathered requests are answered together; OUT_OF_ORDER
-    /// answers after them are counted as `strays` (a batch sent although leaderlink knew an
-    /// earlier one was missing).
-    EnforceSequence,
-}
-
-impl Mode {
-    const ALL: [Mode; 14] = [
-        Mode::Behave,
-        Mode::Garbage,
-        Mode::GarbageBody,
-        Mode::HugeLength,
-        Mode::NegativeLength,
-        Mode::UnknownCorrelation,
-        Mode::CutThenClose,
-        Mode::CutThenSilence,
-        Mode::Silence,
-        Mode::Trickle,
-        Mode::SilentHandshake,
-        Mode::OmitPartition,
-        Mode::SequenceGap,
-        Mode::EnforceSequence,
-    ];
-
-    fn from_u8(v: u8) -> Mode {
-        Mode::ALL[usize::from(v)]
-    }
-
-    /// Faults leaderlink can only notice by its deadline.
-    fn only_the_deadline_tells(self) -> bool {
-        matches!(
-            self,
-            Mode::CutThenSilence | Mode::Silence | Mode::Trickle | Mode::SilentHandshake
-        )
-    }
-}
-
-struct BrokerState {
-    port: i32,
-    mode: AtomicU8,
-    /// Misbehave once, then behave: the first connection to misbehave switches `mode` back.
-    once: AtomicBool,
-    /// Produce requests to collect on a connection before misbehaving (all calls in flight).
-    gather: AtomicUsize,
-    next_offset: AtomicI64,
-    hostile_acts: AtomicU64,
-    produce_requests: AtomicU64,
-    /// Connections that carried a Metadata request.
-    metadata_conns: AtomicU64,
-    /// Connections open now (on the fake's side).
-    live: AtomicI64,
-    /// [`Mode::EnforceSequence`]: the next sequence of `t`-0, refusals left, and OUT_OF_ORDER
-    /// answers after the gathered requests.
-    expected_sequence: AtomicI32,
-    refusals: AtomicU32,
-    strays: AtomicU64,
-}
-
-impl BrokerState {
-    fn mode(&self) -> Mode {
-        Mode::from_u8(self.mode.load(Ordering::SeqCst))
-    }
-
-    /// Whether this connection gets to misbehave in `mode` (in once-mode only the first does).
-    fn claim(&self, mode: Mode) -> bool {
-        if mode == Mode::Behave {
-            return false;
-        }
-        let claimed = !self.once.load(Ordering::SeqCst)
-            || self
-                .mode
-                .compare_exchange(
-                    mode as u8,
-                    Mode::Behave as u8,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                )
-                .is_ok();
-        if claimed {
-            self.hostile_acts.fetch_add(1, Ordering::SeqCst);
-        }
-        claimed
-    }
-}
-
-/// A fake Kafka broker on 127.0.0.1:0.
-struct FakeBroker {
-    addr: SocketAddr,
-    state: Arc<BrokerState>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for FakeBroker {
-    fn drop(&mut self) {
-        self.accept.abort();
-    }
-}
-
-impl FakeBroker {
-    async fn start() -> FakeBroker {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let state = Arc::new(BrokerState {
-            port: i32::from(addr.port()),
-            mode: AtomicU8::new(Mode::Behave as u8),
-            once: AtomicBool::new(false),
-            gather: AtomicUsize::new(1),
-            next_offset: AtomicI64::new(0),
-            hostile_acts: AtomicU64::new(0),
-            produce_requests: AtomicU64::new(0),
-            metadata_conns: AtomicU64::new(0),
-            live: AtomicI64::new(0),
-            expected_sequence: AtomicI32::new(0),
-            refusals: AtomicU32::new(0),
-            strays: AtomicU64::new(0),
-        });
-        let st = state.clone();
-        let accept = tokio::spawn(async move {
-            while let Ok((sock, _)) = listener.accept().await {
-                tokio::spawn(serve(st.clone(), sock));
-            }
-        });
-        FakeBroker {
-            addr,
-            state,
-            accept,
-        }
-    }
-
-    /// Switches the script: `mode` on every connection from now on (`once`: only until one
-    /// connection has misbehaved), after collecting `gather` Produce requests.
-    fn set(&self, mode: Mode, once: bool, gather: usize) {
-        self.state.gather.store(gather, Ordering::SeqCst);
-        self.state.once.store(once, Ordering::SeqCst);
-        self.state.mode.store(mode as u8, Ordering::SeqCst);
-    }
-
-    fn behave(&self) {
-        self.set(Mode::Behave, false, 1);
-    }
-
-    fn metadata_conns(&self) -> u64 {
-        self.state.metadata_conns.load(Ordering::SeqCst)
-    }
-
-    fn produce_requests(&self) -> u64 {
-        self.state.produce_requests.load(Ordering::SeqCst)
-    }
-
-    fn hostile_acts(&self) -> u64 {
-        self.state.hostile_acts.load(Ordering::SeqCst)
-    }
-}
-
-/// Counts a connection as live while its handler runs (also when the handler is dropped).
-struct Live(Arc<BrokerState>);
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        self.0.live.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// One request as read off the wire.
-struct Req {
-    key: ApiKey,
-    version: i16,
-    correlation_id: i32,
-    /// The body, after the header.
-    body: Bytes,
-}
-
-/// Reads one request frame; `None` on EOF, an I/O error or a frame that makes no sense.
-async fn read_request(r: &mut OwnedReadHalf) -> Option<Req> {
-    let len = r.read_i32().await.ok()?;
-    if !(8..=64 << 20).contains(&len) {
-        return None;
-    }
-    let mut buf = vec![0; len as usize];
-    r.read_exact(&mut buf).await.ok()?;
-    let mut b = Bytes::from(buf);
-    let key = ApiKey::try_from(i16::from_be_bytes([b[0], b[1]])).ok()?;
-    let version = i16::from_be_bytes([b[2], b[3]]);
-    // The header version follows the API version (classic v1 or flexible v2 here).
-    let header = RequestHeader::decode(&mut b, key.request_header_version(version)).ok()?;
-    Some(Req {
-        key,
-        version,
-        correlation_id: header.correlation_id,
-        body: b,
-    })
-}
-
-/// A whole response frame: length prefix, response header (its version per the API, always v0
-/// for ApiVersions), body.
-fn frame<R: Encodable>(req: &Req, correlation_id: i32, body: &R) -> Bytes {
-    let mut buf = BytesMut::new();
-    buf.put_i32(0);
-    ResponseHeader::default()
-        .with_correlation_id(correlation_id)
-        .encode(&mut buf, req.key.response_header_version(req.version))
-        .expect("response header encodes");
-    body.encode(&mut buf, req.version).expect("body encodes");
-    let len = (buf.len() - 4) as i32;
-    buf[..4].copy_from_slice(&len.to_be_bytes());
-    buf.freeze()
-}
-
-fn api_versions_answer(req: &Req) -> Bytes {
-    let api = |key: ApiKey, min: i16, max: i16| {
-        ApiVersion::default()
-            .with_api_key(key as i16)
-            .with_min_version(min)
-            .with_max_version(max)
-    };
-    let resp = ApiVersionsResponse::default().with_api_keys(vec![
-        api(ApiKey::Produce, 3, 9),
-        api(ApiKey::Metadata, 0, 12),
-        api(ApiKey::ApiVersions, 0, 3),
-        api(ApiKey::InitProducerId, 0, 4),
-    ]);
-    frame(req, req.correlation_id, &resp)
-}
-
-fn metadata_answer(st: &BrokerState, req: &Req) -> Option<Bytes> {
-    let asked = MetadataRequest::decode(&mut req.body.clone(), req.version).ok()?;
-    let names: Vec<String> = match asked.topics {
-        None => vec!["t".to_string()],
-        Some(ts) => ts
-            .iter()
-            .filter_map(|t| t.name.as_ref().map(|n| n.0.to_string()))
-            .collect(),
-    };
-    let topics = names
-        .into_iter()
-        .map(|name| {
-            let topic = MetadataResponseTopic::default()
-                .with_name(Some(TopicName(StrBytes::from_string(name.clone()))));
-            if name == "t" {
-                topic.with_partitions(vec![
-                    MetadataResponsePartition::default()
-                        .with_partition_index(0)
-                        .with_leader_id(BrokerId(1))
-                        .with_leader_epoch(0)
-                        .with_replica_nodes(vec![BrokerId(1)])
-                        .with_isr_nodes(vec![BrokerId(1)]),
-                ])
-            } else {
-                topic.with_error_code(3) // UNKNOWN_TOPIC_OR_PARTITION
-            }
-        })
-        .collect();
-    let resp = MetadataResponse::default()
-        .with_brokers(vec![
-            MetadataResponseBroker::default()
-                .with_node_id(BrokerId(1))
-                .with_host(StrBytes::from_static_str("127.0.0.1"))
-                .with_port(st.port),
-        ])
-        .with_controller_id(BrokerId(1))
-        .with_cluster_id(Some(StrBytes::from_static_str("hostile")))
-        .with_topics(topics);
-    Some(frame(req, req.correlation_id, &resp))
-}
-
-/// An answer to a Produce request, under `correlation_id`, with `partition` giving each
-/// partition's answer from its index.
-fn produce_answer_with(
-    req: &Req,
-    correlation_id: i32,
-    mut partition: impl FnMut(i32) -> PartitionProduceResponse,
-) -> Option<Bytes> {
-    let asked = ProduceRequest::decode(&mut req.body.clone(), req.version).ok()?;
-    let responses = asked
-        .topic_data
-        .iter()
-        .map(|t| {
-            TopicProduceResponse::default()
-                .with_name(t.name.clone())
-                .with_partition_responses(
-                    t.partition_data
-                        .iter()
-                        .map(|p| partition(p.index))
-                        .collect(),
-                )
-        })
-        .collect();
-    let resp = ProduceResponse::default().with_responses(responses);
-    Some(frame(req, correlation_id, &resp))
-}
-
-/// A successful answer to a Produce request, under `correlation_id`.
-fn produce_answer(st: &BrokerState, req: &Req, correlation_id: i32) -> Option<Bytes> {
-    produce_answer_with(req, correlation_id, |index| {
-        PartitionProduceResponse::default()
-            .with_index(index)
-            .with_error_code(0)
-            .with_base_offset(st.next_offset.fetch_add(1, Ordering::SeqCst))
-            .with_log_append_time_ms(-1)
-            .with_log_start_offset(0)
-    })
-}
-
-/// [`Mode::EnforceSequence`]'s answer to a Produce request; `after_gather` counts strays.
-fn sequence_answer(st: &BrokerState, req: &Req, after_gather: bool) -> Option<Bytes> {
-    let asked = ProduceRequest::decode(&mut req.body.clone(), req.version).ok()?;
-    /// Producer id, base sequence and record count of a batch.
-    type Header = (i64, i32, i32);
-    // The record batch header (v2): producer id at byte 43, base sequence at 53, count at 57.
-    // Read at fixed offsets: the fake needs three fields, not a decoded batch.
-    let header = |b: &[u8]| -> Option<Header> {
-        let at = |o: usize, n: usize| b.get(o..o + n);
-        Some((
-            i64::from_be_bytes(at(43, 8)?.try_into().ok()?),
-            i32::from_be_bytes(at(53, 4)?.try_into().ok()?),
-            i32::from_be_bytes(at(57, 4)?.try_into().ok()?),
-        ))
-    };
-    let batches: Vec<(i32, Option<Header>)> = asked
-        .topic_data
-        .iter()
-        .flat_map(|t| t.partition_data.iter())
-        .map(|p| (p.index, p.records.as_deref().and_then(header)))
-        .collect();
-    produce_answer_with(req, req.correlation_id, |index| {
-        let r = PartitionProduceResponse::default()
-            .with_index(index)
-            .with_log_append_time_ms(-1)
-            .with_log_start_offset(0);
-        let ok = |r: PartitionProduceResponse, count: i32| {
-            r.with_base_offset(st.next_offset.fetch_add(i64::from(count), Ordering::SeqCst))
-        };
-        let Some((_, Some((pid, seq, count)))) = batches.iter().find(|(i, _)| *i == index) else {
-            return r.with_error_code(87); // INVALID_RECORD
-        };
-        if *pid < 0 {
-            return ok(r, *count);
-        }
-        let expected = st.expected_sequence.load(Ordering::SeqCst);
-        if *seq == expected {
-            let refuse = st
-                .refusals
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok();
-            if refuse {
-                return r.with_error_code(19).with_base_offset(-1); // NOT_ENOUGH_REPLICAS
-            }
-            st.expected_sequence.fetch_add(*count, Ordering::SeqCst);
-            ok(r, *count)
-        } else if *seq < expected {
-            r.with_error_code(46).with_base_offset(-1) // DUPLICATE_SEQUENCE_NUMBER
-        } else {
-            if after_gather {
-                st.strays.fetch_add(1, Ordering::SeqCst);
-            }
-            r.with_error_code(45).with_base_offset(-1) // OUT_OF_ORDER_SEQUENCE_NUMBER
-        }
-    })
-}
-
-/// An answer to a Produce request that gives every partition `code`.
-fn error_answer(req: &Req, code: i16) -> Option<Bytes> {
-    produce_answer_with(req, req.correlation_id, |index| {
-        PartitionProduceResponse::default()
-            .with_index(index)
-            .with_error_code(code)
-            .with_base_offset(-1)
-            .with_log_append_time_ms(-1)
-            .with_log_start_offset(-1)
-    })
-}
-
-/// Answers ApiVersions, Metadata and Produce properly. `None`: stop serving this connection.
-fn proper_answer(st: &BrokerState, req: &Req) -> Option<Bytes> {
-    match req.key {
-        ApiKey::ApiVersions => Some(api_versions_answer(req)),
-        ApiKey::Metadata => metadata_answer(st, req),
-        ApiKey::Produce => produce_answer(st, req, req.correlation_id),
-        ApiKey::InitProducerId => Some(frame(
-            req,
-            req.correlation_id,
-            &InitProducerIdResponse::default()
-                .with_producer_id(ProducerId(1000))
-                .with_producer_epoch(0),
-        )),
-        _ => None,
-    }
-}
-
-/// Reads and drops whatever comes until the peer closes; the write half stays open meanwhile
-/// (dropping it would send FIN).
-async fn hold(mut r: OwnedReadHalf, _w: OwnedWriteHalf) {
-    let mut sink = vec![0u8; 64 * 1024];
-    while let Ok(n) = r.read(&mut sink).await {
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-async fn serve(st: Arc<BrokerState>, sock: TcpStream) {
-    st.live.fetch_add(1, Ordering::SeqCst);
-    let _live = Live(st.clone());
-    let _ = sock.set_nodelay(true);
-    let (mut r, mut w) = sock.into_split();
-    let mut metadata_seen = false;
-    loop {
-        let Some(req) = read_request(&mut r).await else {
-            return;
-        };
-        if req.key == ApiKey::Metadata && !metadata_seen {
-            metadata_seen = true;
-            st.metadata_conns.fetch_add(1, Ordering::SeqCst);
-        }
-        let mode = st.mode();
-        if req.key == ApiKey::ApiVersions && mode == Mode::SilentHandshake && st.claim(mode) {
-            return hold(r, w).await;
-        }
-        if req.key == ApiKey::Produce {
-            st.produce_requests.fetch_add(1, Ordering::SeqCst);
-            if mode != Mode::SilentHandshake && st.claim(mode) {
-                // Let every call in flight get its request onto this connection first.
-                let mut pending = vec![req];
-                let until = Instant::now() + GATHER_WAIT;
-                while pending.len() < st.gather.load(Ordering::SeqCst) {
-                    match tokio::time::timeout_at(until, read_request(&mut r)).await {
-                        Ok(Some(more)) if more.key == ApiKey::Produce => {
-                            st.produce_requests.fetch_add(1, Ordering::SeqCst);
-                            pending.push(more);
-                        }
-                        Ok(Some(other)) => match proper_answer(&st, &other) {
-                            Some(a) if w.write_all(&a).await.is_ok() => {}
-                            _ => return,
-                        },
-                        Ok(None) => return,
-                        Err(_) => break,
-                    }
-                }
-                return misbehave(&st, mode, r, w, pending).await;
-            }
-        }
-        match proper_answer(&st, &req) {
-            Some(a) if w.write_all(&a).await.is_ok() => {}
-            _ => return,
-        }
-    }
-}
-
-/// Writes the gathered requests' `answers` at once, then serves the connection: Produce with
-/// `produce`, everything else properly. Stops at the first answer that cannot be made.
-async fn answer_then_serve(
-    st: &BrokerState,
-    mut r: OwnedReadHalf,
-    mut w: OwnedWriteHalf,
-    answers: impl Iterator<Item = Option<Bytes>>,
-    produce: impl Fn(&Req) -> Option<Bytes>,
-) {
-    let mut all = BytesMut::new();
-    for a in answers {
-        let Some(a) = a else { return };
-        all.put_slice(&a);
-    }
-    if w.write_all(&all).await.is_err() {
-        return;
-    }
-    while let Some(req) = read_request(&mut r).await {
-        let answer = if req.key == ApiKey::Produce {
-            st.produce_requests.fetch_add(1, Ordering::SeqCst);
-            produce(&req)
-        } else {
-            proper_answer(st, &req)
-        };
-        match answer {
-            Some(a) if w.write_all(&a).await.is_ok() => {}
-            _ => return,
-        }
-    }
-}
-
-async fn misbehave(
-    st: &BrokerState,
-    mode: Mode,
-    r: OwnedReadHalf,
-    mut w: OwnedWriteHalf,
-    pending: Vec<Req>,
-) {
-    let first = &pending[0];
-    let Some(answer) = produce_answer(st, first, first.correlation_id) else {
-        return;
-    };
-    let half = &answer[..answer.len() / 2];
-    let wrote = match mode {
-        Mode::Behave | Mode::SilentHandshake => unreachable!("not hostile on Produce"),
-        Mode::EnforceSequence => {
-            // Sequences stay enforced on this connection, strays counted after the gathered.
-            let gathered = pending.iter().map(|req| sequence_answer(st, req, false));
-            return answer_then_serve(st, r, w, gathered, |req| sequence_answer(st, req, true))
-                .await;
-        }
-        Mode::Garbage => {
-            w.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
-                .await
-        }
-        Mode::GarbageBody => {
-            // Header v1 (correlation id, no tags), then a "topic array" of 2^32 - 2 elements
-            // and some text.
-            let mut f = BytesMut::new();
-            let garbage = b"\xff\xff\xff\xff\x0fthis is not a produce answer";
-            f.put_i32(4 + 1 + garbage.len() as i32);
-            f.put_i32(first.correlation_id);
-            f.put_u8(0);
-            f.put_slice(garbage);
-            w.write_all(&f).await
-        }
-        Mode::HugeLength => {
-            w.write_all(&[0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 1, 2, 3])
-                .await
-        }
-        Mode::NegativeLength => w.write_all(&(-1i32).to_be_bytes()).await,
-        Mode::UnknownCorrelation => {
-            match produce_answer(st, first, first.correlation_id.wrapping_add(1_000_000)) {
-                Some(a) => w.write_all(&a).await,
-                None => return,
-            }
-        }
-        Mode::CutThenClose => {
-            if w.write_all(half).await.is_ok() {
-                // FIN, then read until leaderlink closes its side too.
-                let _ = w.shutdown().await;
-            }
-            Ok(())
-        }
-        Mode::CutThenSilence => w.write_all(half).await,
-        Mode::Silence => Ok(()),
-        Mode::OmitPartition => {
-            let resp = ProduceResponse::default().with_responses(vec![]);
-            w.write_all(&frame(first, first.correlation_id, &resp))
-                .await
-        }
-        Mode::SequenceGap => {
-            let gathered = pending
-                .iter()
-                .enumerate()
-                .map(|(k, req)| error_answer(req, if k == 0 { 19 } else { 45 }));
-            // The connection behaves from now on.
-            return answer_then_serve(st, r, w, gathered, |req| {
-                produce_answer(st, req, req.correlation_id)
-            })
-            .await;
-        }
-        Mode::Trickle => {
-            let mut all = BytesMut::new();
-            for req in &pending {
-                match produce_answer(st, req, req.correlation_id) {
-                    Some(a) => all.put_slice(&a),
-                    None => return,
-                }
-            }
-            for b in all.iter() {
-                if w.write_all(&[*b]).await.is_err() {
-                    return;
-                }
-                tokio::time::sleep(TRICKLE_EVERY).await;
-            }
-            Ok(())
-        }
-    };
-    if wrote.is_ok() {
-        hold(r, w).await;
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -981,10 +337,10 @@ fn assert_failed_at_deadline(o: &Outcome, deadline: Duration) {
 // ---------------------------------------------------------------------------------------------
 // The scenarios.
 
-/// Cases 1–4: faults leaderlink can see on the wire. `cause`: how the connection's cause reads.
+/// faults leaderlink can see on the wire. `cause`: how the connection's cause reads.
 async fn detectable_fault(mode: Mode, cause: &str) {
     assert!(!mode.only_the_deadline_tells());
-    let _shared = GATE.read().await;
+    let _shared = common::PROCESS.read().await;
     let s = setup(true).await;
 
     // 1. Hostile on every connection, at its first Produce: leaderlink retries within the
@@ -1069,10 +425,10 @@ async fn detectable_fault(mode: Mode, cause: &str) {
     s.assert_alive().await;
 }
 
-/// Cases 5–7: faults only the deadline reveals.
+/// faults only the deadline reveals.
 async fn deadline_fault(mode: Mode) {
     assert!(mode.only_the_deadline_tells());
-    let _shared = GATE.read().await;
+    let _shared = common::PROCESS.read().await;
     // Two leaderlinks (each with its own fake broker) side by side, to halve the time.
     tokio::join!(
         deadline_fault_one_call(mode),
@@ -1159,18 +515,18 @@ async fn deadline_fault_concurrent(mode: Mode) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn case1_garbage_bytes_instead_of_an_answer() {
+async fn garbage_bytes_instead_of_an_answer() {
     // "HTTP" read as a length prefix is 1.2 GB: refused, not allocated.
     detectable_fault(Mode::Garbage, "bytes exceeds the limit of").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn case1_a_well_framed_answer_with_a_garbage_body() {
+async fn a_well_framed_answer_with_a_garbage_body() {
     detectable_fault(Mode::GarbageBody, "malformed Produce response").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn case2_a_huge_length_prefix() {
+async fn a_huge_length_prefix() {
     detectable_fault(
         Mode::HugeLength,
         "frame of 2147483647 bytes exceeds the limit",
@@ -1179,41 +535,41 @@ async fn case2_a_huge_length_prefix() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn case2_a_negative_length_prefix() {
+async fn a_negative_length_prefix() {
     detectable_fault(Mode::NegativeLength, "invalid frame length -1").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn case3_an_answer_with_an_unknown_correlation_id() {
+async fn an_answer_with_an_unknown_correlation_id() {
     // With requests pending, an id that is not the oldest one's is reported as out of order.
     detectable_fault(Mode::UnknownCorrelation, "correlation id").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn case4_an_answer_cut_in_half_then_the_connection_closed() {
+async fn an_answer_cut_in_half_then_the_connection_closed() {
     detectable_fault(Mode::CutThenClose, "the broker closed the connection").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn case5_an_answer_cut_in_half_then_nothing_half_open() {
+async fn an_answer_cut_in_half_then_nothing_half_open() {
     deadline_fault(Mode::CutThenSilence).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn case6_no_answer_at_all_socket_kept_open() {
+async fn no_answer_at_all_socket_kept_open() {
     deadline_fault(Mode::Silence).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn case7_a_valid_answer_trickled_slower_than_the_deadline() {
+async fn a_valid_answer_trickled_slower_than_the_deadline() {
     deadline_fault(Mode::Trickle).await;
 }
 
 /// Extra: a leader that accepts connections but never answers ApiVersions. The calls cannot
 /// reach the leader at all: UNAVAILABLE at their deadline, naming the connect timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn extra_a_leader_that_never_answers_the_handshake() {
-    let _shared = GATE.read().await;
+async fn a_leader_that_never_answers_the_handshake() {
+    let _shared = common::PROCESS.read().await;
     // No warm-up call: the leader connection must be opened while the broker is silent (the
     // metadata connection is already open once health is SERVING).
     let s = setup(false).await;
@@ -1245,7 +601,7 @@ async fn extra_a_leader_that_never_answers_the_handshake() {
 /// by the deadline, or "deadline passed before the request could be written").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_persistently_hostile_leader_is_reported_with_its_fault() {
-    let _shared = GATE.read().await;
+    let _shared = common::PROCESS.read().await;
     let cases = [
         (Mode::Garbage, "bytes exceeds the limit of"),
         (Mode::GarbageBody, "malformed Produce response"),
@@ -1311,7 +667,7 @@ async fn a_persistently_hostile_leader_is_reported_with_its_fault() {
 /// instead of queueing behind the dead request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_calls_request_is_still_timed_out() {
-    let _shared = GATE.read().await;
+    let _shared = common::PROCESS.read().await;
     let s = setup(true).await;
     s.broker.set(Mode::Silence, false, 1);
     let deadline = Duration::from_millis(500);
@@ -1343,7 +699,7 @@ async fn a_cancelled_calls_request_is_still_timed_out() {
 /// result says it may be in the log twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_that_omits_the_partition_is_retried_and_flagged_possibly_duplicated() {
-    let _shared = GATE.read().await;
+    let _shared = common::PROCESS.read().await;
     let s = setup(true).await;
     s.broker.set(Mode::OmitPartition, true, 1);
     let (r, _) = s.call(LONG_DEADLINE, 0).await;
@@ -1360,7 +716,7 @@ async fn an_answer_that_omits_the_partition_is_retried_and_flagged_possibly_dupl
 /// sequence): those are retried behind it, and every call succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn out_of_order_behind_a_refused_batch_is_retried_behind_it() {
-    let _shared = GATE.read().await;
+    let _shared = common::PROCESS.read().await;
     let s = setup(true).await;
     const CALLS: usize = 3;
     s.broker.set(Mode::SequenceGap, true, CALLS);
@@ -1399,7 +755,7 @@ async fn out_of_order_behind_a_refused_batch_is_retried_behind_it() {
 /// must then send them again in sequence order, each once the one before it is appended: sent
 /// on their own schedule, they come back OUT_OF_ORDER while the first is being retried.
 async fn retries_in_sequence_order(raw: bool) {
-    let _shared = GATE.read().await;
+    let _shared = common::PROCESS.read().await;
     let s = setup(true).await;
     const CALLS: usize = 5;
     const REFUSALS: u32 = 3;
@@ -1475,7 +831,7 @@ fn open_fds() -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_hostile_leaders_do_not_grow_memory() {
     // Alone: no other test of this file allocates or opens sockets meanwhile.
-    let _alone = GATE.write().await;
+    let _alone = common::PROCESS.write().await;
     let s = setup(true).await;
     const ITERATIONS: usize = 50;
     const BASELINE_AFTER: usize = 5;

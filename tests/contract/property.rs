@@ -7,7 +7,7 @@
 //! (a healthy cluster, short retries, no load) not DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED or
 //! UNAVAILABLE either.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::BTreeMap,

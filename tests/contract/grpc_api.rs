@@ -1,7 +1,7 @@
 //! The gRPC surface: health, reflection (v1 and v1alpha), and INVALID_ARGUMENT / UNAVAILABLE /
 //! DEADLINE_EXCEEDED for calls that cannot succeed.
 
-mod common;
+use crate::common;
 
 use std::{sync::atomic::Ordering, time::Duration};
 

@@ -1,7 +1,7 @@
 //! Failover behaviour against librdkafka's mock cluster: leaders that move mid-stream, brokers
 //! that go down and come back, ordering modes, and the in-flight bound of idempotent batches.
 
-mod common;
+use crate::common;
 
 use std::{sync::atomic::Ordering, time::Duration};
 
@@ -16,6 +16,7 @@ use tonic::Code;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_moved_mid_stream_keeps_the_stream_going_in_order() {
+    let _shared = common::PROCESS.read().await;
     let h = start(|_| {}).await;
     let t = topic("stream-move");
     h.dev.create_topic(&t, 1).unwrap();
@@ -51,6 +52,7 @@ async fn a_leader_moved_mid_stream_keeps_the_stream_going_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_down_then_up_is_retried_within_the_deadline() {
+    let _shared = common::PROCESS.read().await;
     let h = start(|_| {}).await;
     let t = topic("down-up");
     h.dev.create_topic(&t, 1).unwrap();
@@ -91,6 +93,7 @@ async fn a_broker_down_then_up_is_retried_within_the_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_cluster_answers_unavailable_quickly() {
+    let _shared = common::PROCESS.read().await;
     let h = start(|_| {}).await;
     let t = topic("gone");
     h.dev.create_topic(&t, 1).unwrap();
@@ -189,6 +192,7 @@ fn idempotent(i: u64) -> PartitionData {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_ordering_keeps_one_request_in_flight_per_partition() {
+    let _shared = common::PROCESS.read().await;
     let (peak, ok) = peak_for(PartitionOrder::Strict, plain).await;
     assert_eq!(ok, 24);
     assert_eq!(peak, 1);
@@ -200,6 +204,7 @@ async fn strict_ordering_keeps_one_request_in_flight_per_partition() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotent_batches_have_at_most_five_requests_in_flight_per_partition() {
+    let _shared = common::PROCESS.read().await;
     let (peak, ok) = peak_for(PartitionOrder::Pipelined, idempotent).await;
     // Whatever the mock answers about the sequences, the gRPC calls complete...
     assert_eq!(ok, 24);
@@ -256,6 +261,7 @@ async fn peak_after_cancelled(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_calls_request_keeps_its_partition_slot_until_answered() {
+    let _shared = common::PROCESS.read().await;
     // Strict: the next batch of the partition waits for the cancelled call's request.
     assert_eq!(
         peak_after_cancelled(PartitionOrder::Strict, 1, plain).await,
@@ -273,6 +279,7 @@ async fn a_cancelled_calls_request_keeps_its_partition_slot_until_answered() {
 /// connection on its own, so it could overtake them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_drain_the_next_request_waits_for_the_old_connections_requests() {
+    let _shared = common::PROCESS.read().await;
     let h = start(|_| {}).await;
     let (t, warm) = common::warm_topic(&h, "drain-order", 1).await;
     h.dev

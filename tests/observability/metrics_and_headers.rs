@@ -1,7 +1,7 @@
 //! `/metrics` against the mock cluster: counters that say what happened, sheds and timeouts
 //! included; and the `traceparent` record header read back from the leader.
 
-mod common;
+use crate::common;
 
 use std::{net::SocketAddr, time::Duration};
 

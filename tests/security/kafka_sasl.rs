@@ -8,7 +8,7 @@
 //! `#[ignore]`d in a plain `cargo test`; `scripts/test` runs them with
 //! `LEADERLINK_KAFKA_SECURE_BOOTSTRAP` and `LEADERLINK_KAFKA_TLS_DIR` set.
 
-mod common;
+use crate::common;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -183,7 +183,7 @@ async fn a_broker_that_refuses_the_credentials_fails_only_its_own_partitions() {
     // PLAIN user "bob" is known to nodes 1 and 2; node 3 refuses him.
     const REFUSING: i32 = 3;
     let topic = format!("secure-partial-{}", std::process::id());
-    common::create_kafka_topic(&topic, 6, &[]).await;
+    common::kafka::create_topic(&topic, 6, &[]).await;
     let mut cfg = secure_config(SaslMechanism::Plain, "bob-secret");
     cfg.kafka_sasl_username = Some("bob".into());
     // Bootstrap through node 1 only: the metadata connection needs a broker that takes bob.

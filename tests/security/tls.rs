@@ -1,7 +1,7 @@
 //! TLS and mTLS on the gRPC listeners, with certificates generated here (rcgen): who gets in,
 //! who does not, and a rotated certificate picked up without a restart.
 
-mod common;
+use crate::common;
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 

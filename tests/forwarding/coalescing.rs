@@ -1,7 +1,7 @@
 //! Coalescing against the mock cluster: concurrent calls for different partitions of one leader
 //! share Produce requests, and every call still gets its own partition's answer.
 
-mod common;
+use crate::common;
 
 use std::{collections::HashSet, time::Duration};
 

@@ -1,6 +1,6 @@
 //! The Admin service against the mock cluster, through a generated client.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

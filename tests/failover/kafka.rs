@@ -6,7 +6,7 @@
 //! test command (`scripts/test`) starts the cluster and runs them with
 //! `LEADERLINK_KAFKA_BOOTSTRAP` set.
 
-mod common;
+use crate::common;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -42,13 +42,13 @@ fn cluster(args: &[&str]) {
 }
 
 async fn create_topic(name: &str) {
-    common::create_kafka_topic(name, PARTITIONS, &[("min.insync.replicas", "2")]).await;
+    common::kafka::create_topic(name, PARTITIONS, &[("min.insync.replicas", "2")]).await;
 }
 
 /// Reads every partition from the beginning to its high watermark: record value → count.
 fn consume_all(topic: &str) -> HashMap<String, u32> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", common::kafka_bootstrap())
+        .set("bootstrap.servers", common::kafka::bootstrap())
         .set("group.id", format!("verify-{topic}"))
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
@@ -97,7 +97,7 @@ async fn leaderlink(
     idempotence: bool,
 ) -> (Running, ForwarderClient<Channel>) {
     let cfg = Config {
-        bootstrap: common::kafka_bootstrap()
+        bootstrap: common::kafka::bootstrap()
             .split(',')
             .map(str::to_string)
             .collect(),
@@ -404,7 +404,7 @@ fn out_of_order(topic: &str) -> usize {
 /// (partition, record value) of every partition, each partition in offset order.
 fn read_in_log_order_by_partition(topic: &str) -> Vec<(i32, String)> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", common::kafka_bootstrap())
+        .set("bootstrap.servers", common::kafka::bootstrap())
         .set("group.id", format!("log-{topic}"))
         .set("enable.auto.commit", "false")
         .create()

@@ -1,6 +1,6 @@
 //! Forwarding against librdkafka's mock cluster, through a real gRPC client.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 

@@ -13,7 +13,7 @@
 //! `#[ignore]`d in a plain `cargo test`; the README's test command runs it with
 //! `LEADERLINK_KAFKA_BOOTSTRAP` set.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -114,7 +114,7 @@ impl Txn {
     /// FindCoordinator, then InitProducerId on the coordinator.
     async fn init(transactional_id: &str) -> Txn {
         let mut any =
-            KafkaClient::connect(common::kafka_bootstrap().split(',').next().unwrap()).await;
+            KafkaClient::connect(common::kafka::bootstrap().split(',').next().unwrap()).await;
         let started = Instant::now();
         let addr = loop {
             let req = FindCoordinatorRequest::default()
@@ -200,7 +200,7 @@ impl Txn {
 /// Two partitions of `topic` with the same leader.
 fn two_partitions_of_one_leader(topic: &str) -> (i32, i32) {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", common::kafka_bootstrap())
+        .set("bootstrap.servers", common::kafka::bootstrap())
         .create()
         .unwrap();
     let started = Instant::now();
@@ -232,7 +232,7 @@ fn two_partitions_of_one_leader(topic: &str) -> (i32, i32) {
 /// position back).
 fn read_committed(topic: &str, partition: i32) -> Vec<String> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", common::kafka_bootstrap())
+        .set("bootstrap.servers", common::kafka::bootstrap())
         .set("group.id", format!("committed-{topic}-{partition}"))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
@@ -281,7 +281,7 @@ fn read_committed(topic: &str, partition: i32) -> Vec<String> {
 #[ignore = "needs a real Kafka: LEADERLINK_KAFKA_BOOTSTRAP (scripts/test starts one)"]
 async fn a_committed_transaction_is_read_an_aborted_one_is_not_and_plain_calls_are_untouched() {
     let topic = common::topic("txn");
-    common::create_kafka_topic(&topic, 6, &[]).await;
+    common::kafka::create_topic(&topic, 6, &[]).await;
     let (tx_partition, plain_partition) = two_partitions_of_one_leader(&topic);
 
     let suffix = common::topic("id");
@@ -291,7 +291,7 @@ async fn a_committed_transaction_is_read_an_aborted_one_is_not_and_plain_calls_a
     abort.add_partition(&topic, tx_partition).await;
 
     let cfg = Config {
-        bootstrap: common::kafka_bootstrap()
+        bootstrap: common::kafka::bootstrap()
             .split(',')
             .map(str::to_string)
             .collect(),

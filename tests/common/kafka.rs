@@ -1,0 +1,33 @@
+//! The real Kafka that `scripts/kafka-cluster` runs (the test command starts it).
+
+/// The PLAINTEXT bootstrap of the real Kafka that `scripts/kafka-cluster` runs.
+pub fn bootstrap() -> String {
+    std::env::var("LEADERLINK_KAFKA_BOOTSTRAP").expect(
+        "LEADERLINK_KAFKA_BOOTSTRAP: run `scripts/kafka-cluster start 3` (scripts/test does)",
+    )
+}
+
+/// Creates `name` on that Kafka with `partitions` partitions, replication factor 3 and the
+/// topic configs `configs`, with librdkafka's admin client.
+pub async fn create_topic(name: &str, partitions: i32, configs: &[(&str, &str)]) {
+    use rdkafka::{
+        ClientConfig,
+        admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+        client::DefaultClientContext,
+    };
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    let topic = configs.iter().fold(
+        NewTopic::new(name, partitions, TopicReplication::Fixed(3)),
+        |t, (k, v)| t.set(k, v),
+    );
+    for r in admin
+        .create_topics([&topic], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+}

@@ -1,0 +1,11 @@
+//! Forwarding against the mock cluster (results, coalescing, pipelining) and real Kafka (transactional batches).
+//!
+//! One test binary per behaviour; the modules below are its parts.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod coalescing;
+mod kafka_transactions;
+mod mock;
+mod pipelining;
