@@ -28,6 +28,9 @@ pub struct Shared {
     /// One histogram per worker, locked by its worker per sample and by the reporter once a
     /// second.
     pub hists: Vec<Mutex<Histogram<u64>>>,
+    /// Per worker, the latencies of its successful calls only (what an admitted call sees when
+    /// others are shed).
+    pub ok_hists: Vec<Mutex<Histogram<u64>>>,
 }
 
 pub fn new_hist() -> Histogram<u64> {
@@ -36,8 +39,17 @@ pub fn new_hist() -> Histogram<u64> {
 }
 
 pub fn merged(shared: &Shared) -> Histogram<u64> {
+    merge(&shared.hists)
+}
+
+/// The workers' histograms of successful calls, merged.
+pub fn merged_ok(shared: &Shared) -> Histogram<u64> {
+    merge(&shared.ok_hists)
+}
+
+fn merge(hists: &[Mutex<Histogram<u64>>]) -> Histogram<u64> {
     let mut all = new_hist();
-    for h in &shared.hists {
+    for h in hists {
         all.add(&*h.lock().unwrap_or_else(|p| p.into_inner()))
             .expect("same bounds");
     }
@@ -54,6 +66,7 @@ impl Shared {
             in_flight: AtomicU64::new(0),
             stop: AtomicBool::new(false),
             hists: (0..workers).map(|_| Mutex::new(new_hist())).collect(),
+            ok_hists: (0..workers).map(|_| Mutex::new(new_hist())).collect(),
         }
     }
 }
@@ -119,6 +132,10 @@ pub fn spawn_workers(
                     match r {
                         Ok(k) => {
                             shared.records.fetch_add(k, Ordering::Relaxed);
+                            shared.ok_hists[w]
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .saturating_record(micros);
                         }
                         Err(e) => {
                             if shared.errors.fetch_add(1, Ordering::Relaxed) < 5 {

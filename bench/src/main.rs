@@ -193,7 +193,12 @@ fn bench_config(args: &Args, bootstrap: &str) -> Config {
         Some(f) => Config::from_file(f).expect("--config"),
         None => Config::default(),
     };
-    cfg.bootstrap = bootstrap.split(',').map(str::to_string).collect();
+    // Empty with `--forwarder URL`: the server there has its own cluster.
+    cfg.bootstrap = bootstrap
+        .split(',')
+        .filter(|b| !b.is_empty())
+        .map(str::to_string)
+        .collect();
     cfg.metrics_listen = "127.0.0.1:0".parse().unwrap();
     cfg.validate().expect("valid config");
     if let Some(n) = args.max_in_flight {
@@ -313,4 +318,17 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
         r.shutdown(Duration::from_secs(5)).await;
     }
     drop(dev);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_against_another_leaderlink_needs_no_bootstrap() {
+        let args = Args::parse_from(["leaderlink-bench", "--forwarder", "http://127.0.0.1:1"]);
+        assert!(bench_config(&args, "").bootstrap.is_empty());
+        let cfg = bench_config(&args, "a:1,b:2");
+        assert_eq!(cfg.bootstrap, ["a:1", "b:2"]);
+    }
 }

@@ -10,7 +10,7 @@ use rdkafka::{
 
 use crate::{
     AcksArg, Args, Mode,
-    load::{Shared, merged},
+    load::{Shared, merged, merged_ok},
     target::rdkafka_settings,
 };
 
@@ -45,6 +45,8 @@ pub fn report(
     let requests = shared.requests.load(Ordering::Relaxed);
     let errors = shared.errors.load(Ordering::Relaxed);
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let ok = merged_ok(shared);
+    let ok_ms = |q: f64| ok.value_at_quantile(q) as f64 / 1000.0;
     let leader_peak_in_flight = forwarder.map(|f| {
         f.pool()
             .slots()
@@ -75,6 +77,10 @@ pub fn report(
         "latency_ms": {
             "p50": ms(0.50), "p90": ms(0.90), "p99": ms(0.99), "p999": ms(0.999),
             "max": h.max() as f64 / 1000.0,
+        },
+        // Successful calls only (equal to latency_ms without errors).
+        "ok_latency_ms": {
+            "p50": ok_ms(0.50), "p99": ok_ms(0.99), "max": ok.max() as f64 / 1000.0,
         },
         "leader_peak_in_flight": leader_peak_in_flight,
         "leader_requests": leader_requests,

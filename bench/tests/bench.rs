@@ -58,6 +58,13 @@ fn forwarder_mode_reports_every_field_and_counts_what_the_leaders_hold() {
     for q in ["p50", "p90", "p99", "p999", "max"] {
         assert!(v["latency_ms"][q].as_f64().is_some(), "latency_ms.{q}: {v}");
     }
+    // Without errors, the successful calls are all the calls.
+    for q in ["p50", "p99", "max"] {
+        assert_eq!(
+            v["ok_latency_ms"][q], v["latency_ms"][q],
+            "ok_latency_ms.{q}: {v}"
+        );
+    }
     assert_eq!(v["mode"], "forwarder");
     assert_eq!(v["grpc_api"], "unary");
     assert_eq!(v["batch_records"], 5);
