@@ -13,6 +13,7 @@ use std::{sync::Arc, time::Duration};
 use bytes::Bytes;
 use hmac::{Hmac, Mac, digest::InvalidLength};
 use kafka_protocol::{
+    error::ResponseError,
     messages::{
         ApiKey, ApiVersionsRequest, ApiVersionsResponse, SaslAuthenticateRequest,
         SaslAuthenticateResponse, SaslHandshakeRequest, SaslHandshakeResponse,
@@ -114,8 +115,7 @@ fn timed_out(e: ConnError, addr: &str, started: Instant) -> ConnError {
     }
 }
 
-/// UNSUPPORTED_VERSION.
-const UNSUPPORTED_VERSION: i16 = 35;
+const UNSUPPORTED_VERSION: i16 = ResponseError::UnsupportedVersion.code();
 
 /// Runs ApiVersions on a fresh connection and picks the versions to use on it.
 pub async fn negotiate(
@@ -220,10 +220,9 @@ async fn answer(
     })
 }
 
-/// SASL error codes (Kafka): UNSUPPORTED_SASL_MECHANISM, ILLEGAL_SASL_STATE,
-/// SASL_AUTHENTICATION_FAILED.
-const UNSUPPORTED_SASL_MECHANISM: i16 = 33;
-const SASL_AUTHENTICATION_FAILED: i16 = 58;
+/// The Kafka errors the SASL exchange tells apart.
+const UNSUPPORTED_SASL_MECHANISM: i16 = ResponseError::UnsupportedSaslMechanism.code();
+const SASL_AUTHENTICATION_FAILED: i16 = ResponseError::SaslAuthenticationFailed.code();
 
 fn auth_error(mechanism: SaslMechanism, reason: impl Into<String>) -> ConnError {
     ConnError::Auth {
