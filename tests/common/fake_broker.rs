@@ -50,38 +50,38 @@ pub const TRICKLE_EVERY: Duration = Duration::from_millis(60);
 pub enum Mode {
     /// Proper answers.
     Behave,
-    /// bytes that are no Kafka frame at all (an HTTP answer).
+    /// Bytes that are no Kafka frame at all (an HTTP answer).
     Garbage,
-    /// the right correlation id, then a body that is garbage.
+    /// The right correlation id, then a body that is garbage.
     GarbageBody,
-    /// a length prefix of 0x7fff_ffff.
+    /// A length prefix of 0x7fff_ffff.
     HugeLength,
-    /// a negative length prefix.
+    /// A negative length prefix.
     NegativeLength,
-    /// a valid answer under a correlation id nobody waits for.
+    /// A valid answer under a correlation id nobody waits for.
     UnknownCorrelation,
-    /// half an answer, then the connection closed (FIN).
+    /// Half an answer, then the connection closed (FIN).
     CutThenClose,
-    /// half an answer, then nothing; the socket stays open (half-open).
+    /// Half an answer, then nothing; the socket stays open (half-open).
     CutThenSilence,
-    /// the Produce is read, never answered; the socket stays open.
+    /// The Produce is read, never answered; the socket stays open.
     Silence,
-    /// valid answers, one byte every [`TRICKLE_EVERY`].
+    /// Valid answers, one byte every [`TRICKLE_EVERY`].
     Trickle,
     /// Extra: a new connection's ApiVersions is never answered.
     SilentHandshake,
     /// A well-formed Produce answer that omits the partition asked for.
     OmitPartition,
     /// Of the gathered Produce requests, the first is answered NOT_ENOUGH_REPLICAS (retriable,
-    /// nothing appended) and the others OUT_OF_ORDER_SEQUENCE_NUMBER, as a broker does for the
-    /// batches behind one it refused; then the connection behaves.
+    /// Nothing appended) and the others OUT_OF_ORDER_SEQUENCE_NUMBER, as a broker does for the
+    /// Batches behind one it refused; then the connection behaves.
     SequenceGap,
     /// Produce as a broker checks an idempotent producer's sequences on `t`-0: the next
-    /// sequence is appended, an earlier one is a duplicate, a later one OUT_OF_ORDER. The batch
-    /// with the next sequence is refused NOT_ENOUGH_REPLICAS (retriable, nothing appended) as
-    /// often as `refusals` says. The gathered requests are answered together; OUT_OF_ORDER
-    /// answers after them are counted as `strays` (a batch sent although leaderlink knew an
-    /// earlier one was missing).
+    /// Sequence is appended, an earlier one is a duplicate, a later one OUT_OF_ORDER. The batch
+    /// With the next sequence is refused NOT_ENOUGH_REPLICAS (retriable, nothing appended) as
+    /// Often as `refusals` says. The gathered requests are answered together; OUT_OF_ORDER
+    /// Answers after them are counted as `strays` (a batch sent although leaderlink knew an
+    /// Earlier one was missing).
     EnforceSequence,
 }
 
