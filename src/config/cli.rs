@@ -1,5 +1,5 @@
-//! The command line of `leaderlink serve`: flags (and their environment variables) laid over
-//! the file and the environment.
+//! The command line of `leaderlink serve`: flags laid over the file and the environment (which
+//! `sources` reads).
 
 use std::{net::SocketAddr, path::PathBuf};
 
