@@ -24,6 +24,7 @@ use crate::kafka::{
     metadata::Broker,
     produce::{Answers, PartitionAnswer},
 };
+use crate::proto::v1::RecordError;
 
 /// A request's outcome: `None` for acks=0 once written.
 type Outcome = Result<Option<Arc<Answers>>, RequestError>;
@@ -244,6 +245,14 @@ impl Call<'_> {
                 s,
             );
             res.log_start_offset = a.log_start_offset;
+            res.record_errors = a
+                .record_errors
+                .into_iter()
+                .map(|(batch_index, message)| RecordError {
+                    batch_index,
+                    message: message.unwrap_or_default(),
+                })
+                .collect();
             s.result = Some(res);
         }
     }

@@ -202,5 +202,6 @@ pub(super) fn error_result(
         leader_id,
         attempts: st.attempts,
         possibly_duplicated: st.possibly_duplicated,
+        record_errors: Vec::new(),
     }
 }

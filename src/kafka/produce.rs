@@ -132,6 +132,8 @@ pub struct PartitionAnswer {
     pub log_append_time_ms: i64,
     /// Log start offset, or -1.
     pub log_start_offset: i64,
+    /// Records the leader refused (Produce v8+): index in the batch, and the leader's reason.
+    pub record_errors: Vec<(i32, Option<String>)>,
     /// KIP-951 hint (Produce v10+): the current leader id and epoch, when the leader knows it
     /// is no longer the leader.
     pub current_leader: Option<(i32, i32)>,
@@ -191,6 +193,14 @@ pub fn decode(version: i16, frame: Bytes) -> Result<Answers, ConnError> {
                     log_append_time_ms: p.log_append_time_ms,
                     log_start_offset: p.log_start_offset,
                     current_leader,
+                    record_errors: p
+                        .record_errors
+                        .iter()
+                        .map(|e| {
+                            let msg = e.batch_index_error_message.as_ref();
+                            (e.batch_index, msg.map(|m| m.as_str().to_string()))
+                        })
+                        .collect(),
                 },
             );
         }
