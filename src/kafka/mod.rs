@@ -12,30 +12,15 @@ pub mod security;
 
 // The wire layer, private to the crate; public only with the `fuzz` feature, for the fuzz
 // targets (rskafka keeps its protocol layer the same way).
-#[cfg(feature = "fuzz")]
-pub mod coalesce;
-#[cfg(not(feature = "fuzz"))]
-pub(crate) mod coalesce;
 mod dial;
-#[cfg(feature = "fuzz")]
-pub mod frame;
-#[cfg(not(feature = "fuzz"))]
-pub(crate) mod frame;
-#[cfg(feature = "fuzz")]
-pub mod guard;
-#[cfg(not(feature = "fuzz"))]
-pub(crate) mod guard;
-#[cfg(feature = "fuzz")]
-pub mod produce;
-#[cfg(not(feature = "fuzz"))]
-pub(crate) mod produce;
-#[cfg(feature = "fuzz")]
-pub mod producer_id;
-#[cfg(not(feature = "fuzz"))]
-pub(crate) mod producer_id;
-#[cfg(feature = "fuzz")]
-pub mod versions;
-#[cfg(not(feature = "fuzz"))]
-pub(crate) mod versions;
+macro_rules! wire_layer {
+    ($($m:ident),*) => {$(
+        #[cfg(feature = "fuzz")]
+        pub mod $m;
+        #[cfg(not(feature = "fuzz"))]
+        pub(crate) mod $m;
+    )*};
+}
+wire_layer!(coalesce, frame, guard, produce, producer_id, versions);
 
 pub use dial::connect;

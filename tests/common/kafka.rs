@@ -1,5 +1,8 @@
 //! The real Kafka that `scripts/kafka-cluster` runs (the test command starts it).
 
+use leaderlink::{config::Config, proto::v1::forwarder_client::ForwarderClient, server::Running};
+use tonic::transport::Channel;
+
 /// The PLAINTEXT bootstrap of the real Kafka that `scripts/kafka-cluster` runs.
 pub fn bootstrap() -> String {
     std::env::var("LEADERLINK_KAFKA_BOOTSTRAP").expect(
@@ -30,4 +33,15 @@ pub async fn create_topic(name: &str, partitions: i32, configs: &[(&str, &str)])
     {
         r.unwrap();
     }
+}
+
+/// Starts leaderlink in front of that Kafka, with `tweak` applied to the config, and connects a
+/// client to it.
+pub async fn start(tweak: impl FnOnce(&mut Config)) -> (Running, ForwarderClient<Channel>) {
+    let mut cfg = Config {
+        bootstrap: bootstrap().split(',').map(str::to_string).collect(),
+        ..Config::default()
+    };
+    tweak(&mut cfg);
+    super::start_with_client(&cfg).await
 }

@@ -44,15 +44,21 @@ pub async fn start(tweak: impl FnOnce(&mut Config)) -> Harness {
     };
     tweak(&mut cfg);
     cfg.validate().expect("valid test config");
-    let server = start_server(&cfg).await;
-    let client = ForwarderClient::connect(format!("http://{}", server.addr))
-        .await
-        .expect("client connects");
+    let (server, client) = start_with_client(&cfg).await;
     Harness {
         server,
         client,
         dev,
     }
+}
+
+/// Starts leaderlink with `cfg` (see [`start_server`]) and connects a client to it.
+pub async fn start_with_client(cfg: &Config) -> (Running, ForwarderClient<Channel>) {
+    let server = start_server(cfg).await;
+    let client = ForwarderClient::connect(format!("http://{}", server.addr))
+        .await
+        .expect("client connects");
+    (server, client)
 }
 
 /// Starts leaderlink with `cfg` on free loopback ports (gRPC, admin and metrics).

@@ -20,7 +20,6 @@ use std::{
 
 use bytes::Bytes;
 use leaderlink::{
-    config::Config,
     forward::PartitionOrder,
     kafka::metadata::TopicState,
     proto::v1::{Acks, Record, forwarder_client::ForwarderClient},
@@ -96,20 +95,11 @@ async fn leaderlink(
     ordering: PartitionOrder,
     idempotence: bool,
 ) -> (Running, ForwarderClient<Channel>) {
-    let cfg = Config {
-        bootstrap: common::kafka::bootstrap()
-            .split(',')
-            .map(str::to_string)
-            .collect(),
-        ordering,
-        idempotence,
-        ..Config::default()
-    };
-    let server = common::start_server(&cfg).await;
-    let client = ForwarderClient::connect(format!("http://{}", server.addr))
-        .await
-        .unwrap();
-    (server, client)
+    common::kafka::start(|cfg| {
+        cfg.ordering = ordering;
+        cfg.idempotence = idempotence;
+    })
+    .await
 }
 
 /// The broker leading most of `topic`'s partitions, per leaderlink's leader map.

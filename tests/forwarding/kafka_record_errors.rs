@@ -7,27 +7,14 @@
 
 use crate::common;
 
-use leaderlink::{config::Config, proto::v1::Acks};
+use leaderlink::proto::v1::Acks;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a real Kafka: LEADERLINK_KAFKA_BOOTSTRAP (scripts/test starts one)"]
 async fn a_keyless_record_on_a_compacted_topic_is_named_by_its_batch_index() {
     let topic = common::topic("compacted");
     common::kafka::create_topic(&topic, 1, &[("cleanup.policy", "compact")]).await;
-    let cfg = Config {
-        bootstrap: common::kafka::bootstrap()
-            .split(',')
-            .map(str::to_string)
-            .collect(),
-        ..Config::default()
-    };
-    let server = common::start_server(&cfg).await;
-    let mut client = leaderlink::proto::v1::forwarder_client::ForwarderClient::connect(format!(
-        "http://{}",
-        server.addr
-    ))
-    .await
-    .unwrap();
+    let (server, mut client) = common::kafka::start(|_| {}).await;
 
     // Three records; the second has no key.
     let mut recs = common::records("r", 3);

@@ -27,10 +27,7 @@ use kafka_protocol::{
     },
     protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes},
 };
-use leaderlink::{
-    config::Config,
-    proto::v1::{Acks, ForwardRequest, PartitionData},
-};
+use leaderlink::proto::v1::{Acks, ForwardRequest, PartitionData};
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, Consumer},
@@ -290,20 +287,7 @@ async fn a_committed_transaction_is_read_an_aborted_one_is_not_and_plain_calls_a
     commit.add_partition(&topic, tx_partition).await;
     abort.add_partition(&topic, tx_partition).await;
 
-    let cfg = Config {
-        bootstrap: common::kafka::bootstrap()
-            .split(',')
-            .map(str::to_string)
-            .collect(),
-        ..Config::default()
-    };
-    let server = common::start_server(&cfg).await;
-    let client = leaderlink::proto::v1::forwarder_client::ForwarderClient::connect(format!(
-        "http://{}",
-        server.addr
-    ))
-    .await
-    .unwrap();
+    let (_server, client) = common::kafka::start(|_| {}).await;
 
     let tx_request = |txn: &Txn, tag: &str| ForwardRequest {
         id: 0,
