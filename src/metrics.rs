@@ -187,6 +187,8 @@ struct Broker {
     in_flight: u64,
     queued: u64,
     sent: u64,
+    batches: u64,
+    records: u64,
     connects: u64,
     poisoned: u64,
     timeouts: u64,
@@ -201,6 +203,8 @@ fn encode_brokers(f: &Forwarder, e: &mut DescriptorEncoder<'_>) -> std::fmt::Res
         b.in_flight += Stats::get(&st.in_flight);
         b.queued += Stats::get(&st.queued);
         b.sent += Stats::get(&st.sent);
+        b.batches += Stats::get(&st.batches);
+        b.records += Stats::get(&st.records);
         b.connects += Stats::get(&st.connects);
         b.poisoned += Stats::get(&st.poisoned);
         b.timeouts += Stats::get(&st.timeouts);
@@ -240,6 +244,20 @@ fn encode_brokers(f: &Forwarder, e: &mut DescriptorEncoder<'_>) -> std::fmt::Res
             "Requests written to a broker.",
             MetricType::Counter,
             |b: &Broker| b.sent,
+        ),
+        (
+            "leaderlink_leader_batches_sent",
+            "Record batches in the Produce requests written to a broker; the records of \
+             concurrent calls for one partition share one.",
+            MetricType::Counter,
+            |b: &Broker| b.batches,
+        ),
+        (
+            "leaderlink_leader_records_sent",
+            "Records in the batches written to a broker (with leaderlink_leader_batches_sent: \
+             records per batch).",
+            MetricType::Counter,
+            |b: &Broker| b.records,
         ),
     ] {
         let mut m = e.encode_descriptor(metric, help, None, kind)?;

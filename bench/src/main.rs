@@ -91,6 +91,9 @@ struct Args {
     /// leaderlink's connections_per_leader (in-process modes).
     #[arg(long, value_name = "K")]
     connections_per_leader: Option<usize>,
+    /// leaderlink's max_batch_bytes (in-process modes); 0 turns record merging off.
+    #[arg(long, value_name = "BYTES")]
+    max_batch_bytes: Option<usize>,
     /// Calls per second across all workers (0: as fast as answers come). With a rate, each
     /// call waits for its turn from a token bucket filled every millisecond; latency is counted
     /// from the call's start.
@@ -206,6 +209,9 @@ fn bench_config(args: &Args, bootstrap: &str) -> Config {
     }
     if let Some(k) = args.connections_per_leader {
         cfg.connections_per_leader = k;
+    }
+    if let Some(b) = args.max_batch_bytes {
+        cfg.max_batch_bytes = b;
     }
     // The benchmark measures throughput, not overload protection.
     cfg.max_concurrent_calls = cfg.max_concurrent_calls.max(args.concurrency * 2);

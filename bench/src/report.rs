@@ -58,6 +58,9 @@ pub fn report(
     // Requests written to the leaders (warm-up included): below `requests` when calls for
     // different partitions were coalesced into shared Produce requests.
     let leader_requests = forwarder.map(|f| f.pool().requests_sent());
+    // Record batches written to the leaders: below `records` / `batch_records` when calls'
+    // records for one partition were merged into shared batches.
+    let leader_batches = forwarder.map(|f| f.pool().batches_sent());
     let out = serde_json::json!({
         "mode": format!("{:?}", args.mode).to_lowercase(),
         "grpc_api": (args.mode == Mode::Forwarder)
@@ -84,6 +87,10 @@ pub fn report(
         },
         "leader_peak_in_flight": leader_peak_in_flight,
         "leader_requests": leader_requests,
+        "leader_batches": leader_batches.map(|b| b.0),
+        "records_per_leader_batch": leader_batches
+            .filter(|b| b.0 > 0)
+            .map(|(b, r)| r as f64 / b as f64),
         "records_in_log": in_log,
         "spans_exported": args.otlp_endpoint.as_ref().map(|_| telemetry::spans_exported()),
         "spans_dropped": args.otlp_endpoint.as_ref().map(|_| telemetry::spans_dropped()),

@@ -104,6 +104,19 @@ pub struct Config {
     /// `max_queued_per_connection`); a single request larger than this fails with
     /// RESOURCE_EXHAUSTED.
     pub max_in_flight_bytes_per_connection: usize,
+    /// Largest record batch leaderlink builds by merging the `records` of concurrent calls for
+    /// one partition (record accumulation: calls queued for a leader connection while it is
+    /// busy share one batch). A call's records that would take a batch past it start the next
+    /// batch; a single call's batch is never split. Keep it at most the topics'
+    /// `max.message.bytes` (broker default 1048588), or the leader refuses the merged batch and
+    /// each call is retried in a batch of its own. `0` turns merging off.
+    pub max_batch_bytes: usize,
+    /// How long a leader connection's queue waits, after a call's batches arrive, for more
+    /// calls to share its request and record batches, in milliseconds. `0` (default): no
+    /// timer; calls share batches only while the connection is busy, and a lone call goes out
+    /// at once. A wait never takes more than half the time the earliest waiting call's deadline
+    /// leaves.
+    pub linger_ms: u64,
     /// On SIGTERM/SIGINT, how long in-flight calls may take to finish. Calls still running when
     /// it expires get UNAVAILABLE and a warning is logged.
     pub shutdown_grace_ms: u64,
@@ -237,6 +250,8 @@ impl Default for Config {
             max_concurrent_calls: 4096,
             max_queued_per_connection: 4096,
             max_in_flight_bytes_per_connection: 64 * 1024 * 1024,
+            max_batch_bytes: 1_000_000,
+            linger_ms: 0,
             shutdown_grace_ms: 20_000,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             otlp_endpoint: None,
@@ -370,6 +385,8 @@ impl Config {
             retry_backoff_max: Duration::from_millis(self.retry_backoff_max_ms),
             connections_per_leader: self.connections_per_leader,
             max_queued_per_connection: self.max_queued_per_connection,
+            max_batch_bytes: self.max_batch_bytes,
+            linger: Duration::from_millis(self.linger_ms),
             trace_record_header: self.trace_record_header,
             metadata_max_idle: Duration::from_millis(self.metadata_max_idle_ms),
         }

@@ -82,6 +82,12 @@ impl Config {
                 "must be >= max_request_bytes, or a valid request could never be sent",
             ));
         }
+        if self.max_batch_bytes > i32::MAX as usize {
+            return Err(bad("max_batch_bytes", "must be 0..=2147483647"));
+        }
+        if self.linger_ms > 60_000 {
+            return Err(bad("linger_ms", "must be 0..=60000"));
+        }
         if self.shutdown_grace_ms > 3600 * 1000 {
             return Err(bad("shutdown_grace_ms", "must be <= 3600000 (one hour)"));
         }

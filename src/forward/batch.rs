@@ -12,16 +12,13 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::proto::v1::Record;
 
-/// Size of the v2 batch header, up to and including the record count.
-pub const BATCH_HEADER: usize = 61;
-const LENGTH_OFFSET: usize = 8;
-const MAGIC_OFFSET: usize = 16;
-const CRC_OFFSET: usize = 17;
-const ATTRIBUTES_OFFSET: usize = 21;
-const PRODUCER_ID_OFFSET: usize = 43;
-const PRODUCER_EPOCH_OFFSET: usize = 51;
-const BASE_SEQUENCE_OFFSET: usize = 53;
-const RECORDS_COUNT_OFFSET: usize = 57;
+pub use crate::kafka::record_batch::BATCH_HEADER;
+use crate::kafka::record_batch::{
+    ATTRIBUTES_OFFSET, BASE_SEQUENCE_OFFSET, CRC_OFFSET, LENGTH_OFFSET, MAGIC_OFFSET,
+    PRODUCER_EPOCH_OFFSET, PRODUCER_ID_OFFSET, RECORDS_COUNT_OFFSET, put_varint, put_varlong,
+    varlong_len,
+};
+
 /// Attributes bit of a transactional batch.
 const TRANSACTIONAL_BIT: i16 = 0x10;
 
@@ -121,25 +118,6 @@ pub fn stamp(batch: &[u8], producer_id: i64, producer_epoch: i16, base_sequence:
     let crc = crc32c::crc32c(&b[ATTRIBUTES_OFFSET..]);
     b[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
     b.freeze()
-}
-
-fn put_varint(buf: &mut BytesMut, v: i32) {
-    put_varlong(buf, i64::from(v));
-}
-
-fn put_varlong(buf: &mut BytesMut, v: i64) {
-    // Zig-zag, then base-128 little-endian groups (Kafka's varint/varlong).
-    let mut z = ((v << 1) ^ (v >> 63)) as u64;
-    while z >= 0x80 {
-        buf.put_u8((z as u8) | 0x80);
-        z >>= 7;
-    }
-    buf.put_u8(z as u8);
-}
-
-fn varlong_len(v: i64) -> usize {
-    let z = ((v << 1) ^ (v >> 63)) as u64;
-    (64 - z.max(1).leading_zeros() as usize).div_ceil(7).max(1)
 }
 
 fn put_nullable(buf: &mut BytesMut, b: Option<&Bytes>) {
@@ -292,6 +270,50 @@ mod tests {
     }
 
     #[test]
+    fn merged_batches_keep_every_record_with_its_own_timestamp_and_headers() {
+        use crate::kafka::record_batch::merge;
+        let a = encode(
+            &[
+                rec(Some("a0"), Some("x"), 1_700_000_000_100),
+                rec(None, None, 1_700_000_000_090),
+            ],
+            0,
+        );
+        // Earlier than the first batch's base timestamp: a negative delta.
+        let big = "v".repeat(200);
+        let b = encode(&[rec(Some("b0"), Some(&big), 1_700_000_000_000)], 0);
+        let c = encode(&[rec(Some("c0"), Some("z"), 1_700_000_999_999)], 0);
+        let merged = merge(&[a, b, c]).expect("merges");
+        let info = check(&merged).expect("a valid batch");
+        assert_eq!(info.records, 4);
+        let set = RecordBatchDecoder::decode(&mut merged.clone()).expect("decodes");
+        let got: Vec<(i64, Option<&[u8]>, i64, usize)> = set
+            .records
+            .iter()
+            .map(|r| {
+                (
+                    r.offset,
+                    r.key.as_deref(),
+                    r.timestamp,
+                    r.value.as_ref().map_or(0, |v| v.len()),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, Some(&b"a0"[..]), 1_700_000_000_100, 1),
+                (1, None, 1_700_000_000_090, 0),
+                (2, Some(&b"b0"[..]), 1_700_000_000_000, 200),
+                (3, Some(&b"c0"[..]), 1_700_000_999_999, 1),
+            ]
+        );
+        assert!(set.records.iter().all(|r| r.headers.len() == 1));
+        let max_ts = i64::from_be_bytes(merged[35..43].try_into().unwrap());
+        assert_eq!(max_ts, 1_700_000_999_999);
+    }
+
+    #[test]
     fn duplicate_header_keys_survive_encoding() {
         let r = Record {
             key: None,
@@ -314,28 +336,6 @@ mod tests {
         let s = &b[BATCH_HEADER..];
         assert!(s.windows(5).any(|w| w == b"dup\x021"));
         assert!(s.windows(5).any(|w| w == b"dup\x022"));
-    }
-
-    #[test]
-    fn varint_lengths_match_encoding() {
-        for v in [
-            0i64,
-            1,
-            -1,
-            63,
-            64,
-            -64,
-            -65,
-            8191,
-            8192,
-            i32::MAX as i64,
-            i64::MIN,
-            i64::MAX,
-        ] {
-            let mut b = BytesMut::new();
-            put_varlong(&mut b, v);
-            assert_eq!(b.len(), varlong_len(v), "{v}");
-        }
     }
 
     #[test]

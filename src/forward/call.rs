@@ -45,6 +45,9 @@ pub(super) struct ItemState {
     pub(super) alone: bool,
     /// The idempotent producer's stamp on the batch, kept with its bytes for retries.
     pub(super) stamp: Option<Stamp>,
+    /// The leader refused a record batch this one shared with other calls' as too large: it
+    /// goes in a record batch of its own.
+    pub(super) unmerged: bool,
 }
 
 /// The state of one call across its rounds.

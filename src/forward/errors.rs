@@ -14,6 +14,8 @@ pub(crate) const NOT_LEADER_OR_FOLLOWER: i16 = ResponseError::NotLeaderOrFollowe
 pub(crate) const FENCED_LEADER_EPOCH: i16 = ResponseError::FencedLeaderEpoch.code();
 /// MESSAGE_TOO_LARGE.
 pub(crate) const MESSAGE_TOO_LARGE: i16 = ResponseError::MessageTooLarge.code();
+/// RECORD_LIST_TOO_LARGE.
+pub(crate) const RECORD_LIST_TOO_LARGE: i16 = ResponseError::RecordListTooLarge.code();
 /// OUT_OF_ORDER_SEQUENCE_NUMBER.
 pub(crate) const OUT_OF_ORDER_SEQUENCE_NUMBER: i16 = ResponseError::OutOfOrderSequenceNumber.code();
 /// DUPLICATE_SEQUENCE_NUMBER.

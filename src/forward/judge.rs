@@ -13,12 +13,13 @@ use super::{
     error_name,
     errors::{
         DUPLICATE_SEQUENCE_NUMBER, FENCED_LEADER_EPOCH, INVALID_PRODUCER_EPOCH, MESSAGE_TOO_LARGE,
-        NOT_LEADER_OR_FOLLOWER, OUT_OF_ORDER_SEQUENCE_NUMBER, PRODUCER_FENCED, UNKNOWN_PRODUCER_ID,
-        may_have_appended, needs_refresh, retriable,
+        NOT_LEADER_OR_FOLLOWER, OUT_OF_ORDER_SEQUENCE_NUMBER, PRODUCER_FENCED,
+        RECORD_LIST_TOO_LARGE, UNKNOWN_PRODUCER_ID, may_have_appended, needs_refresh, retriable,
     },
     report::{error_result, ok_result},
 };
 use crate::kafka::{
+    coalesce::Placement,
     connection::Connection,
     error::{ConnError, RequestError, chain},
     metadata::Broker,
@@ -26,8 +27,9 @@ use crate::kafka::{
 };
 use crate::proto::v1::RecordError;
 
-/// A request's outcome: `None` for acks=0 once written.
-type Outcome = Result<Option<Arc<Answers>>, RequestError>;
+/// A request's outcome: the answer (`None` for acks=0 once written), and where the chunk's
+/// batches went in the request's record batches (per item of the chunk).
+type Outcome = Result<(Option<Arc<Answers>>, Vec<Placement>), RequestError>;
 
 /// [`Wait`] with its request's outcome.
 pub(super) type Answered = (Arc<Connection>, i32, Vec<usize>, Outcome, Span);
@@ -41,11 +43,12 @@ pub(super) async fn await_answers(waits: Vec<Wait>, deadline: Instant) -> Vec<An
             .map(|(conn, broker, chunk, ticket, span)| {
                 async move {
                     let r = match ticket.sent(deadline).await {
-                        Ok(sent) => {
+                        Ok(mut sent) => {
                             let span = Span::current();
                             span.record("leaderlink.correlation_id", sent.correlation_id());
                             span.record("leaderlink.request_partitions", sent.partitions() as i64);
-                            sent.answer(deadline).await
+                            let placements = sent.take_placements();
+                            sent.answer(deadline).await.map(|a| (a, placements))
                         }
                         Err(e) => Err(e),
                     };
@@ -68,8 +71,8 @@ impl Call<'_> {
         for &i in &chunk {
             self.ledger.off_wire(i);
         }
-        let answers = match outcome {
-            Ok(None) => {
+        let (answers, placements) = match outcome {
+            Ok((None, _)) => {
                 // acks=0: done once written (docs/design.md §3.4).
                 for i in chunk {
                     self.fwd.count_forwarded(&self.v.items[i]);
@@ -78,7 +81,7 @@ impl Call<'_> {
                 }
                 return;
             }
-            Ok(Some(answers)) => answers,
+            Ok((Some(answers), placements)) => (answers, placements),
             Err(RequestError {
                 cause: ConnError::TooLarge { limit, actual },
                 ..
@@ -134,7 +137,7 @@ impl Call<'_> {
                 return;
             }
         };
-        for i in chunk {
+        for (k, i) in chunk.into_iter().enumerate() {
             let it = &self.v.items[i];
             let Some(a) = answers
                 .partitions
@@ -162,15 +165,18 @@ impl Call<'_> {
                 span.record("leaderlink.kafka_error_code", a.error_code);
                 span.record("error.type", error_name(a.error_code));
             }
-            self.judge_partition(i, a, &answers.endpoints, broker, r);
+            let placed = placements.get(k).copied().unwrap_or_default();
+            self.judge_partition(i, a, placed, &answers.endpoints, broker, r);
         }
     }
 
-    /// Judge phase for one partition's answer from leader `broker`.
+    /// Judge phase for one partition's answer from leader `broker`, for the batch `placed` in
+    /// the record batch the answer is about.
     fn judge_partition(
         &mut self,
         i: usize,
-        a: PartitionAnswer,
+        mut a: PartitionAnswer,
+        placed: Placement,
         endpoints: &[Broker],
         broker: i32,
         r: &mut Round,
@@ -179,14 +185,27 @@ impl Call<'_> {
         let held = self.ledger.get(i);
         let producer = &self.fwd.inner.producer;
         let s = &mut self.st[i];
+        // The answer is about the whole record batch: keep this batch's records' errors, by
+        // their index in this batch (docs/design.md §3.20).
+        let all_record_errors = !a.record_errors.is_empty();
+        let own = placed.first..placed.first.saturating_add(placed.records);
+        a.record_errors.retain(|(index, _)| own.contains(index));
+        for (index, _) in &mut a.record_errors {
+            *index -= placed.first;
+        }
         if a.error_code == 0 || (a.error_code == DUPLICATE_SEQUENCE_NUMBER && held.is_some()) {
             // A duplicate sequence is a batch the leader already has (§3.16); its
             // offset is not in the answer.
             let dup = a.error_code != 0;
             self.fwd.count_forwarded(it);
+            let base_offset = if dup || a.base_offset < 0 {
+                -1
+            } else {
+                a.base_offset + i64::from(placed.first)
+            };
             s.result = Some(ok_result(
                 it,
-                if dup { -1 } else { a.base_offset },
+                base_offset,
                 a.log_append_time_ms,
                 a.log_start_offset,
                 broker,
@@ -217,6 +236,19 @@ impl Call<'_> {
                 message: a.error_message,
             });
             r.retry.push(i);
+        } else if placed.shared
+            && ((all_record_errors && a.record_errors.is_empty())
+                || matches!(a.error_code, MESSAGE_TOO_LARGE | RECORD_LIST_TOO_LARGE))
+        {
+            // The leader refused the whole shared record batch (nothing of it is in the log)
+            // for other calls' records, or as too large together: sent again at once, in a
+            // batch of its own after a size refusal.
+            s.unmerged |= matches!(a.error_code, MESSAGE_TOO_LARGE | RECORD_LIST_TOO_LARGE);
+            s.last = Some(Failure::Kafka {
+                code: a.error_code,
+                message: a.error_message,
+            });
+            r.deferred.push(i);
         } else if retriable(a.error_code) {
             // KIP-951: a newer leader named in the answer saves a full refresh.
             let hinted = matches!(a.error_code, NOT_LEADER_OR_FOLLOWER | FENCED_LEADER_EPOCH)
@@ -240,7 +272,7 @@ impl Call<'_> {
             let mut res = error_result(
                 it,
                 a.error_code,
-                a.error_message.unwrap_or_default(),
+                with_record_errors(a.error_message, &a.record_errors),
                 broker,
                 s,
             );
@@ -255,5 +287,19 @@ impl Call<'_> {
                 .collect();
             s.result = Some(res);
         }
+    }
+}
+
+/// The leader's message with the batch's record errors (INVALID_RECORD etc.) added, by their
+/// index in the caller's batch.
+fn with_record_errors(message: Option<String>, errors: &[(i32, Option<String>)]) -> String {
+    let records: Vec<String> = errors
+        .iter()
+        .map(|(index, m)| format!("record {index}: {}", m.as_deref().unwrap_or("rejected")))
+        .collect();
+    match (message, records.is_empty()) {
+        (m, true) => m.unwrap_or_default(),
+        (Some(m), false) => format!("{m} ({})", records.join("; ")),
+        (None, false) => records.join("; "),
     }
 }

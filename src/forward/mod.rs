@@ -28,7 +28,10 @@ use tokio::{
 
 use crate::{
     kafka::{
-        connection::ConnectionConfig, error::ConnError, metadata::MetadataClient, pool::Pool,
+        connection::ConnectionConfig,
+        error::ConnError,
+        metadata::MetadataClient,
+        pool::{Pool, QueueSettings},
         produce::acks,
     },
     proto::v1::{ForwardRequest, ForwardResponse},
@@ -128,6 +131,10 @@ pub struct ForwardConfig {
     pub connections_per_leader: usize,
     /// Bound of each leader connection's Produce queue (see [`crate::kafka::coalesce`]).
     pub max_queued_per_connection: usize,
+    /// Largest record batch merged from several calls' `records` for one partition.
+    pub max_batch_bytes: usize,
+    /// How long a leader connection's queue waits for more calls before a send (0: none).
+    pub linger: Duration,
     /// Add the call's `traceparent` as a header to each record leaderlink encodes.
     pub trace_record_header: bool,
     /// A topic unused for this long leaves the leader map at the next refresh.
@@ -188,7 +195,11 @@ impl Forwarder {
                 ),
                 pool: Pool::new(
                     conn,
-                    cfg.max_queued_per_connection,
+                    QueueSettings {
+                        max_queued: cfg.max_queued_per_connection,
+                        max_batch_bytes: cfg.max_batch_bytes,
+                        linger: cfg.linger,
+                    },
                     (cfg.retry_backoff, cfg.retry_backoff_max),
                 ),
                 stats: Arc::new(Stats::default()),

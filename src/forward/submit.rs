@@ -222,9 +222,19 @@ impl Call<'_> {
                         .stamp
                         .as_ref()
                         .map_or_else(|| v.items[i].batch.clone(), |s| s.batch.clone()),
+                    merge: self.merges(i),
                 })
                 .collect(),
         }
+    }
+
+    /// Whether item `i`'s batch may share a record batch with other calls' batches for its
+    /// partition (record accumulation, docs/design.md §3.20): leaderlink encoded it from
+    /// records and sends it without producer id. Raw batches keep their bytes; stamped ones
+    /// keep their own sequence range, which a retry must resend unchanged (§3.16).
+    fn merges(&self, i: usize) -> bool {
+        let (it, s) = (&self.v.items[i], &self.st[i]);
+        it.encoded && it.producer.is_none() && s.stamp.is_none() && !s.unmerged
     }
 
     /// Counts the attempt of a queued request and hands it to the await phase, or records why

@@ -14,11 +14,17 @@
 //! * only chunks with the same `acks`, the same asked Kafka timeout and the same transactional id
 //!   (or none) share a request: Apache Kafka refuses a whole request whose transactional id
 //!   does not fit one of its batches (docs/design.md §3.15), which must not touch other calls;
-//! * a request stays within [`MAX_COALESCED_BYTES`] and the connection's byte budget.
+//! * a request stays within [`MAX_COALESCED_BYTES`] and the connection's byte budget;
+//! * batches of one partition that leaderlink encoded from records ([`Part::merge`]) share one
+//!   record batch when they fall into the same request (record accumulation, docs/design.md
+//!   §3.20): their records follow each other in the order the chunks were queued, up to
+//!   `max_batch_bytes` per batch. Each call learns where its records sit in it
+//!   ([`Placement`]). Raw batches of callers are never merged.
 //!
-//! There is no linger: a round takes what is queued, so a lone call goes out at once, and
-//! requests grow only while the connection is busy (the flusher waits for room on it, or has
-//! not been scheduled yet). The answer is decoded once and shared by the request's calls.
+//! There is no linger by default: a round takes what is queued, so a lone call goes out at
+//! once, and requests grow only while the connection is busy (the flusher waits for room on
+//! it, or has not been scheduled yet). An optional linger ([`QueueSettings::linger`]) makes a
+//! round wait for more. The answer is decoded once and shared by the request's calls.
 //!
 //! Every call keeps its own deadline. One that passes while its chunk is still queued takes the
 //! chunk out unsent ([`ConnError::NotSentInTime`]). One that passes while the request is in
@@ -29,6 +35,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     sync::{Arc, Weak, atomic::Ordering},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -47,6 +54,7 @@ use super::{
     connection::{Attachment, ConnStats, Connection},
     error::{ConnError, RequestError},
     produce::{self, Answers, PartitionBatch, acks},
+    record_batch,
 };
 
 /// Largest Produce request the flusher builds from several chunks (estimated from the batches'
@@ -71,8 +79,27 @@ pub struct Part {
     pub topic: String,
     /// Partition index.
     pub partition: i32,
-    /// One record batch, sent as is.
+    /// One record batch, sent as is unless `merge` is set.
     pub batch: Bytes,
+    /// The batch may share one record batch with other calls' batches for the partition: it
+    /// was encoded by leaderlink from records (uncompressed, without producer id, see
+    /// [`record_batch::mergeable`]). Its records keep their order and content; only their
+    /// offset and timestamp deltas change.
+    pub merge: bool,
+}
+
+/// Where a part's records went: the record batch that carried them, shared with other calls'
+/// or not.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Placement {
+    /// Index of the part's first record in that batch: its offset is the batch's base offset
+    /// plus this, and a per-record error with a batch index in
+    /// `first..first + records` is one of its records.
+    pub first: i32,
+    /// Records of the part.
+    pub records: i32,
+    /// The batch also carried other calls' records: a batch-level error may be theirs.
+    pub shared: bool,
 }
 
 /// One call's batches for one connection: at most one per partition.
@@ -111,11 +138,18 @@ type SharedAnswer = Shared<BoxFuture<'static, Result<Option<Arc<Answers>>, Reque
 pub struct Sent {
     correlation_id: i32,
     partitions: usize,
+    placements: Vec<Placement>,
     deadline: Instant,
     answer: SharedAnswer,
 }
 
 impl Sent {
+    /// Where each of the chunk's parts (in the chunk's order) went in the request; taken
+    /// once (empty afterwards).
+    pub fn take_placements(&mut self) -> Vec<Placement> {
+        std::mem::take(&mut self.placements)
+    }
+
     /// Correlation id of the request that carries the chunk.
     pub fn correlation_id(&self) -> i32 {
         self.correlation_id
@@ -192,6 +226,8 @@ impl Drop for QueuePlace {
 
 struct Pending {
     chunk: Chunk,
+    /// Per part, set when the request is encoded.
+    placements: Vec<Placement>,
     reply: oneshot::Sender<Result<Sent, RequestError>>,
     /// The chunk counts as queued until it is sent or refused.
     _place: QueuePlace,
@@ -203,28 +239,45 @@ impl Pending {
     }
 }
 
+/// Settings of a leader connection's Produce queue.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueSettings {
+    /// Most chunks waiting for room on the connection beyond those its free in-flight slots
+    /// take at once. Bounds the queue's memory and the wait of a call behind a slow leader;
+    /// when reached, [`Coalescer::submit`] fails at once with [`ConnError::QueueFull`], which a
+    /// caller answers RESOURCE_EXHAUSTED.
+    pub max_queued: usize,
+    /// Largest record batch merged from several calls' batches for one partition (a broker
+    /// refuses a batch over its `max.message.bytes`); a part that would take a batch past it
+    /// starts a new one, in the next request. 0: no merging.
+    pub max_batch_bytes: usize,
+    /// How long the flusher waits, after the first chunk of a round arrives, for more to join
+    /// it. Zero (the default): no timer, a round takes what is queued when the flusher runs.
+    /// Never longer than half the time the round's earliest deadline leaves.
+    pub linger: Duration,
+}
+
 /// The coalescing Produce queue of one connection. Its flusher ends once the coalescer is
 /// dropped and its queue is empty, or once the connection is gone.
 pub struct Coalescer {
     tx: mpsc::UnboundedSender<Pending>,
     conn: Arc<Connection>,
-    /// Most chunks waiting for room on the connection beyond those its free in-flight slots
-    /// take at once. Bounds the queue's memory and the wait of a call behind a slow leader;
-    /// when reached, [`Coalescer::submit`] fails at once with [`ConnError::QueueFull`], which a
-    /// caller answers RESOURCE_EXHAUSTED.
+    /// See [`QueueSettings::max_queued`].
     max_queued: usize,
 }
 
 impl Coalescer {
     /// A queue in front of `conn`, with its flusher task started.
-    pub fn new(conn: &Arc<Connection>, max_queued: usize) -> Self {
+    pub fn new(conn: &Arc<Connection>, settings: QueueSettings) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         // The flusher holds the connection weakly: it ends when the connection is dropped.
-        tokio::spawn(flush_loop(Arc::downgrade(conn), rx).instrument(conn.span().clone()));
+        tokio::spawn(
+            flush_loop(Arc::downgrade(conn), rx, settings).instrument(conn.span().clone()),
+        );
         Self {
             tx,
             conn: conn.clone(),
-            max_queued: max_queued.max(1),
+            max_queued: settings.max_queued.max(1),
         }
     }
 
@@ -236,6 +289,7 @@ impl Coalescer {
         let (reply, rx) = oneshot::channel();
         let pending = Pending {
             chunk,
+            placements: Vec::new(),
             reply,
             _place: place,
         };
@@ -273,13 +327,24 @@ impl Coalescer {
     }
 }
 
-async fn flush_loop(conn: Weak<Connection>, mut rx: mpsc::UnboundedReceiver<Pending>) {
+async fn flush_loop(
+    conn: Weak<Connection>,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    settings: QueueSettings,
+) {
     let mut round = Vec::new();
     while rx.recv_many(&mut round, MAX_ROUND).await > 0 {
-        // Let the tasks that are ready to run now (callers woken by the answers just read) go
-        // first: what they queue joins this round. This is the only wait before a send — one
-        // turn of the scheduler, no timer — so a lone call is not delayed.
-        tokio::task::yield_now().await;
+        if settings.linger.is_zero() {
+            // Let the tasks that are ready to run now (callers woken by the answers just read)
+            // go first: what they queue joins this round. This is the only wait before a send
+            // by default — one turn of the scheduler, no timer — so a lone call is not delayed.
+            tokio::task::yield_now().await;
+        } else {
+            let now = Instant::now();
+            let earliest = round.iter().map(|p| p.chunk.deadline).min().unwrap_or(now);
+            let until = (now + settings.linger).min(now + (earliest - now) / 2);
+            tokio::time::sleep_until(until).await;
+        }
         while round.len() < MAX_ROUND {
             match rx.try_recv() {
                 Ok(p) => round.push(p),
@@ -288,7 +353,8 @@ async fn flush_loop(conn: Weak<Connection>, mut rx: mpsc::UnboundedReceiver<Pend
         }
         let Some(conn) = conn.upgrade() else { return };
         let limit = conn.max_request_bytes().min(MAX_COALESCED_BYTES);
-        let mut requests: VecDeque<Request> = pack(std::mem::take(&mut round), limit).into();
+        let mut requests: VecDeque<Request> =
+            pack(std::mem::take(&mut round), limit, settings.max_batch_bytes).into();
         while let Some(req) = requests.pop_front() {
             if let Some(split) = send(&conn, req).await {
                 // Too large together: each chunk alone, in the same order.
@@ -308,23 +374,35 @@ struct Request {
     members: Vec<Pending>,
 }
 
-/// Packs a round of chunks into requests (see the module's rules), in wire order.
-fn pack(mut round: Vec<Pending>, limit: usize) -> Vec<Request> {
+/// Packs a round of chunks into requests (see the module's rules), in wire order. Parts of one
+/// partition in one request are all [`Part::merge`] and together within `max_batch_bytes`:
+/// [`encode`] merges them into one batch.
+fn pack(mut round: Vec<Pending>, limit: usize, max_batch_bytes: usize) -> Vec<Request> {
     // A chunk whose caller has gone is not sent at all.
     round.retain(|p| !p.reply.is_closed());
     let mut placed = Vec::with_capacity(round.len());
     // Per request: its chunks' common (acks, timeout, transactional id) and its estimated size.
     let mut heads: Vec<(i16, u32, Option<&Arc<str>>, usize)> = Vec::new();
     {
-        let mut last: HashMap<(&str, i32), usize> = HashMap::new();
+        // Per partition, its latest batch so far: the request that holds it, whether more
+        // records may join it, and its size.
+        let mut last: HashMap<(&str, i32), (usize, bool, usize)> = HashMap::new();
         for p in &round {
             let c = &p.chunk;
+            let joins = |pt: &Part, &(_, open, bytes): &(usize, bool, usize)| {
+                pt.merge && open && bytes + pt.batch.len() <= max_batch_bytes
+            };
+            // The earliest request the chunk may go into: its parts' batches follow the
+            // partitions' earlier ones, in the same request only by joining their batch.
             let first = c
                 .parts
                 .iter()
-                .filter_map(|pt| last.get(&(pt.topic.as_str(), pt.partition)))
+                .filter_map(|pt| {
+                    let l = last.get(&(pt.topic.as_str(), pt.partition))?;
+                    Some(if joins(pt, l) { l.0 } else { l.0 + 1 })
+                })
                 .max()
-                .map_or(0, |&j| j + 1);
+                .unwrap_or(0);
             let size = c.estimate();
             let tid = c.transactional_id.as_ref();
             let j = (first..heads.len())
@@ -338,7 +416,14 @@ fn pack(mut round: Vec<Pending>, limit: usize) -> Vec<Request> {
                 });
             heads[j].3 += size;
             for pt in &c.parts {
-                last.insert((pt.topic.as_str(), pt.partition), j);
+                let l = last
+                    .entry((pt.topic.as_str(), pt.partition))
+                    .or_insert((usize::MAX, false, 0));
+                if l.0 == j {
+                    l.2 += pt.batch.len();
+                } else {
+                    *l = (j, pt.merge, pt.batch.len());
+                }
             }
             placed.push(j);
         }
@@ -388,20 +473,88 @@ impl Request {
     }
 }
 
+/// Lays out the request's record batches: per partition (in the order the partitions first
+/// appear), its parts as (member, part), which go into one batch. Sets each member's
+/// placements.
+fn layout(req: &mut Request) -> Vec<Vec<(usize, usize)>> {
+    let mut groups: Vec<Vec<(usize, usize)>> = Vec::new();
+    {
+        let mut index: HashMap<(&str, i32), usize> = HashMap::new();
+        for (m, member) in req.members.iter().enumerate() {
+            for (k, p) in member.chunk.parts.iter().enumerate() {
+                let g = *index
+                    .entry((p.topic.as_str(), p.partition))
+                    .or_insert_with(|| {
+                        groups.push(Vec::new());
+                        groups.len() - 1
+                    });
+                groups[g].push((m, k));
+            }
+        }
+    }
+    for m in &mut req.members {
+        m.placements = vec![Placement::default(); m.chunk.parts.len()];
+    }
+    for g in &groups {
+        let shared = g.len() > 1;
+        let mut first = 0i32;
+        for &(m, k) in g {
+            let member = &mut req.members[m];
+            let records = record_batch::record_count(&member.chunk.parts[k].batch);
+            member.placements[k] = Placement {
+                first,
+                records,
+                shared,
+            };
+            first = first.saturating_add(records);
+        }
+    }
+    groups
+}
+
+/// The request's record batches from its [`layout`]: the parts of one partition merged into
+/// one batch.
+fn batches<'r>(
+    req: &'r Request,
+    groups: &[Vec<(usize, usize)>],
+) -> Result<Vec<PartitionBatch<'r>>, ConnError> {
+    let part = |&(m, k): &(usize, usize)| &req.members[m].chunk.parts[k];
+    groups
+        .iter()
+        .map(|g| {
+            let head = part(&g[0]);
+            let batch = if g.len() > 1 {
+                let parts: Vec<Bytes> = g.iter().map(|mk| part(mk).batch.clone()).collect();
+                // Only parts marked `merge` share a partition in a request (see `pack`), and
+                // leaderlink's encoder makes those; a failure here is a defect, reported as
+                // the members' error rather than sent.
+                record_batch::merge(&parts).ok_or_else(|| ConnError::Malformed {
+                    api: "Produce",
+                    reason: format!(
+                        "batches for {}-{} could not be merged",
+                        head.topic, head.partition
+                    ),
+                })?
+            } else {
+                head.batch.clone()
+            };
+            Ok(PartitionBatch {
+                topic: &head.topic,
+                partition: head.partition,
+                batch,
+            })
+        })
+        .collect()
+}
+
 /// Encodes the request's body; on failure (nothing sent) every member gets the cause.
 fn encode(req: &mut Request, version: i16, timeout: i32) -> Option<Bytes> {
-    let batches: Vec<PartitionBatch<'_>> = req
-        .members
-        .iter()
-        .flat_map(|m| &m.chunk.parts)
-        .map(|p| PartitionBatch {
-            topic: &p.topic,
-            partition: p.partition,
-            batch: p.batch.clone(),
-        })
-        .collect();
-    let tid = req.transactional_id.as_deref();
-    match produce::encode(version, req.acks, timeout, tid, &batches) {
+    let groups = layout(req);
+    let encoded = batches(req, &groups).and_then(|batches| {
+        let tid = req.transactional_id.as_deref();
+        produce::encode(version, req.acks, timeout, tid, &batches)
+    });
+    match encoded {
         Ok(b) => Some(b),
         Err(cause) => {
             req.fail(RequestError {
@@ -482,7 +635,17 @@ async fn send(conn: &Arc<Connection>, mut req: Request) -> Option<Vec<Request>> 
         }
     };
     let correlation_id = in_flight.correlation_id();
-    let partitions = req.members.iter().map(|m| m.chunk.parts.len()).sum();
+    // Each batch has one part placed first in it.
+    let placed = || req.members.iter().flat_map(|m| &m.placements);
+    let partitions = placed().filter(|p| p.first == 0).count();
+    let records: i64 = placed().map(|p| i64::from(p.records)).sum();
+    let stats = conn.stats();
+    stats
+        .batches
+        .fetch_add(partitions as u64, Ordering::Relaxed);
+    stats
+        .records
+        .fetch_add(records.max(0) as u64, Ordering::Relaxed);
     let c = conn.clone();
     let answer = async move {
         match in_flight.wait(latest).await {
@@ -508,6 +671,7 @@ async fn send(conn: &Arc<Connection>, mut req: Request) -> Option<Vec<Request>> 
         let _ = m.reply.send(Ok(Sent {
             correlation_id,
             partitions,
+            placements: m.placements,
             deadline: latest,
             answer: answer.clone(),
         }));
@@ -519,18 +683,79 @@ async fn send(conn: &Arc<Connection>, mut req: Request) -> Option<Vec<Request>> 
 mod tests {
     use super::*;
 
-    fn pending(
-        acks: i16,
-        parts: &[(&str, i32)],
-    ) -> (Pending, oneshot::Receiver<Result<Sent, RequestError>>) {
+    type Rx = oneshot::Receiver<Result<Sent, RequestError>>;
+
+    fn pending(acks: i16, parts: &[(&str, i32)]) -> (Pending, Rx) {
         pending_tx(acks, None, parts)
     }
 
-    fn pending_tx(
+    fn pending_tx(acks: i16, transactional_id: Option<&str>, parts: &[(&str, i32)]) -> (Pending, Rx) {
+        with_batches(
+            acks,
+            transactional_id,
+            parts
+                .iter()
+                .map(|&(t, p)| (t, p, Bytes::from_static(&[0; 100]), false))
+                .collect(),
+        )
+    }
+
+    /// A chunk whose parts are records encoded as leaderlink does (mergeable).
+    fn pending_records(parts: &[(&str, i32, &[&str])]) -> (Pending, Rx) {
+        with_batches(
+            1,
+            None,
+            parts
+                .iter()
+                .map(|&(t, p, keys)| (t, p, records(keys), true))
+                .collect(),
+        )
+    }
+
+    /// A v2 batch of one record per key (value = key), without producer id.
+    fn records(keys: &[&str]) -> Bytes {
+        use kafka_protocol::records::{
+            Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+        };
+        let recs: Vec<Record> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| Record {
+                transactional: false,
+                control: false,
+                delete_horizon: false,
+                partition_leader_epoch: -1,
+                producer_id: -1,
+                producer_epoch: -1,
+                timestamp_type: TimestampType::Creation,
+                offset: i as i64,
+                // The encoder starts a new batch where `offset - sequence` changes; the batch's
+                // base sequence is the first record's, -1 (no producer id).
+                sequence: i as i32 - 1,
+                timestamp: 1_700_000_000_000 + i as i64,
+                key: Some(Bytes::from(k.to_string())),
+                value: Some(Bytes::from(k.to_string())),
+                headers: Default::default(),
+            })
+            .collect();
+        let mut buf = bytes::BytesMut::new();
+        RecordBatchEncoder::encode(
+            &mut buf,
+            &recs,
+            &RecordEncodeOptions {
+                version: 2,
+                compression: Compression::None,
+            },
+        )
+        .unwrap();
+        buf.freeze()
+    }
+
+    fn with_batches(
         acks: i16,
         transactional_id: Option<&str>,
-        parts: &[(&str, i32)],
-    ) -> (Pending, oneshot::Receiver<Result<Sent, RequestError>>) {
+        parts: Vec<(&str, i32, Bytes, bool)>,
+    ) -> (Pending, Rx) {
         let stats = Arc::new(ConnStats::default());
         let (reply, rx) = oneshot::channel();
         let chunk = Chunk {
@@ -540,17 +765,19 @@ mod tests {
             transactional_id: transactional_id.map(Arc::from),
             hold: None,
             parts: parts
-                .iter()
-                .map(|&(t, p)| Part {
+                .into_iter()
+                .map(|(t, p, batch, merge)| Part {
                     topic: t.into(),
                     partition: p,
-                    batch: Bytes::from_static(&[0; 100]),
+                    batch,
+                    merge,
                 })
                 .collect(),
         };
         (
             Pending {
                 chunk,
+                placements: Vec::new(),
                 reply,
                 _place: QueuePlace::new(stats).0,
             },
@@ -584,7 +811,7 @@ mod tests {
         let (a, _ra) = pending(1, &[("t", 0)]);
         let (b, _rb) = pending(1, &[("t", 1), ("u", 0)]);
         let (c, _rc) = pending(1, &[("t", 2)]);
-        let reqs = pack(vec![a, b, c], MAX_COALESCED_BYTES);
+        let reqs = pack(vec![a, b, c], MAX_COALESCED_BYTES, usize::MAX);
         assert_eq!(
             shape(&reqs),
             vec![vec![
@@ -603,7 +830,7 @@ mod tests {
         let (b, _rb) = pending(1, &[("t", 0), ("t", 1)]);
         let (c, _rc) = pending(1, &[("t", 2)]);
         let (d, _rd) = pending(1, &[("t", 1)]);
-        let reqs = pack(vec![a, b, c, d], MAX_COALESCED_BYTES);
+        let reqs = pack(vec![a, b, c, d], MAX_COALESCED_BYTES, usize::MAX);
         assert_eq!(
             shape(&reqs),
             vec![
@@ -619,7 +846,7 @@ mod tests {
         let (a, _ra) = pending(1, &[("t", 0)]);
         let (b, _rb) = pending(-1, &[("t", 1)]);
         let (c, _rc) = pending(1, &[("t", 2)]);
-        let reqs = pack(vec![a, b, c], MAX_COALESCED_BYTES);
+        let reqs = pack(vec![a, b, c], MAX_COALESCED_BYTES, usize::MAX);
         assert_eq!(
             shape(&reqs),
             vec![
@@ -631,7 +858,7 @@ mod tests {
         let (a, _ra) = pending(1, &[("t", 0)]);
         let (b, _rb) = pending(1, &[("t", 1)]);
         let (c, _rc) = pending(1, &[("t", 2)]);
-        let reqs = pack(vec![a, b, c], 2 * (100 + 1 + PART_OVERHEAD));
+        let reqs = pack(vec![a, b, c], 2 * (100 + 1 + PART_OVERHEAD), usize::MAX);
         assert_eq!(
             shape(&reqs),
             vec![
@@ -650,7 +877,7 @@ mod tests {
         let (c, _rc) = pending_tx(-1, Some("tx-b"), &[("t", 2)]);
         let (d, _rd) = pending_tx(-1, Some("tx-a"), &[("t", 3)]);
         let (e, _re) = pending_tx(-1, None, &[("t", 4)]);
-        let reqs = pack(vec![a, b, c, d, e], MAX_COALESCED_BYTES);
+        let reqs = pack(vec![a, b, c, d, e], MAX_COALESCED_BYTES, usize::MAX);
         assert_eq!(
             shape(&reqs),
             vec![
@@ -668,7 +895,76 @@ mod tests {
         let (a, ra) = pending(1, &[("t", 0)]);
         let (b, _rb) = pending(1, &[("t", 1)]);
         drop(ra);
-        let reqs = pack(vec![a, b], MAX_COALESCED_BYTES);
+        let reqs = pack(vec![a, b], MAX_COALESCED_BYTES, usize::MAX);
         assert_eq!(shape(&reqs), vec![vec![vec![tp("t", 1)]]]);
+    }
+
+    #[tokio::test]
+    async fn records_of_one_partition_share_a_batch_in_arrival_order() {
+        let (a, _ra) = pending_records(&[("t", 0, &["a0", "a1"])]);
+        let (b, _rb) = pending_records(&[("t", 0, &["b0"]), ("t", 1, &["b1"])]);
+        let (c, _rc) = pending_records(&[("t", 0, &["c0"])]);
+        let mut reqs = pack(vec![a, b, c], MAX_COALESCED_BYTES, usize::MAX);
+        assert_eq!(reqs.len(), 1, "one request");
+        let req = &mut reqs[0];
+        let groups = layout(req);
+        let placements: Vec<Vec<(i32, i32, bool)>> = req
+            .members
+            .iter()
+            .map(|m| {
+                m.placements
+                    .iter()
+                    .map(|p| (p.first, p.records, p.shared))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            placements,
+            vec![
+                vec![(0, 2, true)],
+                vec![(2, 1, true), (0, 1, false)],
+                vec![(3, 1, true)]
+            ]
+        );
+        let batches = batches(req, &groups).unwrap();
+        assert_eq!(batches.len(), 2, "one batch per partition");
+        let set = kafka_protocol::records::RecordBatchDecoder::decode(&mut batches[0].batch.clone())
+            .unwrap();
+        let keys: Vec<(i64, &[u8])> = set
+            .records
+            .iter()
+            .map(|r| (r.offset, r.key.as_deref().unwrap()))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![(0, &b"a0"[..]), (1, b"a1"), (2, b"b0"), (3, b"c0")]
+        );
+    }
+
+    #[tokio::test]
+    async fn raw_batches_and_the_batch_bound_start_a_new_batch_in_a_later_request() {
+        // A raw batch (not mergeable) of t-0 after records of t-0: the next request.
+        let (a, _ra) = pending_records(&[("t", 0, &["a"])]);
+        let (b, _rb) = pending_tx(1, None, &[("t", 0)]);
+        let (c, _rc) = pending_records(&[("t", 0, &["c"])]);
+        let reqs = pack(vec![a, b, c], MAX_COALESCED_BYTES, usize::MAX);
+        assert_eq!(
+            shape(&reqs),
+            vec![
+                vec![vec![tp("t", 0)]],
+                vec![vec![tp("t", 0)]],
+                vec![vec![tp("t", 0)]]
+            ]
+        );
+        // Room for one record's batch per record batch: no merging.
+        let one = records(&["a"]).len();
+        let (a, _ra) = pending_records(&[("t", 0, &["a"])]);
+        let (b, _rb) = pending_records(&[("t", 0, &["b"])]);
+        let reqs = pack(vec![a, b], MAX_COALESCED_BYTES, one);
+        assert_eq!(shape(&reqs).len(), 2);
+        let (a, _ra) = pending_records(&[("t", 0, &["a"])]);
+        let (b, _rb) = pending_records(&[("t", 0, &["b"])]);
+        let reqs = pack(vec![a, b], MAX_COALESCED_BYTES, 2 * one);
+        assert_eq!(shape(&reqs).len(), 1);
     }
 }

@@ -21,6 +21,14 @@ macro_rules! wire_layer {
         pub(crate) mod $m;
     )*};
 }
-wire_layer!(coalesce, frame, guard, produce, producer_id, versions);
+wire_layer!(
+    coalesce,
+    frame,
+    guard,
+    produce,
+    producer_id,
+    record_batch,
+    versions
+);
 
 pub use dial::connect;

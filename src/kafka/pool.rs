@@ -9,6 +9,7 @@ use std::{
 use tokio::time::{Duration, Instant};
 use tracing::{info, info_span};
 
+pub use super::coalesce::QueueSettings;
 use super::{
     coalesce::Coalescer,
     connect,
@@ -106,21 +107,24 @@ struct Failed {
 /// The pool of leader connections.
 pub struct Pool {
     config: ConnectionConfig,
-    /// Each Produce queue's bound (see [`Coalescer`]).
-    max_queued: usize,
+    /// Each Produce queue's settings (see [`Coalescer`]).
+    queue: QueueSettings,
     backoff: (Duration, Duration),
     slots: Mutex<HashMap<(i32, usize), Arc<Slot>>>,
 }
 
 impl Pool {
-    /// An empty pool; connections open on first use, each with a Produce queue of at most
-    /// `max_queued` waiting requests. After a failed connect, a slot waits `backoff.0`,
-    /// doubling per further failure up to `backoff.1`, each wait jittered to 50–100%, before
-    /// dialling again.
-    pub fn new(config: ConnectionConfig, max_queued: usize, backoff: (Duration, Duration)) -> Self {
+    /// An empty pool; connections open on first use, each with a Produce queue of these
+    /// settings. After a failed connect, a slot waits `backoff.0`, doubling per further
+    /// failure up to `backoff.1`, each wait jittered to 50–100%, before dialling again.
+    pub fn new(
+        config: ConnectionConfig,
+        queue: QueueSettings,
+        backoff: (Duration, Duration),
+    ) -> Self {
         Self {
             config,
-            max_queued,
+            queue,
             backoff,
             slots: Mutex::new(HashMap::new()),
         }
@@ -225,7 +229,7 @@ impl Pool {
         *slot.failed.lock().unwrap_or_else(|p| p.into_inner()) = None;
         slot.stats.connects.fetch_add(1, Ordering::Relaxed);
         let leader = Leader {
-            produce: Arc::new(Coalescer::new(&conn, self.max_queued)),
+            produce: Arc::new(Coalescer::new(&conn, self.queue)),
             conn,
         };
         *slot.current.lock().unwrap_or_else(|p| p.into_inner()) = Some((leader.clone(), addr));
@@ -286,6 +290,18 @@ impl Pool {
             .iter()
             .map(|s| s.stats.sent.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// Record batches written to leaders so far over every slot's connections, and the records
+    /// in them (the slots' `batches` and `records`): their ratio is how many records a leader
+    /// batch held on average.
+    pub fn batches_sent(&self) -> (u64, u64) {
+        self.slots().iter().fold((0, 0), |(b, r), s| {
+            (
+                b + s.stats.batches.load(Ordering::Relaxed),
+                r + s.stats.records.load(Ordering::Relaxed),
+            )
+        })
     }
 
     /// Every slot opened so far, sorted by broker and index.

@@ -124,7 +124,7 @@ pub fn with_timeout(
 pub struct PartitionAnswer {
     /// Kafka error code, 0 on success.
     pub error_code: i16,
-    /// The leader's error message, if any.
+    /// The leader's error message, if any (the record errors are in `record_errors`).
     pub error_message: Option<String>,
     /// Offset of the first record appended.
     pub base_offset: i64,
@@ -166,24 +166,7 @@ pub fn decode(version: i16, frame: Bytes) -> Result<Answers, ConnError> {
         for p in t.partition_responses {
             let leader = p.current_leader.leader_id.0;
             let current_leader = (leader >= 0).then_some((leader, p.current_leader.leader_epoch));
-            let msg = p.error_message.map(|m| m.as_str().to_string());
-            // Batch-level record errors (INVALID_RECORD etc.) add detail to the message.
-            let record_errors: Vec<String> = p
-                .record_errors
-                .iter()
-                .map(|e| {
-                    format!(
-                        "record {}: {}",
-                        e.batch_index,
-                        e.batch_index_error_message.as_deref().unwrap_or("rejected")
-                    )
-                })
-                .collect();
-            let error_message = match (msg, record_errors.is_empty()) {
-                (m, true) => m,
-                (Some(m), false) => Some(format!("{m} ({})", record_errors.join("; "))),
-                (None, false) => Some(record_errors.join("; ")),
-            };
+            let error_message = p.error_message.map(|m| m.as_str().to_string());
             out.insert(
                 (topic.clone(), p.index),
                 PartitionAnswer {

@@ -1,10 +1,11 @@
 //! Shared test harnesses: an embedded mock cluster with an in-process leaderlink on 127.0.0.1:0
-//! (here), the scripted fake broker (`fake_broker`), and the real Kafka of
-//! `scripts/kafka-cluster` (`kafka`).
+//! (here), the scripted fake broker (`fake_broker`), the real Kafka of
+//! `scripts/kafka-cluster` (`kafka`), and a minimal Kafka client (`kafka_client`).
 #![allow(dead_code)]
 
 pub mod fake_broker;
 pub mod kafka;
+pub mod kafka_client;
 
 use std::{
     sync::atomic::{AtomicU32, Ordering},

@@ -109,6 +109,9 @@ async fn setup(warm: bool) -> Setup {
         // Retries after a poisoned connection come 5 ms later instead of 50: same behaviour,
         // shorter tests.
         retry_backoff_ms: 5,
+        // Merging off: concurrent calls' records go in requests of their own, so a fault
+        // meets several requests in flight.
+        max_batch_bytes: 0,
         ..Config::default()
     };
     cfg.validate().expect("valid test config");

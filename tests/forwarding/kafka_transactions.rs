@@ -13,76 +13,30 @@
 //! `#[ignore]`d in a plain `cargo test`; the README's test command runs it with
 //! `LEADERLINK_KAFKA_BOOTSTRAP` set.
 
-use crate::common;
+use crate::common::{self, kafka_client::KafkaClient};
 
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::future::join_all;
 use kafka_protocol::{
     messages::{
         AddPartitionsToTxnRequest, EndTxnRequest, FindCoordinatorRequest, InitProducerIdRequest,
-        ProducerId, RequestHeader, ResponseHeader, TopicName, TransactionalId,
+        ProducerId, TopicName, TransactionalId,
         add_partitions_to_txn_request::AddPartitionsToTxnTopic,
     },
-    protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes},
+    protocol::StrBytes,
 };
 use leaderlink::proto::v1::{Acks, ForwardRequest, PartitionData};
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, Consumer},
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-    time::Instant,
-};
+use tokio::time::Instant;
 
 /// Kafka errors a transactional client retries: COORDINATOR_LOAD_IN_PROGRESS,
 /// COORDINATOR_NOT_AVAILABLE, NOT_COORDINATOR, CONCURRENT_TRANSACTIONS.
 const RETRY: [i16; 4] = [14, 15, 16, 51];
-
-/// A minimal blocking-style Kafka client over one connection: enough to play a transactional
-/// producer's coordinator side in this test.
-struct KafkaClient {
-    stream: TcpStream,
-    next_id: i32,
-}
-
-impl KafkaClient {
-    async fn connect(addr: &str) -> Self {
-        Self {
-            stream: TcpStream::connect(addr).await.unwrap(),
-            next_id: 1,
-        }
-    }
-
-    async fn call<R: Request>(&mut self, version: i16, req: &R) -> R::Response {
-        let id = self.next_id;
-        self.next_id += 1;
-        let header = RequestHeader::default()
-            .with_request_api_key(R::KEY)
-            .with_request_api_version(version)
-            .with_correlation_id(id)
-            .with_client_id(Some(StrBytes::from_static_str("txn-test")));
-        let mut buf = BytesMut::new();
-        header.encode(&mut buf, R::header_version(version)).unwrap();
-        req.encode(&mut buf, version).unwrap();
-        self.stream.write_i32(buf.len() as i32).await.unwrap();
-        self.stream.write_all(&buf).await.unwrap();
-        let len = self.stream.read_i32().await.unwrap();
-        let mut body = vec![0; len as usize];
-        self.stream.read_exact(&mut body).await.unwrap();
-        let mut body = Bytes::from(body);
-        let h = ResponseHeader::decode(
-            &mut body,
-            <R::Response as HeaderVersion>::header_version(version),
-        )
-        .unwrap();
-        assert_eq!(h.correlation_id, id);
-        R::Response::decode(&mut body, version).unwrap()
-    }
-}
 
 /// Whether to try again after `code`: false on success; true (after a pause) on a retriable
 /// coordinator error within 30 s of `started`; a failed assertion otherwise.

@@ -1,10 +1,11 @@
-//! Forwarding against the mock cluster (results, coalescing, pipelining) and real Kafka (transactional batches).
+//! Forwarding against the mock cluster (results, coalescing, record accumulation, pipelining) and real Kafka (transactional batches).
 //!
 //! One test binary per behaviour; the modules below are its parts.
 
 #[path = "../common/mod.rs"]
 mod common;
 
+mod accumulation;
 mod coalescing;
 mod kafka_record_errors;
 mod kafka_transactions;

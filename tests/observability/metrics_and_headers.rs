@@ -122,6 +122,22 @@ async fn metrics_count_forwards_sheds_and_timeouts() {
         })
         .sum();
     assert!(leader_requests >= (N + 2) as f64, "{leader_requests}");
+    // One after the other, each call's records went in a batch of their own.
+    let sum = |name: &str| -> f64 {
+        s.samples
+            .iter()
+            .filter(|x| x.metric == name)
+            .map(|x| match x.value {
+                Value::Counter(v) | Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    assert_eq!(
+        sum("leaderlink_leader_records_sent_total"),
+        (3 * N + 1) as f64
+    );
+    assert_eq!(sum("leaderlink_leader_batches_sent_total"), (N + 1) as f64);
     let connects: f64 = s
         .samples
         .iter()

@@ -177,6 +177,8 @@ max_stream_in_flight = {{ include "leaderlink.tomlInt" $c.max_stream_in_flight }
 max_concurrent_calls = {{ include "leaderlink.tomlInt" $c.max_concurrent_calls }}
 max_queued_per_connection = {{ include "leaderlink.tomlInt" $c.max_queued_per_connection }}
 max_in_flight_bytes_per_connection = {{ include "leaderlink.tomlInt" $c.max_in_flight_bytes_per_connection }}
+max_batch_bytes = {{ include "leaderlink.tomlInt" $c.max_batch_bytes }}
+linger_ms = {{ include "leaderlink.tomlInt" $c.linger_ms }}
 shutdown_grace_ms = {{ include "leaderlink.tomlInt" $c.shutdown_grace_ms }}
 {{- with $c.otlp_endpoint }}
 otlp_endpoint = {{ toJson . }}

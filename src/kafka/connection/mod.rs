@@ -101,6 +101,11 @@ pub struct ConnStats {
     pub connects: AtomicU64,
     /// Requests refused because the Produce queue was full or the request too large.
     pub rejected: AtomicU64,
+    /// Record batches handed to the writer in Produce requests (kept by [`super::coalesce`];
+    /// batches of several calls merged into one count once).
+    pub batches: AtomicU64,
+    /// Records in those batches.
+    pub records: AtomicU64,
     /// Time from queueing a request to its answer.
     pub latency: Histogram,
 }
