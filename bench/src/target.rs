@@ -143,6 +143,7 @@ pub async fn call(
     match target {
         Target::Grpc(_) | Target::Stream(_) | Target::Direct(_) => {
             let req = ForwardRequest {
+                call_timeout_ms: 0,
                 id: 0,
                 acks: acks_proto(args.acks) as i32,
                 timeout_ms: 0,

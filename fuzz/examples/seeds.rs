@@ -301,6 +301,7 @@ fn main() {
             },
         ],
         transactional_id: String::new(),
+        call_timeout_ms: 0,
     };
     write(
         "forward_validate",
@@ -318,6 +319,7 @@ fn main() {
             records: vec![],
         }],
         transactional_id: String::new(),
+        call_timeout_ms: 0,
     };
     write(
         "forward_validate",

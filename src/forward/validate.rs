@@ -310,6 +310,7 @@ mod tests {
     fn records_that_expand_far_beyond_the_request_are_refused() {
         use crate::proto::v1::{PartitionData, Record};
         let req = |n: usize| ForwardRequest {
+            call_timeout_ms: 0,
             id: 1,
             acks: 0,
             timeout_ms: 0,

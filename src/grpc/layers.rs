@@ -33,11 +33,14 @@ pub struct Deadline(pub Instant);
 #[error("no answer within the call's deadline of {0:?}")]
 pub struct DeadlineElapsed(Duration);
 
-/// Whether `path` is the Forwarder's streaming method (`/leaderlink.v1.Forwarder/ForwardStream`).
+/// Whether `path` is one of the Forwarder's streaming methods
+/// (`/leaderlink.v1.Forwarder/ForwardStream` or `/ForwardBatches`).
 fn is_forward_stream(path: &str) -> bool {
-    path.strip_prefix('/')
-        .and_then(|p| p.strip_prefix(crate::proto::v1::forwarder_server::SERVICE_NAME))
-        == Some("/ForwardStream")
+    matches!(
+        path.strip_prefix('/')
+            .and_then(|p| p.strip_prefix(crate::proto::v1::forwarder_server::SERVICE_NAME)),
+        Some("/ForwardStream" | "/ForwardBatches")
+    )
 }
 
 /// Computes each call's [`Deadline`] (the only place that derives it) and, as a backstop, ends
@@ -226,7 +229,7 @@ where
 /// 3. **Global concurrency limit** — at most `max_concurrent_calls` calls in the Forwarder,
 ///    counted across all HTTP/2 connections (a per-connection limit would let a few brokers
 ///    multiplexing many calls over one connection each exceed any budget). `calls` is that
-///    budget; ForwardStream requests draw on it too.
+///    budget; the requests of ForwardStream and ForwardBatches draw on it too.
 /// 4. **Deadline** — the caller's `grpc-timeout` or the default, handed to the handler in the
 ///    request's extensions; a backstop ends a call that outlives it with DEADLINE_EXCEEDED
 ///    (tonic's own `.timeout()` would answer CANCELLED).
@@ -268,6 +271,7 @@ mod tests {
     #[test]
     fn only_the_forwarders_stream_method_is_a_stream() {
         assert!(is_forward_stream("/leaderlink.v1.Forwarder/ForwardStream"));
+        assert!(is_forward_stream("/leaderlink.v1.Forwarder/ForwardBatches"));
         assert!(!is_forward_stream("/leaderlink.v1.Forwarder/Forward"));
         assert!(!is_forward_stream("/other.v1.Service/ForwardStream"));
         assert!(!is_forward_stream(

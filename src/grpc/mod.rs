@@ -6,7 +6,7 @@ use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
 
 use futures::{Stream, StreamExt};
 use tokio::{
-    sync::{Semaphore, mpsc, oneshot, watch},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch},
     time::Instant,
 };
 use tokio_stream::wrappers::ReceiverStream;
@@ -16,7 +16,9 @@ use tracing::{Instrument, Span, debug_span, field::Empty, info_span, warn};
 use crate::{
     forward::{ForwardError, Forwarder},
     kafka::error::chain,
-    proto::v1::{ForwardRequest, ForwardResponse, forwarder_server},
+    proto::v1::{
+        ForwardBatch, ForwardBatchResponse, ForwardRequest, ForwardResponse, forwarder_server,
+    },
     stats::{GaugeGuard, Outcome},
     telemetry::{self, TASK_TARGET},
 };
@@ -243,113 +245,237 @@ impl forwarder_server::Forwarder for ForwarderService {
         &self,
         request: Request<tonic::Streaming<ForwardRequest>>,
     ) -> Result<Response<Self::ForwardStreamStream>, Status> {
-        // The stream's own deadline, if it has one, bounds every request on it.
-        let stream_deadline = Self::deadline(&request);
-        // Streams carry metadata only at their start: each request's span is a child of the
-        // caller's `traceparent` given then (one span per request, not one per stream, so a
-        // long stream does not build an unbounded trace).
-        let metadata = request.metadata().clone();
-        let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(64);
-        let this = self.clone();
+        let (head, inbound) = StreamHead::of(request);
+        let inbound = inbound.map(|m| m.map(|r| vec![r]));
+        self.clone()
+            .serve_stream("leaderlink.v1.Forwarder/ForwardStream", head, inbound, tx);
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ForwardBatchesStream = BatchResponseStream;
+
+    async fn forward_batches(
+        &self,
+        request: Request<tonic::Streaming<ForwardBatch>>,
+    ) -> Result<Response<Self::ForwardBatchesStream>, Status> {
+        let (tx, rx) = mpsc::channel(self.max_stream_in_flight.min(MAX_BATCH_RESPONSES));
+        let (out_tx, out_rx) = mpsc::channel(16);
+        let (head, inbound) = StreamHead::of(request);
+        let inbound = inbound.map(|m| m.map(|b| b.requests));
+        self.clone()
+            .serve_stream("leaderlink.v1.Forwarder/ForwardBatches", head, inbound, tx);
+        tokio::spawn(
+            gather_responses(rx, out_tx)
+                .instrument(info_span!(target: TASK_TARGET, "forward_batches_out")),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+}
+
+/// Most responses one ForwardBatchResponse carries; more that complete at once go in the next
+/// message. Bounds a message's size (each response is small; a request's results are bounded
+/// by its partitions).
+const MAX_BATCH_RESPONSES: usize = 1024;
+
+type BatchResponseStream = Pin<Box<dyn Stream<Item = Result<ForwardBatchResponse, Status>> + Send>>;
+
+/// Packs the responses of a ForwardBatches stream into messages: each takes the responses that
+/// are ready, after one turn of the scheduler for those completing at the same moment. A
+/// stream-level error goes out after the responses before it, and ends the stream.
+async fn gather_responses(
+    mut rx: mpsc::Receiver<Result<ForwardResponse, Status>>,
+    out: mpsc::Sender<Result<ForwardBatchResponse, Status>>,
+) {
+    let mut ready = Vec::new();
+    while rx.recv_many(&mut ready, MAX_BATCH_RESPONSES).await > 0 {
+        tokio::task::yield_now().await;
+        while ready.len() < MAX_BATCH_RESPONSES {
+            match rx.try_recv() {
+                Ok(r) => ready.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut responses = Vec::with_capacity(ready.len());
+        let mut error = None;
+        for r in ready.drain(..) {
+            match r {
+                Ok(resp) => responses.push(resp),
+                Err(status) => {
+                    error = Some(status);
+                    break;
+                }
+            }
+        }
+        if !responses.is_empty()
+            && out
+                .send(Ok(ForwardBatchResponse { responses }))
+                .await
+                .is_err()
+        {
+            return;
+        }
+        if let Some(status) = error {
+            let _ = out.send(Err(status)).await;
+            return;
+        }
+    }
+}
+
+/// What a stream's start carries for all its requests: its deadline (when the caller sent
+/// `grpc-timeout`) and its metadata (for the caller's `traceparent`).
+struct StreamHead {
+    deadline: Option<Instant>,
+    metadata: MetadataMap,
+}
+
+impl StreamHead {
+    fn of<T>(request: Request<T>) -> (Self, T) {
+        let head = Self {
+            deadline: ForwarderService::deadline(&request),
+            metadata: request.metadata().clone(),
+        };
+        (head, request.into_inner())
+    }
+}
+
+impl ForwarderService {
+    /// Serves the requests of one stream (ForwardStream's, or ForwardBatches' messages taken
+    /// apart), each as a call of its own, with their responses sent to `tx`:
+    /// * the stream's deadline, if it has one, bounds every request on it; a request's own
+    ///   `call_timeout_ms` may shorten it;
+    /// * streams carry metadata only at their start: each request's span is a child of the
+    ///   caller's `traceparent` given then (one span per request, not one per stream, so a long
+    ///   stream does not build an unbounded trace);
+    /// * at most `max_stream_in_flight` requests are outstanding; the next is not read until
+    ///   one completes, which pushes back on the caller through HTTP/2 flow control;
+    /// * responses for requests that share a partition leave in arrival order, and their
+    ///   batches are handed to the leader connections in that order.
+    fn serve_stream<S>(
+        self,
+        method: &'static str,
+        head: StreamHead,
+        mut inbound: S,
+        tx: mpsc::Sender<Result<ForwardResponse, Status>>,
+    ) where
+        S: Stream<Item = Result<Vec<ForwardRequest>, Status>> + Send + Unpin + 'static,
+    {
+        let this = self;
         tokio::spawn(
             async move {
                 let permits = Arc::new(Semaphore::new(this.max_stream_in_flight));
                 // Completion signal of the latest request per partition, so that responses for one
                 // partition leave in arrival order.
                 let mut last: HashMap<(String, i32), watch::Receiver<bool>> = HashMap::new();
-                loop {
+                'stream: loop {
                     let msg = tokio::select! {
                         m = inbound.next() => m,
                         () = aborted(this.abort.clone()) => None,
                     };
                     let Some(msg) = msg else { break };
-                    let req = match msg {
+                    let reqs = match msg {
                         Ok(r) => r,
                         Err(status) => {
                             let _ = tx.send(Err(status)).await;
                             break;
                         }
                     };
-                    let Ok(permit) = permits.clone().acquire_owned().await else {
-                        break;
-                    };
-                    let started = Instant::now();
-                    let span = call_span("leaderlink.v1.Forwarder/ForwardStream", req.id);
-                    let traceparent = telemetry::adopt_caller(&span, &metadata);
-                    let mut deadline = Instant::now() + this.default_timeout;
-                    if let Some(d) = stream_deadline {
-                        deadline = deadline.min(d);
+                    for req in reqs {
+                        let Ok(permit) = permits.clone().acquire_owned().await else {
+                            break 'stream;
+                        };
+                        let enqueued = this.serve_one(method, &head, &mut last, req, &tx, permit);
+                        // Hand this request's batches to the leader connections before taking
+                        // the next one, so that requests for one partition reach the leader in
+                        // order.
+                        let _ = enqueued.await;
                     }
-                    let (done_tx, done_rx) = watch::channel(false);
-                    let mut before = Vec::new();
-                    for p in &req.partitions {
-                        let key = (p.topic.clone(), p.partition);
-                        if let Some(prev) = last.insert(key, done_rx.clone()) {
-                            // A partition listed twice in this request must not wait on itself.
-                            if !prev.same_channel(&done_rx) {
-                                before.push(prev);
-                            }
-                        }
-                    }
-                    if last.len() > 4 * this.max_stream_in_flight {
-                        last.retain(|_, rx| !*rx.borrow());
-                    }
-                    let (enq_tx, enq_rx) = oneshot::channel();
-                    let id = req.id;
-                    let forwarder = this.forwarder.clone();
-                    let abort = this.abort.clone();
-                    let tx = tx.clone();
-                    // A stream's requests count against max_concurrent_calls like unary calls; one
-                    // over the budget is shed (answered in band, in its partitions' order).
-                    let call = this.calls.clone().try_acquire_owned();
-                    let task_span = span.clone();
-                    tokio::spawn(
-                        async move {
-                            let stats = forwarder.stats().clone();
-                            let (result, outcome) = match call {
-                                Err(_) => (Err(status(Failure::Shed(None))), Outcome::Shed),
-                                Ok(_call) => {
-                                    let _in_progress = GaugeGuard::enter(&stats.calls_in_progress);
-                                    let call = forwarder.forward(
-                                        req,
-                                        deadline,
-                                        traceparent.as_deref(),
-                                        Some(enq_tx),
-                                    );
-                                    let r = tokio::select! {
-                                        r = call => r.map_err(|e| status(Failure::Forward(&e))),
-                                        () = aborted(abort) => Err(status(Failure::ShuttingDown)),
-                                    };
-                                    let outcome = outcome_of(&r);
-                                    (r, outcome)
-                                }
-                            };
-                            end_span(&span, outcome, &result);
-                            stats.record(outcome, started.elapsed());
-                            for mut prev in before {
-                                let _ = prev.wait_for(|done| *done).await;
-                            }
-                            let resp = result.unwrap_or_else(|s| ForwardResponse {
-                                id,
-                                status_code: s.code() as i32,
-                                status_message: s.message().to_string(),
-                                ..Default::default()
-                            });
-                            let _ = tx.send(Ok(resp)).await;
-                            let _ = done_tx.send(true);
-                            drop(permit);
-                        }
-                        .instrument(task_span),
-                    );
-                    // Hand this request's batches to the leader connections before reading the
-                    // next one, so that requests for one partition reach the leader in order.
-                    let _ = enq_rx.await;
                 }
             }
             .instrument(info_span!(target: TASK_TARGET, "forward_stream")),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    /// Starts one request of a stream (see [`Self::serve_stream`]); the returned receiver
+    /// resolves once its batches are queued for their leaders (or it has ended).
+    fn serve_one(
+        &self,
+        method: &'static str,
+        head: &StreamHead,
+        last: &mut HashMap<(String, i32), watch::Receiver<bool>>,
+        req: ForwardRequest,
+        tx: &mpsc::Sender<Result<ForwardResponse, Status>>,
+        permit: OwnedSemaphorePermit,
+    ) -> oneshot::Receiver<()> {
+        let started = Instant::now();
+        let span = call_span(method, req.id);
+        let traceparent = telemetry::adopt_caller(&span, &head.metadata);
+        let mut deadline = started + self.default_timeout;
+        if let Some(d) = head.deadline {
+            deadline = deadline.min(d);
+        }
+        if req.call_timeout_ms > 0 {
+            let own = answer_within(Duration::from_millis(u64::from(req.call_timeout_ms)));
+            deadline = deadline.min(started + own);
+        }
+        let (done_tx, done_rx) = watch::channel(false);
+        let mut before = Vec::new();
+        for p in &req.partitions {
+            let key = (p.topic.clone(), p.partition);
+            if let Some(prev) = last.insert(key, done_rx.clone()) {
+                // A partition listed twice in this request must not wait on itself.
+                if !prev.same_channel(&done_rx) {
+                    before.push(prev);
+                }
+            }
+        }
+        if last.len() > 4 * self.max_stream_in_flight {
+            last.retain(|_, rx| !*rx.borrow());
+        }
+        let (enq_tx, enq_rx) = oneshot::channel();
+        let id = req.id;
+        let forwarder = self.forwarder.clone();
+        let abort = self.abort.clone();
+        let tx = tx.clone();
+        // A stream's requests count against max_concurrent_calls like unary calls; one over the
+        // budget is shed (answered in band, in its partitions' order).
+        let call = self.calls.clone().try_acquire_owned();
+        let task_span = span.clone();
+        tokio::spawn(
+            async move {
+                let stats = forwarder.stats().clone();
+                let (result, outcome) = match call {
+                    Err(_) => (Err(status(Failure::Shed(None))), Outcome::Shed),
+                    Ok(_call) => {
+                        let _in_progress = GaugeGuard::enter(&stats.calls_in_progress);
+                        let call =
+                            forwarder.forward(req, deadline, traceparent.as_deref(), Some(enq_tx));
+                        let r = tokio::select! {
+                            r = call => r.map_err(|e| status(Failure::Forward(&e))),
+                            () = aborted(abort) => Err(status(Failure::ShuttingDown)),
+                        };
+                        let outcome = outcome_of(&r);
+                        (r, outcome)
+                    }
+                };
+                end_span(&span, outcome, &result);
+                stats.record(outcome, started.elapsed());
+                for mut prev in before {
+                    let _ = prev.wait_for(|done| *done).await;
+                }
+                let resp = result.unwrap_or_else(|s| ForwardResponse {
+                    id,
+                    status_code: s.code() as i32,
+                    status_message: s.message().to_string(),
+                    ..Default::default()
+                });
+                let _ = tx.send(Ok(resp)).await;
+                let _ = done_tx.send(true);
+                drop(permit);
+            }
+            .instrument(task_span),
+        );
+        enq_rx
     }
 }
 

@@ -104,6 +104,7 @@ pub fn request(
     recs: Vec<Record>,
 ) -> ForwardRequest {
     ForwardRequest {
+        call_timeout_ms: 0,
         id,
         acks: acks as i32,
         timeout_ms: 0,

@@ -158,6 +158,7 @@ fn part(topic: &str, partition: i32) -> PartitionData {
 
 fn req(parts: Vec<PartitionData>) -> ForwardRequest {
     ForwardRequest {
+        call_timeout_ms: 0,
         id: 1,
         acks: Acks::All as i32,
         timeout_ms: 0,

@@ -261,6 +261,7 @@ fn forward_request(t: &Topics) -> impl Strategy<Value = ForwardRequest> {
     let transactional_id = prop_oneof![4 => Just(String::new()), 1 => "[a-z]{1,8}"];
     (prop_oneof![plausible, hostile], transactional_id).prop_map(
         |((id, acks, timeout_ms, partitions), transactional_id)| ForwardRequest {
+            call_timeout_ms: 0,
             id,
             acks,
             timeout_ms,

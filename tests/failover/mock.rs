@@ -126,6 +126,7 @@ fn spawn_call(
     p.topic = topic.to_string();
     tokio::spawn(async move {
         let req = ForwardRequest {
+            call_timeout_ms: 0,
             id: i,
             acks: Acks::All as i32,
             timeout_ms: 0,

@@ -6,6 +6,7 @@
 mod common;
 
 mod accumulation;
+mod batches;
 mod coalescing;
 mod kafka_record_errors;
 mod kafka_transactions;

@@ -57,6 +57,7 @@ async fn raw_record_batches_are_forwarded() {
     h.dev.create_topic(&t, 1).unwrap();
     let mut c = h.client.clone();
     let raw = |id, values: &[&str]| ForwardRequest {
+        call_timeout_ms: 0,
         id,
         acks: Acks::All as i32,
         timeout_ms: 5_000,
@@ -159,6 +160,7 @@ async fn one_request_spans_leaders_and_repeats_a_partition_in_order() {
         records: records("x", n),
     };
     let req = ForwardRequest {
+        call_timeout_ms: 0,
         id: 9,
         acks: Acks::All as i32,
         timeout_ms: 0,
@@ -345,6 +347,7 @@ async fn batches_too_large_together_go_alone_and_one_too_large_alone_sends_nothi
         records: empty(n),
     };
     let req = |parts: Vec<PartitionData>| ForwardRequest {
+        call_timeout_ms: 0,
         id: 1,
         acks: Acks::All as i32,
         timeout_ms: 0,

@@ -138,6 +138,7 @@ async fn start_leaderlink(extra: &[&str], env: &[(&str, &str)]) -> Leaderlink {
 
 fn traced_request(id: u64, value: &str) -> ForwardRequest {
     ForwardRequest {
+        call_timeout_ms: 0,
         id,
         acks: Acks::All as i32,
         timeout_ms: 0,

@@ -235,6 +235,7 @@ async fn records_carry_the_callers_traceparent_and_raw_batches_stay_untouched() 
         1,
     );
     let req = ForwardRequest {
+        call_timeout_ms: 0,
         id: 1,
         acks: Acks::All as i32,
         timeout_ms: 0,
