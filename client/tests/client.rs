@@ -1,0 +1,252 @@
+//! The client library against a real leaderlink in front of its embedded mock cluster: merged
+//! calls each get their own result, per-partition order holds, a cancelled call leaves its
+//! neighbours alone, deadlines hold, and a leaderlink restart fails the calls in flight
+//! UNAVAILABLE while later calls succeed.
+
+use std::{net::SocketAddr, time::Duration};
+
+use futures::future::join_all;
+use leaderlink::{
+    config::Config,
+    dev::DevCluster,
+    server::{self, Running},
+};
+use leaderlink_client::{Acks, Client, Options, Payload, Record};
+use tokio::time::Instant;
+use tonic::Code;
+
+async fn serve(dev: &DevCluster, addr: SocketAddr) -> Running {
+    let cfg = Config {
+        bootstrap: dev.bootstrap().split(',').map(str::to_string).collect(),
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    server::start(&cfg, listener, admin).await.unwrap()
+}
+
+struct Setup {
+    dev: DevCluster,
+    server: Running,
+    client: Client,
+}
+
+async fn setup(topic: &str, partitions: i32, connections: usize) -> Setup {
+    let dev = DevCluster::start(3).unwrap();
+    dev.create_topic(topic, partitions).unwrap();
+    let server = serve(&dev, "127.0.0.1:0".parse().unwrap()).await;
+    let client = Client::connect(
+        &[format!("http://{}", server.addr)],
+        Options {
+            connections,
+            ..Options::default()
+        },
+    )
+    .await
+    .unwrap();
+    Setup {
+        dev,
+        server,
+        client,
+    }
+}
+
+fn one(value: &str) -> Payload {
+    Payload::Records(vec![Record {
+        key: Some(value.to_string().into()),
+        value: Some(value.to_string().into()),
+        ..Default::default()
+    }])
+}
+
+fn soon() -> Instant {
+    Instant::now() + Duration::from_secs(10)
+}
+
+/// The values of `topic`-`partition` from offset 0, `n` of them, read with librdkafka.
+fn read_back(bootstrap: &str, topic: &str, partition: i32, n: usize) -> Vec<Vec<u8>> {
+    use rdkafka::{
+        ClientConfig, Message, Offset, TopicPartitionList,
+        consumer::{BaseConsumer, Consumer},
+    };
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("read-{topic}"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let started = Instant::now();
+    let mut out = Vec::new();
+    while out.len() < n {
+        assert!(started.elapsed() < Duration::from_secs(30), "read {out:?}");
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            out.push(m.unwrap().payload().unwrap_or_default().to_vec());
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_calls_each_get_their_own_result() {
+    let s = setup("merged", 2, 1).await;
+    let calls = (0..64).map(|i| {
+        let c = s.client.clone();
+        async move {
+            let v = format!("m{i}");
+            let r = c
+                .forward("merged", i % 2, one(&v), Acks::Leader, soon())
+                .await
+                .unwrap();
+            (i, v, r)
+        }
+    });
+    let results = join_all(calls).await;
+    for p in 0..2 {
+        let back = read_back(s.dev.bootstrap(), "merged", p, 32);
+        for (i, v, r) in results.iter().filter(|(i, _, _)| i % 2 == p) {
+            assert_eq!((r.error_code, r.partition), (0, p), "call {i}: {r:?}");
+            let at = usize::try_from(r.base_offset).unwrap();
+            assert_eq!(
+                back[at],
+                v.as_bytes(),
+                "call {i}'s offset holds another record"
+            );
+        }
+    }
+    // The 64 calls went out together, and their records shared leader batches.
+    let (batches, records) = s.server.forwarder.pool().batches_sent();
+    assert_eq!(records, 64);
+    assert!(batches < 64, "{batches} leader batches for 64 calls");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_for_one_partition_keep_the_order_they_were_made_in() {
+    let s = setup("order", 1, 4).await;
+    // Made in order on one task: offsets follow that order.
+    let calls = (0..50).map(|i| {
+        s.client
+            .forward("order", 0, one(&format!("o{i}")), Acks::Leader, soon())
+    });
+    let offsets: Vec<i64> = join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().base_offset)
+        .collect();
+    assert_eq!(offsets, (0..50).collect::<Vec<i64>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_call_does_not_disturb_its_neighbours() {
+    let s = setup("cancel", 1, 1).await;
+    s.dev
+        .set_leader_latency(Duration::from_millis(300))
+        .unwrap();
+    let call = |v: &'static str| {
+        let c = s.client.clone();
+        tokio::spawn(async move { c.forward("cancel", 0, one(v), Acks::Leader, soon()).await })
+    };
+    let a = call("a");
+    let b = call("b");
+    let c = call("c");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    b.abort();
+    let a = a.await.unwrap().unwrap();
+    let c = c.await.unwrap().unwrap();
+    assert!(b.await.unwrap_err().is_cancelled());
+    assert_eq!((a.error_code, c.error_code), (0, 0));
+    assert_ne!(a.base_offset, c.base_offset);
+    s.dev.set_leader_latency(Duration::ZERO).unwrap();
+    // The client goes on.
+    let d = s
+        .client
+        .forward("cancel", 0, one("d"), Acks::Leader, soon())
+        .await
+        .unwrap();
+    assert_eq!(d.error_code, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calls_deadline_holds() {
+    let s = setup("deadline", 1, 1).await;
+    s.client
+        .forward("deadline", 0, one("warm"), Acks::Leader, soon())
+        .await
+        .unwrap();
+    s.dev
+        .set_leader_latency(Duration::from_millis(1000))
+        .unwrap();
+    let started = Instant::now();
+    let e = s
+        .client
+        .forward(
+            "deadline",
+            0,
+            one("late"),
+            Acks::Leader,
+            started + Duration::from_millis(200),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    // Answered by its deadline (leaderlink's own answer comes a little before it).
+    assert!(
+        started.elapsed() < Duration::from_millis(700),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaderlink_restart_fails_calls_in_flight_unavailable_and_later_calls_succeed() {
+    let s = setup("restart", 1, 2).await;
+    let addr = s.server.addr;
+    s.client
+        .forward("restart", 0, one("warm"), Acks::Leader, soon())
+        .await
+        .unwrap();
+    s.dev
+        .set_leader_latency(Duration::from_millis(2000))
+        .unwrap();
+    let in_flight: Vec<_> = (0..8)
+        .map(|i| {
+            let c = s.client.clone();
+            tokio::spawn(async move {
+                c.forward("restart", 0, one(&format!("f{i}")), Acks::Leader, soon())
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No grace: the calls still running are cut off.
+    s.server.shutdown(Duration::ZERO).await;
+    for call in in_flight {
+        let e = call.await.unwrap().unwrap_err();
+        assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    }
+    s.dev.set_leader_latency(Duration::ZERO).unwrap();
+    let _server = serve(&s.dev, addr).await;
+    // The lanes reconnect: within a few seconds calls succeed again.
+    let started = Instant::now();
+    loop {
+        match s
+            .client
+            .forward("restart", 0, one("after"), Acks::Leader, soon())
+            .await
+        {
+            Ok(r) => {
+                assert_eq!(r.error_code, 0, "{r:?}");
+                break;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                assert!(started.elapsed() < Duration::from_secs(10), "{e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
