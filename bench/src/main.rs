@@ -41,6 +41,17 @@ enum Mode {
     Rdkafka,
 }
 
+/// How forwarder mode calls leaderlink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ClientArg {
+    /// One unary Forward call per call.
+    Unary,
+    /// Each worker sends its calls one at a time on its own long-lived ForwardStream.
+    Stream,
+    /// leaderlink-client: the workers' concurrent calls merged onto ForwardBatches streams.
+    Batched,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum AcksArg {
     #[value(name = "0")]
@@ -103,9 +114,13 @@ struct Args {
     /// ForwardStream instead of one unary Forward call each.
     #[arg(long)]
     grpc_stream: bool,
-    /// Forwarder mode: HTTP/2 connections the workers share (worker w uses connection w % N).
-    #[arg(long, default_value_t = 1, value_name = "N")]
-    grpc_connections: usize,
+    /// Forwarder mode: how calls reach leaderlink (`--grpc-stream` is `--client stream`).
+    #[arg(long, value_enum, default_value = "unary")]
+    client: ClientArg,
+    /// Forwarder mode: HTTP/2 connections the workers share (worker w uses connection w % N);
+    /// with `--client batched`, the client library's connections [default: 1; batched: 4].
+    #[arg(long, value_name = "N")]
+    grpc_connections: Option<usize>,
     /// Topic to write to.
     #[arg(long, default_value = "bench")]
     topic: String,
@@ -153,16 +168,36 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     })
 }
 
+impl Args {
+    /// The client forwarder mode uses.
+    fn client(&self) -> ClientArg {
+        if self.grpc_stream {
+            ClientArg::Stream
+        } else {
+            self.client
+        }
+    }
+}
+
 fn main() {
-    let args = Args::parse();
-    if args.grpc_stream && args.mode != Mode::Forwarder {
+    let mut args = Args::parse();
+    if (args.grpc_stream || args.client != ClientArg::Unary) && args.mode != Mode::Forwarder {
         Args::command()
             .error(
                 clap::error::ErrorKind::ArgumentConflict,
-                "--grpc-stream needs --mode forwarder",
+                "--client and --grpc-stream need --mode forwarder",
             )
             .exit();
     }
+    if args.client() == ClientArg::Batched && args.tls_ca.is_some() {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--client batched speaks plaintext only (no --tls-ca)",
+            )
+            .exit();
+    }
+    args.client = args.client();
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     // The mock cluster is not Send; it lives on its own thread inside DevCluster.
     let dev = if args.bootstrap.is_none() && args.forwarder.is_none() {
@@ -221,6 +256,9 @@ fn bench_config(args: &Args, bootstrap: &str) -> Config {
 /// What the workers call, and the in-process leaderlink server behind it, if any.
 async fn start_target(args: &Args, cfg: &Config, bootstrap: &str) -> (Target, Option<Running>) {
     match (args.mode, &args.forwarder) {
+        (Mode::Forwarder, Some(url)) if args.client == ClientArg::Batched => {
+            (batched_target(args, url).await, None)
+        }
         (Mode::Forwarder, Some(url)) => (
             grpc_target(args, grpc_client(url, args.tls_ca.as_deref()).await),
             None,
@@ -230,7 +268,11 @@ async fn start_target(args: &Args, cfg: &Config, bootstrap: &str) -> (Target, Op
             let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let r = server::start(cfg, l, a).await.expect("leaderlink starts");
             let url = format!("http://{}", r.addr);
-            let target = grpc_target(args, grpc_client(&url, args.tls_ca.as_deref()).await);
+            let target = if args.client == ClientArg::Batched {
+                batched_target(args, &url).await
+            } else {
+                grpc_target(args, grpc_client(&url, args.tls_ca.as_deref()).await)
+            };
             (target, Some(r))
         }
         (Mode::Direct, _) => (
@@ -246,6 +288,19 @@ async fn start_target(args: &Args, cfg: &Config, bootstrap: &str) -> (Target, Op
     }
 }
 
+/// The `--client batched` target: the client library over `--grpc-connections` connections (its
+/// own default otherwise), shared by every worker.
+async fn batched_target(args: &Args, url: &str) -> Target {
+    let mut options = leaderlink_client::Options::default();
+    if let Some(n) = args.grpc_connections {
+        options.connections = n;
+    }
+    let client = leaderlink_client::Client::connect(&[url], options)
+        .await
+        .expect("connect to leaderlink");
+    Target::Batched(client)
+}
+
 /// The targets the workers share: `target`, plus `--grpc-connections - 1` more HTTP/2
 /// connections for the gRPC modes (each `connect` opens its own).
 async fn targets(target: &Target, args: &Args, running: Option<&Running>) -> Vec<Target> {
@@ -256,7 +311,7 @@ async fn targets(target: &Target, args: &Args, running: Option<&Running>) -> Vec
             (None, Some(r)) => format!("http://{}", r.addr),
             (None, None) => unreachable!("grpc target without a server"),
         };
-        for _ in 1..args.grpc_connections.max(1) {
+        for _ in 1..args.grpc_connections.unwrap_or(1).max(1) {
             targets.push(grpc_target(
                 args,
                 grpc_client(&url, args.tls_ca.as_deref()).await,

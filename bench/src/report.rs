@@ -64,7 +64,7 @@ pub fn report(
     let out = serde_json::json!({
         "mode": format!("{:?}", args.mode).to_lowercase(),
         "grpc_api": (args.mode == Mode::Forwarder)
-            .then_some(if args.grpc_stream { "stream" } else { "unary" }),
+            .then(|| format!("{:?}", args.client).to_lowercase()),
         "acks": match args.acks { AcksArg::Zero => "0", AcksArg::One => "1", AcksArg::All => "all" },
         "concurrency": args.concurrency,
         "record_size": args.record_size,

@@ -71,6 +71,8 @@ pub enum Target {
     Stream(Box<StreamTarget>),
     Direct(Forwarder),
     Rdkafka(FutureProducer),
+    /// leaderlink-client, shared by the workers (it merges their calls).
+    Batched(leaderlink_client::Client),
 }
 
 /// A worker's ForwardStream, opened on its first call (and again after a failure).
@@ -176,12 +178,40 @@ pub async fn call(
                     .forward(req, Instant::now() + deadline, None, None)
                     .await
                     .map_err(|e| e.to_string())?,
-                Target::Rdkafka(_) => unreachable!(),
+                Target::Rdkafka(_) | Target::Batched(_) => unreachable!(),
             };
             match resp.partitions.first() {
                 Some(p) if p.error_code == 0 => Ok(n as u64),
                 Some(p) => Err(p.error_name.clone()),
                 None => Err("answer without partition results".into()),
+            }
+        }
+        Target::Batched(client) => {
+            let records = (0..n)
+                .map(|_| leaderlink_client::Record {
+                    value: Some(value.clone()),
+                    ..Default::default()
+                })
+                .collect();
+            let acks = match args.acks {
+                AcksArg::Zero => leaderlink_client::Acks::None,
+                AcksArg::One => leaderlink_client::Acks::Leader,
+                AcksArg::All => leaderlink_client::Acks::All,
+            };
+            let p = client
+                .forward(
+                    &args.topic,
+                    partition,
+                    leaderlink_client::Payload::Records(records),
+                    acks,
+                    Instant::now() + deadline,
+                )
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+            if p.error_code == 0 {
+                Ok(n as u64)
+            } else {
+                Err(p.error_name)
             }
         }
         Target::Rdkafka(producer) => {
@@ -209,7 +239,7 @@ pub async fn call(
 
 /// The forwarder-mode target: unary calls, or a ForwardStream per worker (`--grpc-stream`).
 pub fn grpc_target(args: &Args, client: ForwarderClient<Channel>) -> Target {
-    if args.grpc_stream {
+    if args.client == crate::ClientArg::Stream {
         Target::Stream(Box::new(StreamTarget { client, open: None }))
     } else {
         Target::Grpc(client)
