@@ -185,7 +185,7 @@ fn main() {
         Args::command()
             .error(
                 clap::error::ErrorKind::ArgumentConflict,
-                "--client and --grpc-stream need --mode forwarder",
+                "--grpc-stream needs --mode forwarder (and so does --client)",
             )
             .exit();
     }

@@ -188,3 +188,30 @@ fn grpc_stream_sends_every_call_on_forward_streams_and_counts_what_the_leaders_h
         String::from_utf8_lossy(&refused.stderr)
     );
 }
+
+#[test]
+fn client_batched_merges_the_workers_calls_and_counts_what_the_leaders_hold() {
+    let v = bench(&[
+        "--mode",
+        "forwarder",
+        "--client",
+        "batched",
+        "-d",
+        "2s",
+        "-c",
+        "8",
+        "-p",
+        "3",
+        "-b",
+        "2",
+    ]);
+    assert_eq!(v["grpc_api"], "batched");
+    assert_eq!(v["errors"], 0);
+    let records = v["records"].as_u64().unwrap();
+    assert!(records > 0);
+    assert_eq!(v["records_in_log"].as_i64().unwrap(), records as i64, "{v}");
+    assert!(
+        v["records_per_leader_batch"].as_f64().unwrap() >= 2.0,
+        "{v}"
+    );
+}
