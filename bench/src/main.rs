@@ -23,7 +23,7 @@ use leaderlink::{
 use tokio::time::Instant;
 
 use load::Shared;
-use target::{CALL_DEADLINE, Target, call, grpc_client, grpc_target, rdkafka_producer};
+use target::{CALL_DEADLINE, Target, call, grpc_channel, grpc_target, rdkafka_producer};
 
 /// mimalloc serves every allocation of the binary: under load glibc's malloc took about a fifth
 /// of the forwarder's CPU, much of it waiting on arena locks (see the README's Performance
@@ -50,6 +50,9 @@ enum ClientArg {
     Stream,
     /// leaderlink-client: the workers' concurrent calls merged onto ForwardBatches streams.
     Batched,
+    /// `grpc.health.v1.Health/Check` calls instead of forwards: the server's cost per gRPC
+    /// call with no work behind it (records/s is 0; see requests/s).
+    Health,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -260,7 +263,7 @@ async fn start_target(args: &Args, cfg: &Config, bootstrap: &str) -> (Target, Op
             (batched_target(args, url).await, None)
         }
         (Mode::Forwarder, Some(url)) => (
-            grpc_target(args, grpc_client(url, args.tls_ca.as_deref()).await),
+            grpc_target(args, grpc_channel(url, args.tls_ca.as_deref()).await),
             None,
         ),
         (Mode::Forwarder, None) => {
@@ -271,7 +274,7 @@ async fn start_target(args: &Args, cfg: &Config, bootstrap: &str) -> (Target, Op
             let target = if args.client == ClientArg::Batched {
                 batched_target(args, &url).await
             } else {
-                grpc_target(args, grpc_client(&url, args.tls_ca.as_deref()).await)
+                grpc_target(args, grpc_channel(&url, args.tls_ca.as_deref()).await)
             };
             (target, Some(r))
         }
@@ -305,7 +308,7 @@ async fn batched_target(args: &Args, url: &str) -> Target {
 /// connections for the gRPC modes (each `connect` opens its own).
 async fn targets(target: &Target, args: &Args, running: Option<&Running>) -> Vec<Target> {
     let mut targets = vec![target.clone()];
-    if let Target::Grpc(_) | Target::Stream(_) = target {
+    if let Target::Grpc(_) | Target::Stream(_) | Target::Health(_) = target {
         let url = match (&args.forwarder, running) {
             (Some(u), _) => u.clone(),
             (None, Some(r)) => format!("http://{}", r.addr),
@@ -314,7 +317,7 @@ async fn targets(target: &Target, args: &Args, running: Option<&Running>) -> Vec
         for _ in 1..args.grpc_connections.unwrap_or(1).max(1) {
             targets.push(grpc_target(
                 args,
-                grpc_client(&url, args.tls_ca.as_deref()).await,
+                grpc_channel(&url, args.tls_ca.as_deref()).await,
             ));
         }
     }
@@ -328,13 +331,16 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
 
     // Warm up: metadata, connections, one call per partition (not measured).
     let mut warm = target.clone();
+    let mut warm_records = 0;
     for p in 0..args.partitions {
-        if let Err(e) = call(&mut warm, &args, p, &value, CALL_DEADLINE).await {
-            eprintln!("warm-up call to partition {p} failed: {e}");
-            std::process::exit(1);
+        match call(&mut warm, &args, p, &value, CALL_DEADLINE).await {
+            Ok(n) => warm_records += n,
+            Err(e) => {
+                eprintln!("warm-up call to partition {p} failed: {e}");
+                std::process::exit(1);
+            }
         }
     }
-    let warm_records = (args.partitions as u64) * args.batch_records as u64;
     if let Some(d) = &dev
         && args.leader_latency_ms > 0
     {

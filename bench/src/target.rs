@@ -17,17 +17,22 @@ use rdkafka::{
 };
 use tokio::time::Instant;
 use tonic::transport::Channel;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 use crate::{AcksArg, Args};
 
 /// Deadline of every call the bench makes (warm-up and measured).
 pub const CALL_DEADLINE: Duration = Duration::from_secs(30);
 
-/// A Forwarder client for `url`; over TLS (ALPN h2, server name from the URL's host) when
-/// `tls_ca` is given.
-pub async fn grpc_client(url: &str, tls_ca: Option<&std::path::Path>) -> ForwarderClient<Channel> {
+/// An HTTP/2 connection to leaderlink at `url`; over TLS (ALPN h2, server name from the URL's
+/// host) when `tls_ca` is given.
+pub async fn grpc_channel(url: &str, tls_ca: Option<&std::path::Path>) -> Channel {
     let Some(ca) = tls_ca else {
-        return ForwarderClient::connect(url.to_string())
+        return tonic::transport::Endpoint::from_shared(url.to_string())
+            .expect("URL")
+            .connect()
             .await
             .expect("connect to leaderlink");
     };
@@ -57,12 +62,11 @@ pub async fn grpc_client(url: &str, tls_ca: Option<&std::path::Path>) -> Forward
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
         }
     });
-    let ch = tonic::transport::Endpoint::from_shared(url.replace("https://", "http://"))
+    tonic::transport::Endpoint::from_shared(url.replace("https://", "http://"))
         .expect("URL")
         .connect_with_connector(connector)
         .await
-        .expect("connect to leaderlink over TLS");
-    ForwarderClient::new(ch)
+        .expect("connect to leaderlink over TLS")
 }
 /// What one call sends.
 #[derive(Clone)]
@@ -73,6 +77,8 @@ pub enum Target {
     Rdkafka(FutureProducer),
     /// leaderlink-client, shared by the workers (it merges their calls).
     Batched(leaderlink_client::Client),
+    /// `grpc.health.v1.Health/Check` instead of a forward: the server's floor per gRPC call.
+    Health(HealthClient<Channel>),
 }
 
 /// A worker's ForwardStream, opened on its first call (and again after a failure).
@@ -178,7 +184,7 @@ pub async fn call(
                     .forward(req, Instant::now() + deadline, None, None)
                     .await
                     .map_err(|e| e.to_string())?,
-                Target::Rdkafka(_) | Target::Batched(_) => unreachable!(),
+                Target::Rdkafka(_) | Target::Batched(_) | Target::Health(_) => unreachable!(),
             };
             match resp.partitions.first() {
                 Some(p) if p.error_code == 0 => Ok(n as u64),
@@ -214,6 +220,24 @@ pub async fn call(
                 Err(p.error_name)
             }
         }
+        Target::Health(client) => {
+            let mut r = tonic::Request::new(HealthCheckRequest {
+                service: String::new(),
+            });
+            r.set_timeout(deadline);
+            let status = client
+                .check(r)
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                .into_inner()
+                .status;
+            // No records go anywhere: a check counts as a request only.
+            if status == ServingStatus::Serving as i32 {
+                Ok(0)
+            } else {
+                Err(format!("health status {status}"))
+            }
+        }
         Target::Rdkafka(producer) => {
             let sends: Vec<_> = (0..n)
                 .map(|_| {
@@ -237,12 +261,14 @@ pub async fn call(
     }
 }
 
-/// The forwarder-mode target: unary calls, or a ForwardStream per worker (`--grpc-stream`).
-pub fn grpc_target(args: &Args, client: ForwarderClient<Channel>) -> Target {
-    if args.client == crate::ClientArg::Stream {
-        Target::Stream(Box::new(StreamTarget { client, open: None }))
-    } else {
-        Target::Grpc(client)
+/// The forwarder-mode target on `channel`: unary calls, a ForwardStream per worker
+/// (`--client stream`) or health checks (`--client health`).
+pub fn grpc_target(args: &Args, channel: Channel) -> Target {
+    let client = ForwarderClient::new(channel.clone());
+    match args.client {
+        crate::ClientArg::Stream => Target::Stream(Box::new(StreamTarget { client, open: None })),
+        crate::ClientArg::Health => Target::Health(HealthClient::new(channel)),
+        crate::ClientArg::Unary | crate::ClientArg::Batched => Target::Grpc(client),
     }
 }
 

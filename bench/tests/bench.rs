@@ -215,3 +215,25 @@ fn client_batched_merges_the_workers_calls_and_counts_what_the_leaders_hold() {
         "{v}"
     );
 }
+
+#[test]
+fn client_health_makes_health_checks_and_forwards_nothing() {
+    let v = bench(&[
+        "--mode",
+        "forwarder",
+        "--client",
+        "health",
+        "-d",
+        "1s",
+        "-c",
+        "4",
+        "-p",
+        "2",
+    ]);
+    assert_eq!(v["grpc_api"], "health");
+    assert_eq!(v["errors"], 0);
+    assert!(v["requests"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["records"], 0, "{v}");
+    // Only the warm-up's health checks ran; nothing reached the leaders.
+    assert_eq!(v["records_in_log"].as_i64().unwrap(), 0, "{v}");
+}
