@@ -307,14 +307,29 @@ impl Extractor for Metadata<'_> {
 }
 
 /// Makes the caller's `traceparent` (W3C trace context, from gRPC metadata) the parent of
-/// `span`, and returns the `traceparent` that continues the trace downstream: `span`'s own
-/// when spans are exported, else the caller's (so consumers still join the caller's trace);
-/// `None` when there is neither.
-pub fn adopt_caller(span: &tracing::Span, md: &tonic::metadata::MetadataMap) -> Option<String> {
+/// `span`, and, when `downstream` asks for it, returns the `traceparent` that continues the
+/// trace downstream: `span`'s own when spans are exported, else the caller's (so consumers still
+/// join the caller's trace); `None` when there is neither. Without `downstream` (no record
+/// header wanted) nothing is formatted, and without a caller's `traceparent` nothing is parsed:
+/// this runs on every call.
+pub fn adopt_caller(
+    span: &tracing::Span,
+    md: &tonic::metadata::MetadataMap,
+    downstream: bool,
+) -> Option<String> {
     let propagator = TraceContextPropagator::new();
-    let caller = propagator.extract(&Metadata(md));
-    // Fails only when no layer exports spans; the caller's context is then passed on as is.
-    let _ = span.set_parent(caller.clone());
+    let caller = if md.contains_key("traceparent") {
+        propagator.extract(&Metadata(md))
+    } else {
+        Context::new()
+    };
+    if caller.span().span_context().is_valid() {
+        // Fails only when no layer exports spans; the caller's context is then passed on as is.
+        let _ = span.set_parent(caller.clone());
+    }
+    if !downstream {
+        return None;
+    }
     let own = span.context();
     let cx = if own.span().span_context().is_valid() {
         own
@@ -339,12 +354,16 @@ mod tests {
         let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         md.insert("traceparent", tp.parse().unwrap());
         let span = tracing::info_span!("call");
-        assert_eq!(adopt_caller(&span, &md).as_deref(), Some(tp));
+        assert_eq!(adopt_caller(&span, &md, true).as_deref(), Some(tp));
         assert_eq!(
-            adopt_caller(&span, &tonic::metadata::MetadataMap::new()),
+            adopt_caller(&span, &tonic::metadata::MetadataMap::new(), true),
             None
         );
         md.insert("traceparent", "00-garbage".parse().unwrap());
-        assert_eq!(adopt_caller(&span, &md), None, "a malformed one is ignored");
+        assert_eq!(
+            adopt_caller(&span, &md, true),
+            None,
+            "a malformed one is ignored"
+        );
     }
 }

@@ -44,6 +44,9 @@ async fn spawn(extra: &[&str]) -> Server {
             "d:1",
         ])
         .args(extra)
+        // A dev leader slowed with --dev-leader-latency-ms answers ApiVersions that late too;
+        // the bound for a silent broker (handshake_timeout_ms, 2 s) must not cut it off.
+        .env("LEADERLINK_HANDSHAKE_TIMEOUT_MS", "10000")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

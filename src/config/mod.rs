@@ -72,6 +72,12 @@ pub struct Config {
     /// Longest a new broker connection may take (TCP connect and ApiVersions), within the
     /// call's deadline; an address that takes longer is given up for the next one.
     pub connect_timeout_ms: u64,
+    /// Longest a new broker connection may wait for the answer to each of its ApiVersions
+    /// requests, within `connect_timeout_ms`. A broker whose process is stopped (SIGSTOP, a long GC
+    /// pause) still accepts TCP connections through the kernel's backlog but never answers:
+    /// this bound gives the dial up early, so that the call can refresh its leaders and try
+    /// again while it still has time.
+    pub handshake_timeout_ms: u64,
     /// Kafka `timeout_ms` sent to leaders when a request says 0. Always cut to fit inside the
     /// call's deadline.
     pub kafka_timeout_ms: u32,
@@ -240,6 +246,7 @@ impl Default for Config {
             max_request_bytes: 8 * 1024 * 1024,
             default_timeout_ms: 30_000,
             connect_timeout_ms: 5_000,
+            handshake_timeout_ms: 2_000,
             kafka_timeout_ms: 30_000,
             metadata_max_age_ms: 30_000,
             metadata_max_idle_ms: 300_000,
@@ -370,6 +377,7 @@ impl Config {
             max_frame_bytes: self.max_frame_bytes,
             client_id: Some(StrBytes::from_string(self.client_id.clone())),
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
             security: self.kafka_security()?,
         })
     }

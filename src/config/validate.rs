@@ -46,6 +46,7 @@ impl Config {
         for (key, v) in [
             ("default_timeout_ms", self.default_timeout_ms),
             ("connect_timeout_ms", self.connect_timeout_ms),
+            ("handshake_timeout_ms", self.handshake_timeout_ms),
             ("metadata_max_age_ms", self.metadata_max_age_ms),
             ("metadata_max_idle_ms", self.metadata_max_idle_ms),
             ("retry_backoff_ms", self.retry_backoff_ms),

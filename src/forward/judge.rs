@@ -37,27 +37,25 @@ pub(super) type Answered = (Arc<Connection>, i32, Vec<usize>, Outcome, Span);
 /// Await phase: every request of the round, each within its span, until answered or the
 /// deadline.
 pub(super) async fn await_answers(waits: Vec<Wait>, deadline: Instant) -> Vec<Answered> {
-    join_all(
-        waits
-            .into_iter()
-            .map(|(conn, broker, chunk, ticket, span)| {
-                async move {
-                    let r = match ticket.sent(deadline).await {
-                        Ok(mut sent) => {
-                            let span = Span::current();
-                            span.record("leaderlink.correlation_id", sent.correlation_id());
-                            span.record("leaderlink.request_partitions", sent.partitions() as i64);
-                            let placements = sent.take_placements();
-                            sent.answer(deadline).await.map(|a| (a, placements))
-                        }
-                        Err(e) => Err(e),
-                    };
-                    (conn, broker, chunk, r, Span::current())
-                }
-                .instrument(span)
-            }),
-    )
-    .await
+    let one = |(conn, broker, chunk, ticket, span): Wait| {
+        async move {
+            let r = ticket
+                .outcome(deadline, |sent| {
+                    let span = Span::current();
+                    span.record("leaderlink.correlation_id", sent.correlation_id());
+                    span.record("leaderlink.request_partitions", sent.partitions() as i64);
+                })
+                .await;
+            (conn, broker, chunk, r, Span::current())
+        }
+        .instrument(span)
+    };
+    // Most rounds wait for one request: no join (and its allocations) for that one.
+    if waits.len() == 1 {
+        let w = waits.into_iter().next().expect("one wait");
+        return vec![one(w).await];
+    }
+    join_all(waits.into_iter().map(one)).await
 }
 
 impl Call<'_> {

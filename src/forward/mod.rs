@@ -222,6 +222,12 @@ impl Forwarder {
         &self.inner.pool
     }
 
+    /// Whether records leaderlink encodes carry the call's `traceparent` as a header
+    /// (`trace_record_header`).
+    pub fn wants_traceparent(&self) -> bool {
+        self.inner.cfg.trace_record_header
+    }
+
     /// Process-wide counters.
     pub fn stats(&self) -> &Arc<Stats> {
         &self.inner.stats

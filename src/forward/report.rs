@@ -156,7 +156,9 @@ fn answered_list(v: &Validated, st: &[ItemState]) -> String {
 pub(super) fn is_connect_failure(cause: &ConnError) -> bool {
     matches!(
         cause,
-        ConnError::Connect { .. } | ConnError::ConnectTimeout { .. }
+        ConnError::Connect { .. }
+            | ConnError::ConnectTimeout { .. }
+            | ConnError::HandshakeTimeout { .. }
     )
 }
 

@@ -214,15 +214,16 @@ impl Call<'_> {
     ) -> Vec<(Broker, Vec<usize>, Result<Leader, ConnError>)> {
         let pool = &self.fwd.inner.pool;
         let deadline = self.deadline;
-        join_all(
-            groups
-                .into_iter()
-                .map(|((_, index), (broker, items))| async move {
-                    let conn = pool.get(&broker, index, deadline).await;
-                    (broker, items, conn)
-                }),
-        )
-        .await
+        let one = |((_, index), (broker, items)): ((i32, usize), Group)| async move {
+            let conn = pool.get(&broker, index, deadline).await;
+            (broker, items, conn)
+        };
+        // Most rounds go to one leader: no join (and its allocations) for that one.
+        if groups.len() == 1 {
+            let g = groups.into_iter().next().expect("one group");
+            return vec![one(g).await];
+        }
+        join_all(groups.into_iter().map(one)).await
     }
 
     /// A leader of the round could not be dialled: its batches are retried, or answered if it

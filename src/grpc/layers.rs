@@ -83,7 +83,8 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let streaming = is_forward_stream(req.uri().path());
-        let limit = match caller_timeout_headers(req.headers()) {
+        let caller = caller_timeout_headers(req.headers());
+        let limit = match caller {
             Some(t) => Some(t),
             None if streaming => None,
             None => Some(self.default),
@@ -92,9 +93,13 @@ where
             req.extensions_mut()
                 .insert(Deadline(Instant::now() + answer_within(t)));
         }
+        // With the caller's `grpc-timeout`, tonic's server (outside this stack) already ends
+        // the call at that limit, after the caller's own timer has fired; a second timer here
+        // would cost every call for an answer nobody reads. The backstop is for the default.
+        let backstop = if caller.is_some() { None } else { limit };
         let fut = self.inner.call(req);
         Box::pin(async move {
-            match limit {
+            match backstop {
                 None => fut.await.map_err(Into::into),
                 Some(t) => match tokio::time::timeout(t, fut).await {
                     Ok(r) => r.map_err(Into::into),
@@ -231,8 +236,10 @@ where
 ///    multiplexing many calls over one connection each exceed any budget). `calls` is that
 ///    budget; the requests of ForwardStream and ForwardBatches draw on it too.
 /// 4. **Deadline** — the caller's `grpc-timeout` or the default, handed to the handler in the
-///    request's extensions; a backstop ends a call that outlives it with DEADLINE_EXCEEDED
-///    (tonic's own `.timeout()` would answer CANCELLED).
+///    request's extensions. For a call without `grpc-timeout`, a backstop ends it with
+///    DEADLINE_EXCEEDED if it outlives the default (tonic's own `.timeout()` would answer
+///    CANCELLED); with `grpc-timeout`, tonic's server enforces the caller's limit (CANCELLED,
+///    after the caller's own timer has fired).
 ///
 /// Health and reflection are not behind these layers: probes must work under overload.
 pub fn forwarder_stack<S>(

@@ -219,14 +219,24 @@ impl forwarder_server::Forwarder for ForwarderService {
         let deadline =
             Self::deadline(&request).unwrap_or_else(|| Instant::now() + self.default_timeout);
         let span = call_span("leaderlink.v1.Forwarder/Forward", request.get_ref().id);
-        let traceparent = telemetry::adopt_caller(&span, request.metadata());
+        let traceparent = telemetry::adopt_caller(
+            &span,
+            request.metadata(),
+            self.forwarder.wants_traceparent(),
+        );
         let stats = self.forwarder.stats().clone();
         let _in_progress = GaugeGuard::enter(&stats.calls_in_progress);
-        let call =
-            self.forwarder
-                .forward(request.into_inner(), deadline, traceparent.as_deref(), None);
+        // Boxed at once: the call's future is large (kilobytes), and every future that holds it
+        // unboxed is copied whole as it moves into tonic's own box.
+        let call = Box::pin(self.forwarder.forward(
+            request.into_inner(),
+            deadline,
+            traceparent.as_deref(),
+            None,
+        ));
         let result = async {
             tokio::select! {
+                biased;
                 r = call => r.map_err(|e| status(Failure::Forward(&e))),
                 () = aborted(self.abort.clone()) => Err(status(Failure::ShuttingDown)),
             }
@@ -409,7 +419,8 @@ impl ForwarderService {
     ) -> oneshot::Receiver<()> {
         let started = Instant::now();
         let span = call_span(method, req.id);
-        let traceparent = telemetry::adopt_caller(&span, &head.metadata);
+        let traceparent =
+            telemetry::adopt_caller(&span, &head.metadata, self.forwarder.wants_traceparent());
         let mut deadline = started + self.default_timeout;
         if let Some(d) = head.deadline {
             deadline = deadline.min(d);

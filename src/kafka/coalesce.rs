@@ -139,6 +139,7 @@ pub struct Sent {
     correlation_id: i32,
     partitions: usize,
     placements: Vec<Placement>,
+    /// The request's own wait ends here: the latest deadline of its calls.
     deadline: Instant,
     answer: SharedAnswer,
 }
@@ -146,7 +147,7 @@ pub struct Sent {
 impl Sent {
     /// Where each of the chunk's parts (in the chunk's order) went in the request; taken
     /// once (empty afterwards).
-    pub fn take_placements(&mut self) -> Vec<Placement> {
+    fn take_placements(&mut self) -> Vec<Placement> {
         std::mem::take(&mut self.placements)
     }
 
@@ -159,23 +160,6 @@ impl Sent {
     pub fn partitions(&self) -> usize {
         self.partitions
     }
-
-    /// Waits for the leader's answer until `deadline`: the decoded response (shared by the
-    /// request's calls), or `None` for acks=0 once the request is written.
-    pub async fn answer(self, deadline: Instant) -> Result<Option<Arc<Answers>>, RequestError> {
-        // The request's own wait ends at the latest deadline of its calls (and poisons the
-        // connection then); a call that must give up earlier stops waiting on its own.
-        if deadline >= self.deadline {
-            return self.answer.await;
-        }
-        match tokio::time::timeout_at(deadline, self.answer).await {
-            Ok(r) => r,
-            Err(_) => Err(RequestError {
-                cause: ConnError::AnswerLate,
-                maybe_sent: true,
-            }),
-        }
-    }
 }
 
 /// A chunk queued by [`Coalescer::submit`].
@@ -185,22 +169,60 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// Waits until the chunk's request is queued for the writer, or the chunk is refused
-    /// (deadline, connection closed, too large for the connection's byte budget).
-    pub async fn sent(self, deadline: Instant) -> Result<Sent, RequestError> {
-        match tokio::time::timeout_at(deadline, self.rx).await {
-            Ok(Ok(r)) => r,
+    /// Waits until the chunk's request is queued for the writer and then for the leader's
+    /// answer, both until `deadline` and with one timer for the two: the decoded response
+    /// (shared by the request's calls), or `None` for acks=0 once the request is written, with
+    /// the chunk's [`Placement`]s. `on_sent` sees the request once it is queued.
+    ///
+    /// Fails with the chunk's refusal (connection closed, too large for the connection's byte
+    /// budget), with [`ConnError::NotSentInTime`] if the deadline passes while the chunk is
+    /// queued, and with [`ConnError::AnswerLate`] if it passes while the request is in flight.
+    pub async fn outcome(
+        self,
+        deadline: Instant,
+        on_sent: impl FnOnce(&Sent),
+    ) -> Result<(Option<Arc<Answers>>, Vec<Placement>), RequestError> {
+        let Ticket { rx, conn } = self;
+        // One timer for both waits; each polls its work first, as `timeout_at` would.
+        let late = tokio::time::sleep_until(deadline);
+        tokio::pin!(late);
+        let sent = tokio::select! {
+            biased;
+            r = rx => r,
+            () = &mut late => {
+                // The flusher does not send a chunk with less than the Kafka timeout's margin
+                // left (at least 5 ms, see `produce::cut_timeout`), so one whose deadline
+                // passed before it was queued for the writer was not sent.
+                return Err(RequestError {
+                    cause: ConnError::NotSentInTime,
+                    maybe_sent: false,
+                });
+            }
+        };
+        let mut sent = match sent {
+            Ok(r) => r?,
             // The flusher ended without deciding (the connection went away).
-            Ok(Err(_)) => Err(RequestError {
-                cause: self.conn.poisoned().unwrap_or(ConnError::Shutdown),
-                maybe_sent: false,
-            }),
-            // The flusher does not send a chunk with less than the Kafka timeout's margin left
-            // (at least 5 ms, see `produce::cut_timeout`), so one whose deadline passed here
-            // was not sent.
-            Err(_) => Err(RequestError {
-                cause: ConnError::NotSentInTime,
-                maybe_sent: false,
+            Err(_) => {
+                return Err(RequestError {
+                    cause: conn.poisoned().unwrap_or(ConnError::Shutdown),
+                    maybe_sent: false,
+                });
+            }
+        };
+        on_sent(&sent);
+        let placements = sent.take_placements();
+        // The request's own wait ends at the latest deadline of its calls (and poisons the
+        // connection then, or keeps an answer that raced it); a call that must give up earlier
+        // stops waiting on its own.
+        if deadline >= sent.deadline {
+            return sent.answer.await.map(|a| (a, placements));
+        }
+        tokio::select! {
+            biased;
+            r = sent.answer => r.map(|a| (a, placements)),
+            () = &mut late => Err(RequestError {
+                cause: ConnError::AnswerLate,
+                maybe_sent: true,
             }),
         }
     }

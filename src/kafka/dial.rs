@@ -80,9 +80,22 @@ pub async fn connect(
             Connection::start(r, w, config, stats, span)
         }
     };
-    let versions = negotiate(&conn, deadline)
-        .await
-        .map_err(|e| timed_out(e.cause, addr, started))?;
+    // Each ApiVersions answer has a bound of its own, much shorter than the call's deadline: a
+    // broker whose process is stopped accepts the connection (the kernel's backlog) and never
+    // answers, and the call should learn that while it still has time to find another leader.
+    let versions = match negotiate(&conn, deadline, config.handshake_timeout).await {
+        Ok(v) => v,
+        // The deadline had not passed: the answer's own bound did.
+        Err(e) if Instant::now() < deadline && is_timeout(&e.cause) => {
+            let e = ConnError::HandshakeTimeout {
+                addr: addr.to_string(),
+                after: config.handshake_timeout,
+            };
+            conn.poison(e.clone());
+            return Err(e);
+        }
+        Err(e) => return Err(timed_out(e.cause, addr, started)),
+    };
     if let Some(sasl) = &config.security.sasl {
         match authenticate(&conn, &versions, sasl, deadline).await {
             // Like Kafka's Java client (KIP-368), at a random point between 85% and 95% of the
@@ -103,8 +116,13 @@ pub async fn connect(
     Ok(conn)
 }
 
-/// A deadline passing while connecting (waiting for an answer, or to write a request of the
-/// handshake) is reported as a connect timeout.
+/// Whether `e` is a deadline passing while connecting (waiting for an answer, or to write a
+/// request of the handshake).
+fn is_timeout(e: &ConnError) -> bool {
+    matches!(e, ConnError::TimedOut | ConnError::NotSentInTime)
+}
+
+/// A deadline passing while connecting is reported as a connect timeout.
 fn timed_out(e: ConnError, addr: &str, started: Instant) -> ConnError {
     match e {
         ConnError::TimedOut | ConnError::NotSentInTime => ConnError::ConnectTimeout {
@@ -117,10 +135,12 @@ fn timed_out(e: ConnError, addr: &str, started: Instant) -> ConnError {
 
 const UNSUPPORTED_VERSION: i16 = ResponseError::UnsupportedVersion.code();
 
-/// Runs ApiVersions on a fresh connection and picks the versions to use on it.
+/// Runs ApiVersions on a fresh connection and picks the versions to use on it. Each answer
+/// must come within `per_answer` (and before `deadline`).
 pub async fn negotiate(
     conn: &Arc<Connection>,
     deadline: Instant,
+    per_answer: Duration,
 ) -> Result<Versions, RequestError> {
     let mut version = API_VERSIONS_FIRST;
     loop {
@@ -128,7 +148,13 @@ pub async fn negotiate(
             .with_client_software_name(StrBytes::from_static_str("leaderlink"))
             .with_client_software_version(StrBytes::from_static_str(env!("CARGO_PKG_VERSION")));
         let body = encode_body(ApiKey::ApiVersions, version, &req).map_err(not_sent)?;
-        let frame = answer(conn, version, body, deadline).await?;
+        let frame = answer(
+            conn,
+            version,
+            body,
+            deadline.min(Instant::now() + per_answer),
+        )
+        .await?;
         let decoded = decode_response_counting::<ApiVersionsResponse>(
             ApiKey::ApiVersions,
             version,
@@ -476,6 +502,7 @@ mod tests {
             max_frame_bytes: 1 << 20,
             client_id: None,
             connect_timeout: std::time::Duration::from_secs(5),
+            handshake_timeout: std::time::Duration::from_secs(5),
             security: Default::default(),
         };
         let conn = Connection::start(r, w, &cfg, Arc::default(), tracing::Span::none());

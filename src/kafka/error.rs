@@ -25,6 +25,19 @@ pub enum ConnError {
         /// How long the attempt ran.
         after: Duration,
     },
+    /// The broker accepted the TCP connection but did not answer ApiVersions within the
+    /// handshake bound: a stopped or stalled process (the kernel still accepts connections
+    /// for it).
+    #[error(
+        "{addr} accepted the connection but did not answer ApiVersions within {after:?} \
+         (stopped or stalled?)"
+    )]
+    HandshakeTimeout {
+        /// `host:port` that was dialled.
+        addr: String,
+        /// The bound that passed (`handshake_timeout_ms`).
+        after: Duration,
+    },
     /// The TLS handshake with the broker failed (certificate not trusted, wrong name, a
     /// plaintext listener, ...).
     #[error("TLS with {addr} failed: {reason}")]

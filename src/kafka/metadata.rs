@@ -46,6 +46,14 @@ impl Broker {
     pub fn addr(&self) -> String {
         format!("{}:{}", self.host, self.port)
     }
+
+    /// Whether `addr` is [`Broker::addr`] (without building that string: it is checked on
+    /// every request's way to its connection).
+    pub fn is_at(&self, addr: &str) -> bool {
+        addr.strip_prefix(self.host.as_str())
+            .and_then(|rest| rest.strip_prefix(':'))
+            .is_some_and(|port| port.parse() == Ok(self.port))
+    }
 }
 
 /// One partition's leader.
@@ -511,6 +519,27 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn a_broker_is_at_exactly_its_own_address() {
+        let b = Broker {
+            id: 1,
+            host: "kafka-1.local".into(),
+            port: 9092,
+        };
+        assert!(b.is_at(&b.addr()));
+        for other in [
+            "kafka-1.local:9093",
+            "kafka-1.local:90920",
+            "kafka-1.loca:9092",
+            "kafka-1.local9092",
+            "kafka-1.local:",
+            "x.kafka-1.local:9092",
+            "",
+        ] {
+            assert!(!b.is_at(other), "{other}");
+        }
+    }
+
     fn client() -> MetadataClient {
         client_idle(Duration::from_secs(300))
     }
@@ -524,6 +553,7 @@ mod tests {
                 max_frame_bytes: 1024,
                 client_id: None,
                 connect_timeout: std::time::Duration::from_secs(1),
+                handshake_timeout: std::time::Duration::from_secs(1),
                 security: Default::default(),
             },
             true,

@@ -7,14 +7,14 @@ use std::{
 };
 
 use tokio::time::{Duration, Instant};
-use tracing::{info, info_span};
+use tracing::{info, info_span, warn};
 
 pub use super::coalesce::QueueSettings;
 use super::{
     coalesce::Coalescer,
     connect,
     connection::{ConnStats, Connection, ConnectionConfig},
-    error::ConnError,
+    error::{ConnError, chain},
     metadata::Broker,
 };
 
@@ -68,10 +68,12 @@ impl Slot {
             .collect()
     }
 
-    fn healthy_for(&self, addr: &str) -> Option<Leader> {
+    fn healthy_for(&self, broker: &Broker) -> Option<Leader> {
         let cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
         cur.as_ref()
-            .filter(|(l, a)| a == addr && l.conn.poisoned().is_none() && !l.conn.due_for_renewal())
+            .filter(|(l, a)| {
+                broker.is_at(a) && l.conn.poisoned().is_none() && !l.conn.due_for_renewal()
+            })
             .map(|(l, _)| l.clone())
     }
 
@@ -160,10 +162,10 @@ impl Pool {
         deadline: Instant,
     ) -> Result<Leader, ConnError> {
         let slot = self.slot(broker.id, index);
-        let addr = broker.addr();
-        if let Some(c) = slot.healthy_for(&addr) {
+        if let Some(c) = slot.healthy_for(broker) {
             return Ok(c);
         }
+        let addr = broker.addr();
         // One dialer per slot; the others wait for its result, but never past their deadline.
         let Ok(_one_dialer) = tokio::time::timeout_at(deadline, slot.connecting.lock()).await
         else {
@@ -172,7 +174,7 @@ impl Pool {
                 after: Duration::ZERO,
             });
         };
-        if let Some(c) = slot.healthy_for(&addr) {
+        if let Some(c) = slot.healthy_for(broker) {
             return Ok(c);
         }
         // A connection whose SASL session nears its end is replaced before the broker closes
@@ -218,6 +220,16 @@ impl Pool {
                     .saturating_mul(1 << attempts.saturating_sub(1).min(16))
                     .min(max)
                     .mul_f64(0.5 + rand::random::<f64>() / 2.0);
+                // At most once per backoff per slot: the calls that meanwhile find the slot
+                // failed are answered with this cause without a dial.
+                warn!(
+                    broker = broker.id,
+                    index,
+                    %addr,
+                    cause = %chain(&cause),
+                    retry_in = ?wait,
+                    "cannot open a leader connection"
+                );
                 *slot.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Failed {
                     retry_at: Instant::now() + wait,
                     cause: cause.clone(),

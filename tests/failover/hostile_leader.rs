@@ -102,9 +102,14 @@ struct Setup {
 /// Starts a fake broker and a leaderlink bootstrapped to it, and checks that a first call works
 /// (unless `warm` is false: then only waits for health SERVING).
 async fn setup(warm: bool) -> Setup {
+    setup_with(warm, |_| {}).await
+}
+
+/// [`setup`] with `tweak` applied to the test's configuration.
+async fn setup_with(warm: bool, tweak: impl FnOnce(&mut Config)) -> Setup {
     count_worker_panics();
     let broker = FakeBroker::start().await;
-    let cfg = Config {
+    let mut cfg = Config {
         bootstrap: vec![broker.addr.to_string()],
         // Retries after a poisoned connection come 5 ms later instead of 50: same behaviour,
         // shorter tests.
@@ -114,6 +119,7 @@ async fn setup(warm: bool) -> Setup {
         max_batch_bytes: 0,
         ..Config::default()
     };
+    tweak(&mut cfg);
     cfg.validate().expect("valid test config");
     // On 127.0.0.1:0, metrics too.
     let server = common::start_server(&cfg).await;
@@ -594,6 +600,28 @@ async fn a_leader_that_never_answers_the_handshake() {
     s.broker.behave();
     // The slot may still back off from the failed connect; the call retries past that.
     s.assert_one_call_succeeds(1).await;
+    assert_eq!(s.stats().connects, 1);
+    s.assert_gauges_settle().await;
+    s.assert_alive().await;
+}
+
+/// A leader that accepts the connection but does not answer ApiVersions (a stopped process: the
+/// kernel still accepts for it) is given up after `handshake_timeout_ms`, not at the call's
+/// deadline, so the call dials again while it has time: here the broker answers the second
+/// dial, and the call succeeds long before its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_handshake_is_given_up_at_its_own_bound_and_the_call_dials_again() {
+    let _shared = common::PROCESS.read().await;
+    let s = setup_with(false, |cfg| cfg.handshake_timeout_ms = 200).await;
+    // Only the next connection's ApiVersions goes unanswered.
+    s.broker.set(Mode::SilentHandshake, true, 1);
+    // Without its own bound the dial would wait out the call's deadline (connect_timeout_ms
+    // is 5 s) and the call would fail UNAVAILABLE.
+    let (r, _) = s.call(Duration::from_secs(3), 0).await;
+    let resp = r.unwrap_or_else(|e| panic!("the call should succeed on a second dial: {e:?}"));
+    let p = &resp.partitions[0];
+    assert_eq!(p.error_code, 0, "{p:?}");
+    assert_eq!(s.broker.hostile_acts(), 1, "one handshake went unanswered");
     assert_eq!(s.stats().connects, 1);
     s.assert_gauges_settle().await;
     s.assert_alive().await;

@@ -69,6 +69,10 @@ pub struct ConnectionConfig {
     /// Longest a new connection may take (TCP connect and ApiVersions), within the caller's
     /// deadline: one unresponsive address must not use up a whole call or metadata refresh.
     pub connect_timeout: std::time::Duration,
+    /// Longest each ApiVersions answer of a new connection may take, within
+    /// `connect_timeout`: a broker that accepts the TCP connection but does not answer (a
+    /// stopped process) is given up after this, with [`ConnError::HandshakeTimeout`].
+    pub handshake_timeout: std::time::Duration,
     /// TLS and SASL for new connections.
     pub security: super::security::Security,
 }
@@ -394,6 +398,7 @@ mod tests {
             max_frame_bytes: MAX_FRAME,
             client_id: Some(StrBytes::from_static_str("test")),
             connect_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(1),
             security: Default::default(),
         };
         let c = Connection::start_at(
