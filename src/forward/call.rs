@@ -166,3 +166,17 @@ pub(super) fn open_of(stamp: &Stamp) -> Open {
         base_sequence: stamp.base_sequence,
     }
 }
+
+/// Awaits `f` of every item, in order. A round mostly has one (one leader, one request): that
+/// one is awaited directly, without `join_all`'s allocations.
+pub(super) async fn join_each<T, F: std::future::Future>(
+    items: impl ExactSizeIterator<Item = T>,
+    f: impl Fn(T) -> F,
+) -> Vec<F::Output> {
+    let mut items = items;
+    if items.len() == 1 {
+        let one = items.next().expect("one item");
+        return vec![f(one).await];
+    }
+    futures::future::join_all(items.map(f)).await
+}

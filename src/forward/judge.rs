@@ -4,12 +4,11 @@
 
 use std::sync::Arc;
 
-use futures::future::join_all;
 use tokio::time::Instant;
 use tracing::{Instrument, Span};
 
 use super::{
-    call::{Call, Failure, Round, Wait},
+    call::{Call, Failure, Round, Wait, join_each},
     error_name,
     errors::{
         DUPLICATE_SEQUENCE_NUMBER, FENCED_LEADER_EPOCH, INVALID_PRODUCER_EPOCH, MESSAGE_TOO_LARGE,
@@ -50,12 +49,7 @@ pub(super) async fn await_answers(waits: Vec<Wait>, deadline: Instant) -> Vec<An
         }
         .instrument(span)
     };
-    // Most rounds wait for one request: no join (and its allocations) for that one.
-    if waits.len() == 1 {
-        let w = waits.into_iter().next().expect("one wait");
-        return vec![one(w).await];
-    }
-    join_all(waits.into_iter().map(one)).await
+    join_each(waits.into_iter(), one).await
 }
 
 impl Call<'_> {

@@ -13,13 +13,12 @@ use std::{
     time::Duration,
 };
 
-use futures::future::join_all;
 use tokio::time::Instant;
 use tracing::debug;
 
 use super::{
     ForwardError, PartitionOrder,
-    call::{Call, Failure, Round, tp_of, turn_of},
+    call::{Call, Failure, Round, join_each, tp_of, turn_of},
     errors::{
         NETWORK_EXCEPTION, SASL_AUTHENTICATION_FAILED, UNKNOWN_TOPIC_OR_PARTITION, retriable,
     },
@@ -218,12 +217,7 @@ impl Call<'_> {
             let conn = pool.get(&broker, index, deadline).await;
             (broker, items, conn)
         };
-        // Most rounds go to one leader: no join (and its allocations) for that one.
-        if groups.len() == 1 {
-            let g = groups.into_iter().next().expect("one group");
-            return vec![one(g).await];
-        }
-        join_all(groups.into_iter().map(one)).await
+        join_each(groups.into_iter(), one).await
     }
 
     /// A leader of the round could not be dialled: its batches are retried, or answered if it

@@ -124,12 +124,13 @@ fn is_timeout(e: &ConnError) -> bool {
 
 /// A deadline passing while connecting is reported as a connect timeout.
 fn timed_out(e: ConnError, addr: &str, started: Instant) -> ConnError {
-    match e {
-        ConnError::TimedOut | ConnError::NotSentInTime => ConnError::ConnectTimeout {
+    if is_timeout(&e) {
+        ConnError::ConnectTimeout {
             addr: addr.to_string(),
             after: started.elapsed(),
-        },
-        other => other,
+        }
+    } else {
+        e
     }
 }
 
