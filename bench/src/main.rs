@@ -23,7 +23,9 @@ use leaderlink::{
 use tokio::time::Instant;
 
 use load::Shared;
-use target::{CALL_DEADLINE, Target, call, grpc_channel, grpc_target, rdkafka_producer};
+use target::{
+    CALL_DEADLINE, Target, await_serving, call, grpc_channel, grpc_target, rdkafka_producer,
+};
 
 /// mimalloc serves every allocation of the binary: under load glibc's malloc took about a fifth
 /// of the forwarder's CPU, much of it waiting on arena locks (see the README's Performance
@@ -331,6 +333,12 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
 
     // Warm up: metadata, connections, one call per partition (not measured).
     let mut warm = target.clone();
+    if let Target::Health(client) = &mut warm
+        && let Err(e) = await_serving(client, CALL_DEADLINE).await
+    {
+        eprintln!("warm-up: {e}");
+        std::process::exit(1);
+    }
     let mut warm_records = 0;
     for p in 0..args.partitions {
         match call(&mut warm, &args, p, &value, CALL_DEADLINE).await {

@@ -139,6 +139,37 @@ fn acks_proto(a: AcksArg) -> Acks {
     }
 }
 
+/// Waits until the server's health is SERVING, checking every 50 ms for at most `limit`.
+///
+/// A server reports NOT_SERVING until it has fetched the cluster's metadata once, which it
+/// does in the background after it starts listening; `--client health` counts every other
+/// status as an error, so its warm-up waits for this first.
+pub async fn await_serving(
+    client: &mut HealthClient<Channel>,
+    limit: Duration,
+) -> Result<(), String> {
+    let give_up = Instant::now() + limit;
+    loop {
+        let mut r = tonic::Request::new(HealthCheckRequest {
+            service: String::new(),
+        });
+        r.set_timeout(limit);
+        let status = client
+            .check(r)
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .into_inner()
+            .status;
+        if status == ServingStatus::Serving as i32 {
+            return Ok(());
+        }
+        if Instant::now() >= give_up {
+            return Err(format!("health status {status} after {limit:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Sends one call; returns the records acknowledged.
 pub async fn call(
     target: &mut Target,
