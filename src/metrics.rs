@@ -163,6 +163,20 @@ impl Collector for ForwarderCollector {
             None,
             f.metadata().refreshes(),
         )?;
+        gauge(
+            &mut e,
+            "leaderlink_brokers_stalled",
+            "Brokers not dialled now because they stopped answering (a stall check or a dial \
+             timed out); each is probed until it answers.",
+            f.pool().suspects().len() as u64,
+        )?;
+        counter(
+            &mut e,
+            "leaderlink_broker_stalls",
+            "Times a broker was found not answering and avoided until it answered a probe.",
+            None,
+            f.pool().suspects().marked(),
+        )?;
         counter(
             &mut e,
             "leaderlink_trace_spans_exported",

@@ -78,6 +78,14 @@ pub struct Config {
     /// this bound gives the dial up early, so that the call can refresh its leaders and try
     /// again while it still has time.
     pub handshake_timeout_ms: u64,
+    /// How long the oldest request on a leader connection may wait for its answer before
+    /// leaderlink checks the broker over a new connection. A broker that does not answer that
+    /// connection's ApiVersions within `handshake_timeout_ms` is stalled (stopped, frozen,
+    /// blackholed): its connections are poisoned and their requests retried (on the new leader
+    /// once the cluster has elected one), and it is not dialled again until it answers a
+    /// probe. A broker that answers is only slow and keeps its requests. `0` turns the check
+    /// off: a silent leader then holds its requests until their calls' deadlines.
+    pub stall_timeout_ms: u64,
     /// Kafka `timeout_ms` sent to leaders when a request says 0. Always cut to fit inside the
     /// call's deadline.
     pub kafka_timeout_ms: u32,
@@ -247,6 +255,7 @@ impl Default for Config {
             default_timeout_ms: 30_000,
             connect_timeout_ms: 5_000,
             handshake_timeout_ms: 2_000,
+            stall_timeout_ms: 1_000,
             kafka_timeout_ms: 30_000,
             metadata_max_age_ms: 30_000,
             metadata_max_idle_ms: 300_000,
@@ -378,6 +387,7 @@ impl Config {
             client_id: Some(StrBytes::from_string(self.client_id.clone())),
             connect_timeout: Duration::from_millis(self.connect_timeout_ms),
             handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+            stall_timeout: Duration::from_millis(self.stall_timeout_ms),
             security: self.kafka_security()?,
         })
     }

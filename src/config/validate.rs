@@ -56,6 +56,12 @@ impl Config {
                 return Err(bad(key, "must be 1..=86400000 (milliseconds)"));
             }
         }
+        if self.stall_timeout_ms > 24 * 3600 * 1000 {
+            return Err(bad(
+                "stall_timeout_ms",
+                "must be 0..=86400000 (milliseconds; 0 turns the check off)",
+            ));
+        }
         if self.retry_backoff_max_ms < self.retry_backoff_ms {
             return Err(bad("retry_backoff_max_ms", "must be >= retry_backoff_ms"));
         }

@@ -86,6 +86,9 @@ pub(super) struct Round {
     pub(super) turn_wait: Vec<usize>,
     /// Requests queued on leader connections, awaited by the judge phase.
     pub(super) waits: Vec<Wait>,
+    /// A leader was refused as suspect ([`ConnError::Avoided`]): the backoff does not grow, so
+    /// that the call sees the cluster's new leader soon after it is elected.
+    pub(super) avoided: bool,
 }
 
 /// A request queued on a leader connection, for the await phase: the connection, the leader's

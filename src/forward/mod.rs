@@ -33,6 +33,7 @@ use crate::{
         metadata::MetadataClient,
         pool::{Pool, QueueSettings},
         produce::acks,
+        stall::Suspects,
     },
     proto::v1::{ForwardRequest, ForwardResponse},
     stats::Stats,
@@ -185,6 +186,8 @@ impl Forwarder {
         allow_auto_topic_creation: bool,
     ) -> Self {
         let max_in_flight_bytes = conn.max_in_flight_bytes;
+        let backoff = (cfg.retry_backoff, cfg.retry_backoff_max);
+        let suspects = Suspects::new(conn.clone(), backoff);
         Self {
             inner: Arc::new(Inner {
                 metadata: MetadataClient::new(
@@ -192,6 +195,7 @@ impl Forwarder {
                     conn.clone(),
                     allow_auto_topic_creation,
                     cfg.metadata_max_idle,
+                    suspects.clone(),
                 ),
                 pool: Pool::new(
                     conn,
@@ -200,7 +204,8 @@ impl Forwarder {
                         max_batch_bytes: cfg.max_batch_bytes,
                         linger: cfg.linger,
                     },
-                    (cfg.retry_backoff, cfg.retry_backoff_max),
+                    backoff,
+                    suspects,
                 ),
                 stats: Arc::new(Stats::default()),
                 gates: std::sync::Mutex::new(HashMap::new()),

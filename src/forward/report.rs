@@ -159,6 +159,7 @@ pub(super) fn is_connect_failure(cause: &ConnError) -> bool {
         ConnError::Connect { .. }
             | ConnError::ConnectTimeout { .. }
             | ConnError::HandshakeTimeout { .. }
+            | ConnError::Avoided { .. }
     )
 }
 

@@ -252,6 +252,7 @@ impl Call<'_> {
             }
             cause => {
                 debug!(broker = broker.id, cause = %cause, "leader connection failed");
+                r.avoided |= matches!(cause, ConnError::Avoided { .. });
                 let out_of_time = Instant::now() >= self.deadline;
                 for i in items {
                     // A dial cut short by the call's own deadline says nothing new: the
@@ -282,6 +283,7 @@ impl Call<'_> {
             mut retry,
             deferred,
             turn_wait,
+            avoided,
             ..
         } = r;
         for (i, s) in self.st.iter().enumerate() {
@@ -331,7 +333,9 @@ impl Call<'_> {
         if Instant::now() >= deadline {
             return Err(expired(&self.v, &self.st, &pending));
         }
-        *backoff = (*backoff * 2).min(self.fwd.inner.cfg.retry_backoff_max);
+        if !avoided {
+            *backoff = (*backoff * 2).min(self.fwd.inner.cfg.retry_backoff_max);
+        }
         Ok(Some(pending))
     }
 

@@ -504,6 +504,7 @@ mod tests {
             client_id: None,
             connect_timeout: std::time::Duration::from_secs(5),
             handshake_timeout: std::time::Duration::from_secs(5),
+            stall_timeout: std::time::Duration::ZERO,
             security: Default::default(),
         };
         let conn = Connection::start(r, w, &cfg, Arc::default(), tracing::Span::none());

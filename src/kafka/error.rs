@@ -38,6 +38,30 @@ pub enum ConnError {
         /// The bound that passed (`handshake_timeout_ms`).
         after: Duration,
     },
+    /// The broker stopped answering: the oldest request on one of its connections went
+    /// unanswered for `after` (`stall_timeout_ms`), and a new connection to it got no
+    /// ApiVersions answer either. Its connections are poisoned and no new ones are dialled
+    /// until it answers a probe again (see [`super::stall`]).
+    #[error(
+        "{addr} stalled: a request went unanswered for {after:?} and a new connection got no \
+         answer either (stopped or stalled process?)"
+    )]
+    Stalled {
+        /// The broker's `host:port`.
+        addr: String,
+        /// How long the oldest request had gone unanswered.
+        after: Duration,
+    },
+    /// The broker is suspect (it stalled, or a dial to it timed out): it is not dialled until a
+    /// probe in the background gets an answer (see [`super::stall`]).
+    #[error("{addr} is not dialled until it answers a probe")]
+    Avoided {
+        /// The broker's `host:port`.
+        addr: String,
+        /// Why it is suspect.
+        #[source]
+        cause: Arc<ConnError>,
+    },
     /// The TLS handshake with the broker failed (certificate not trusted, wrong name, a
     /// plaintext listener, ...).
     #[error("TLS with {addr} failed: {reason}")]

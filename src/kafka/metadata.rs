@@ -23,11 +23,14 @@ use super::{
     connection::{ConnStats, Connection, ConnectionConfig},
     error::{ConnError, chain},
     frame::{decode_response, encode_body},
+    stall::Suspects,
 };
 
-/// Least time a Metadata request has for its answer, however close the deadline of the call
-/// that sent it: a late answer keeps the shared metadata connection up; one that has not come by
-/// then poisons it.
+/// How long a Metadata request waits for its answer. A broker that does not answer by then is
+/// taken for stalled: its connection is poisoned, it becomes suspect (see [`super::stall`]) and
+/// the refresh asks the next broker. A call whose own deadline comes sooner stops waiting then,
+/// and the late answer keeps the shared metadata connection up. Metadata is answered in
+/// milliseconds by a live broker; 2 s leaves room for a loaded one.
 const METADATA_ANSWER_GRACE: Duration = Duration::from_secs(2);
 
 /// A broker's address as the cluster advertises it.
@@ -183,22 +186,27 @@ pub struct MetadataClient {
     /// learns it again, as for a new topic.
     max_idle: Duration,
     map: RwLock<Arc<LeaderMap>>,
-    /// The connection Metadata requests go over. The lock also makes refreshes single-flight.
-    conn: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    /// The connection Metadata requests go over, and its address. The lock also makes
+    /// refreshes single-flight.
+    conn: tokio::sync::Mutex<Option<(Arc<Connection>, String)>>,
+    /// Brokers that stopped answering: asked last, and a connection to one is given up.
+    suspects: Arc<Suspects>,
     stats: Arc<ConnStats>,
     refreshes: AtomicU64,
 }
 
 impl MetadataClient {
     /// A client that bootstraps through `bootstrap` (`host:port` each).
-    /// `max_idle`: see the field.
+    /// `max_idle`, `suspects`: see the fields.
     pub fn new(
         bootstrap: Vec<String>,
         config: ConnectionConfig,
         allow_auto_topic_creation: bool,
         max_idle: Duration,
+        suspects: Arc<Suspects>,
     ) -> Self {
         Self {
+            suspects,
             bootstrap,
             config,
             allow_auto_topic_creation,
@@ -273,7 +281,7 @@ impl MetadataClient {
         wanted.extend(extra);
 
         // Try the open connection, then every known broker, then the bootstrap list: one dead
-        // address must not matter.
+        // address must not matter. Suspect brokers (stalled) come last.
         let mut candidates: Vec<String> = current.brokers.values().map(Broker::addr).collect();
         candidates.sort();
         for b in &self.bootstrap {
@@ -281,21 +289,31 @@ impl MetadataClient {
                 candidates.push(b.clone());
             }
         }
+        candidates.sort_by_key(|a| self.suspects.contains(a));
         // A connection whose SASL session nears its end takes no more Metadata requests
         // (see `Connection::due_for_renewal`).
-        if conn.as_ref().is_some_and(|c| c.due_for_renewal())
-            && let Some(old) = conn.take()
+        if conn.as_ref().is_some_and(|(c, _)| c.due_for_renewal())
+            && let Some((old, _)) = conn.take()
         {
             debug!("renewing the metadata connection before its SASL session ends");
+            old.drain();
+        }
+        // A connection to a broker that stopped answering is left for another broker.
+        if conn
+            .as_ref()
+            .is_some_and(|(_, a)| self.suspects.contains(a))
+            && let Some((old, addr)) = conn.take()
+        {
+            debug!(%addr, "leaving the metadata connection to a suspect broker");
             old.drain();
         }
         let mut last_err = ConnError::Shutdown;
         let mut tried_open = false;
         loop {
-            let c = match conn.as_ref() {
-                Some(c) if c.poisoned().is_none() && !tried_open => {
+            let (c, addr) = match conn.as_ref() {
+                Some((c, a)) if c.poisoned().is_none() && !tried_open => {
                     tried_open = true;
-                    c.clone()
+                    (c.clone(), a.clone())
                 }
                 _ => {
                     let Some(addr) = candidates.first().cloned() else {
@@ -311,9 +329,9 @@ impl MetadataClient {
                     );
                     match connect(&addr, &self.config, self.stats.clone(), deadline, span).await {
                         Ok(c) => {
-                            *conn = Some(c.clone());
+                            *conn = Some((c.clone(), addr.clone()));
                             tried_open = true;
-                            c
+                            (c, addr)
                         }
                         Err(e) => {
                             debug!(addr = %addr, cause = %e, "metadata connection failed");
@@ -336,6 +354,17 @@ impl MetadataClient {
                     break;
                 }
                 Err(e) => {
+                    // No answer within METADATA_ANSWER_GRACE, with the caller's time left:
+                    // the broker stopped answering (`fetch` poisoned the connection).
+                    if matches!(e, ConnError::TimedOut) {
+                        self.suspects.mark(
+                            &addr,
+                            ConnError::Stalled {
+                                addr: addr.clone(),
+                                after: METADATA_ANSWER_GRACE,
+                            },
+                        );
+                    }
                     c.poison(e.clone());
                     *conn = None;
                     last_err = e;
@@ -413,11 +442,12 @@ impl MetadataClient {
             .await
             .map_err(|e| e.cause)?;
         // The metadata connection is shared: a call running out of time must not tear it down
-        // because the answer is late. The request keeps a deadline of its own, at least
-        // METADATA_ANSWER_GRACE away; the caller stops waiting at its deadline (`TimedOut`, the
-        // connection kept), and the connection is poisoned only if no answer has come by the
-        // request's (InFlight's watchdog), so a silent broker is still noticed.
-        let own = deadline.max(Instant::now() + METADATA_ANSWER_GRACE);
+        // because the answer is late. The request has a deadline of its own,
+        // METADATA_ANSWER_GRACE away. A caller whose deadline comes sooner stops waiting then
+        // (`TimedOut`, the connection kept), and the connection is poisoned only if no answer
+        // has come by the request's own (InFlight's watchdog); a caller with more time gets
+        // `TimedOut` from the poisoned connection at the request's deadline.
+        let own = Instant::now() + METADATA_ANSWER_GRACE;
         let frame = tokio::time::timeout_at(deadline, in_flight.wait(own))
             .await
             .map_err(|_| ConnError::TimedOut)?
@@ -545,20 +575,18 @@ mod tests {
     }
 
     fn client_idle(max_idle: Duration) -> MetadataClient {
-        MetadataClient::new(
-            vec![],
-            ConnectionConfig {
-                max_in_flight: 1,
-                max_in_flight_bytes: 1024,
-                max_frame_bytes: 1024,
-                client_id: None,
-                connect_timeout: std::time::Duration::from_secs(1),
-                handshake_timeout: std::time::Duration::from_secs(1),
-                security: Default::default(),
-            },
-            true,
-            max_idle,
-        )
+        let config = ConnectionConfig {
+            max_in_flight: 1,
+            max_in_flight_bytes: 1024,
+            max_frame_bytes: 1024,
+            client_id: None,
+            connect_timeout: std::time::Duration::from_secs(1),
+            handshake_timeout: std::time::Duration::from_secs(1),
+            stall_timeout: std::time::Duration::ZERO,
+            security: Default::default(),
+        };
+        let suspects = Suspects::new(config.clone(), (Duration::ZERO, Duration::ZERO));
+        MetadataClient::new(vec![], config, true, max_idle, suspects)
     }
 
     fn answer_for(names: &[&str]) -> MetadataResponse {

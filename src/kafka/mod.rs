@@ -2,13 +2,14 @@
 //! run before decoding, the connection pool and the leader map. Nothing in here knows about gRPC.
 
 // The public rooms: what the Forwarder's own API shows (its pool and leader map, connection
-// counters and settings, errors, TLS and SASL settings).
+// counters and settings, errors, TLS and SASL settings, the brokers avoided as stalled).
 pub mod connection;
 pub mod error;
 pub mod histogram;
 pub mod metadata;
 pub mod pool;
 pub mod security;
+pub mod stall;
 
 // The wire layer, private to the crate; public only with the `fuzz` feature, for the fuzz
 // targets (rskafka keeps its protocol layer the same way).

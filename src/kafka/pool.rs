@@ -3,11 +3,11 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, Weak, atomic::Ordering},
+    sync::{Arc, Mutex, OnceLock, Weak, atomic::Ordering},
 };
 
 use tokio::time::{Duration, Instant};
-use tracing::{info, info_span, warn};
+use tracing::{debug, info, info_span, warn};
 
 pub use super::coalesce::QueueSettings;
 use super::{
@@ -16,6 +16,7 @@ use super::{
     connection::{ConnStats, Connection, ConnectionConfig},
     error::{ConnError, chain},
     metadata::Broker,
+    stall::{Suspects, jittered_backoff},
 };
 
 /// How often a new connection's dial checks whether the slot's earlier connection still has
@@ -106,30 +107,58 @@ struct Failed {
     attempts: u32,
 }
 
+/// The slots of a pool, by broker id and index.
+type Slots = Mutex<HashMap<(i32, usize), Arc<Slot>>>;
+
 /// The pool of leader connections.
 pub struct Pool {
     config: ConnectionConfig,
     /// Each Produce queue's settings (see [`Coalescer`]).
     queue: QueueSettings,
     backoff: (Duration, Duration),
-    slots: Mutex<HashMap<(i32, usize), Arc<Slot>>>,
+    slots: Arc<Slots>,
+    /// Brokers not dialled now because they stopped answering (see [`super::stall`]).
+    suspects: Arc<Suspects>,
+    /// The stall watchdog ([`watch`]), started with the first connection when
+    /// `stall_timeout` is not zero; it ends on its own once the pool is gone.
+    watchdog: OnceLock<()>,
 }
 
 impl Pool {
     /// An empty pool; connections open on first use, each with a Produce queue of these
     /// settings. After a failed connect, a slot waits `backoff.0`, doubling per further
-    /// failure up to `backoff.1`, each wait jittered to 50–100%, before dialling again.
+    /// failure up to `backoff.1`, each wait jittered to 50–100%, before dialling again. A
+    /// broker whose dial timed out, or that stalled, goes into `suspects` instead: it is not
+    /// dialled again until it answers a probe (see [`super::stall`]).
     pub fn new(
         config: ConnectionConfig,
         queue: QueueSettings,
         backoff: (Duration, Duration),
+        suspects: Arc<Suspects>,
     ) -> Self {
         Self {
             config,
             queue,
             backoff,
-            slots: Mutex::new(HashMap::new()),
+            slots: Arc::new(Mutex::new(HashMap::new())),
+            suspects,
+            watchdog: OnceLock::new(),
         }
+    }
+
+    /// Starts the stall watchdog once (needs the runtime, hence not in [`Pool::new`]).
+    fn start_watchdog(&self) {
+        let stall = self.config.stall_timeout;
+        if stall.is_zero() {
+            return;
+        }
+        self.watchdog.get_or_init(|| {
+            tokio::spawn(watch(
+                Arc::downgrade(&self.slots),
+                self.suspects.clone(),
+                stall,
+            ));
+        });
     }
 
     fn slot(&self, broker_id: i32, index: usize) -> Arc<Slot> {
@@ -166,6 +195,10 @@ impl Pool {
             return Ok(c);
         }
         let addr = broker.addr();
+        if let Some(cause) = self.suspects.refuse(&addr) {
+            return Err(cause);
+        }
+        self.start_watchdog();
         // One dialer per slot; the others wait for its result, but never past their deadline.
         let Ok(_one_dialer) = tokio::time::timeout_at(deadline, slot.connecting.lock()).await
         else {
@@ -176,6 +209,10 @@ impl Pool {
         };
         if let Some(c) = slot.healthy_for(broker) {
             return Ok(c);
+        }
+        // The dial this one waited for may have found the broker silent.
+        if let Some(cause) = self.suspects.refuse(&addr) {
+            return Err(cause);
         }
         // A connection whose SASL session nears its end is replaced before the broker closes
         // it (see `Connection::due_for_renewal`); the wait below keeps the partitions' order
@@ -213,13 +250,19 @@ impl Pool {
             // is not remembered, so a caller with more time left dials again instead of taking
             // over a failure that was only this caller running out of time.
             Err(cause) if Instant::now() >= deadline => return Err(cause),
+            // A broker that accepts no connection in time, or does not answer one, would make
+            // every call that dials it wait as long again: it is suspect until a probe gets
+            // through (the warning is logged there).
+            Err(
+                cause @ (ConnError::ConnectTimeout { .. } | ConnError::HandshakeTimeout { .. }),
+            ) => {
+                self.suspects.mark(&addr, cause.clone());
+                return Err(cause);
+            }
             Err(cause) => {
                 let attempts = failed.map_or(1, |f| f.attempts.saturating_add(1));
                 let (base, max) = self.backoff;
-                let wait = base
-                    .saturating_mul(1 << attempts.saturating_sub(1).min(16))
-                    .min(max)
-                    .mul_f64(0.5 + rand::random::<f64>() / 2.0);
+                let wait = jittered_backoff(base, max, attempts);
                 // At most once per backoff per slot: the calls that meanwhile find the slot
                 // failed are answered with this cause without a dial.
                 warn!(
@@ -296,6 +339,11 @@ impl Pool {
         (drained, in_flight)
     }
 
+    /// The brokers not dialled now because they stopped answering.
+    pub fn suspects(&self) -> &Suspects {
+        &self.suspects
+    }
+
     /// Requests written to leaders so far over every slot's connections (the slots' `sent`).
     pub fn requests_sent(&self) -> u64 {
         self.slots()
@@ -322,5 +370,83 @@ impl Pool {
         let mut v: Vec<_> = slots.values().cloned().collect();
         v.sort_by_key(|s| (s.broker_id, s.index));
         v
+    }
+}
+
+/// The pool's watchdog: every quarter of `stall` (at least 10 ms), finds the leader connections
+/// whose oldest request has waited longer than `stall` for its answer and checks their brokers
+/// (see [`super::stall`]). Ends when the pool is gone.
+async fn watch(slots: Weak<Slots>, suspects: Arc<Suspects>, stall: Duration) {
+    let tick = (stall / 4).max(Duration::from_millis(10));
+    loop {
+        tokio::time::sleep(tick).await;
+        let Some(live) = slots.upgrade() else { return };
+        let now = Instant::now();
+        let mut overdue: HashMap<String, Duration> = HashMap::new();
+        for slot in live.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            let Some((conn, addr)) = slot.current() else {
+                continue;
+            };
+            if conn.poisoned().is_some() {
+                continue;
+            }
+            if let Some(sent) = conn.oldest_unanswered() {
+                let age = now.saturating_duration_since(sent);
+                if age >= stall {
+                    let e = overdue.entry(addr).or_default();
+                    *e = (*e).max(age);
+                }
+            }
+        }
+        drop(live);
+        for (addr, age) in overdue {
+            if suspects.begin_check(&addr) {
+                tokio::spawn(check(slots.clone(), suspects.clone(), addr, age, stall));
+            }
+        }
+    }
+}
+
+/// Checks `addr`, whose oldest request has waited `age`, over a new connection: if it is set
+/// up the broker is only slow (no check again for `stall`); if not, the broker is stalled.
+async fn check(
+    slots: Weak<Slots>,
+    suspects: Arc<Suspects>,
+    addr: String,
+    age: Duration,
+    stall: Duration,
+) {
+    match suspects.dial(&addr).await {
+        Ok(()) => {
+            debug!(
+                %addr,
+                oldest = ?age,
+                "a request has waited long for its answer, but the broker answers a new \
+                 connection: slow, not stalled"
+            );
+            suspects.passed_check(&addr, stall);
+        }
+        Err(dial) => {
+            let cause = ConnError::Stalled {
+                addr: addr.clone(),
+                after: age,
+            };
+            debug!(%addr, cause = %chain(&dial), "stall check: the new connection failed");
+            suspects.mark(&addr, cause.clone());
+            let Some(live) = slots.upgrade() else { return };
+            let slots: Vec<_> = live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .cloned()
+                .collect();
+            for slot in slots {
+                for (conn, a) in slot.current().into_iter().chain(slot.draining()) {
+                    if a == addr {
+                        conn.poison(cause.clone());
+                    }
+                }
+            }
+        }
     }
 }

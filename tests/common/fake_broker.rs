@@ -83,10 +83,13 @@ pub enum Mode {
     /// Answers after them are counted as `strays` (a batch sent although leaderlink knew an
     /// Earlier one was missing).
     EnforceSequence,
+    /// A stopped process (SIGSTOP, a long GC pause): every request on every connection, old or
+    /// new, is read and never answered, ApiVersions and Metadata too; sockets stay open.
+    Frozen,
 }
 
 impl Mode {
-    const ALL: [Mode; 14] = [
+    const ALL: [Mode; 15] = [
         Mode::Behave,
         Mode::Garbage,
         Mode::GarbageBody,
@@ -101,6 +104,7 @@ impl Mode {
         Mode::OmitPartition,
         Mode::SequenceGap,
         Mode::EnforceSequence,
+        Mode::Frozen,
     ];
 
     pub fn from_u8(v: u8) -> Mode {
@@ -494,6 +498,9 @@ pub async fn serve(st: Arc<BrokerState>, sock: TcpStream) {
             st.metadata_conns.fetch_add(1, Ordering::SeqCst);
         }
         let mode = st.mode();
+        if mode == Mode::Frozen && st.claim(mode) {
+            return hold(r, w).await;
+        }
         if req.key == ApiKey::ApiVersions && mode == Mode::SilentHandshake && st.claim(mode) {
             return hold(r, w).await;
         }
@@ -571,7 +578,9 @@ pub async fn misbehave(
     };
     let half = &answer[..answer.len() / 2];
     let wrote = match mode {
-        Mode::Behave | Mode::SilentHandshake => unreachable!("not hostile on Produce"),
+        Mode::Behave | Mode::SilentHandshake | Mode::Frozen => {
+            unreachable!("not hostile on Produce alone")
+        }
         Mode::EnforceSequence => {
             // Sequences stay enforced on this connection, strays counted after the gathered.
             let gathered = pending.iter().map(|req| sequence_answer(st, req, false));

@@ -627,6 +627,71 @@ async fn a_silent_handshake_is_given_up_at_its_own_bound_and_the_call_dials_agai
     s.assert_alive().await;
 }
 
+/// A leader that freezes (a stopped process: its sockets stay open, nothing is answered, and a
+/// new connection's ApiVersions is not answered either) is found stalled once its oldest request
+/// has waited `stall_timeout_ms` and a check over a new connection went unanswered, not at the
+/// calls' deadlines: its connection is poisoned and the calls' batches are sent again once it
+/// answers a probe. Here it thaws 1.5 s in, its old connections still silent; without the check
+/// the calls would wait on the frozen connection until their deadline and fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_leader_is_found_stalled_and_the_calls_are_sent_again_once_it_answers() {
+    let _shared = common::PROCESS.read().await;
+    let s = setup_with(true, |cfg| {
+        cfg.stall_timeout_ms = 200;
+        cfg.handshake_timeout_ms = 300;
+    })
+    .await;
+    s.broker.set(Mode::Frozen, false, 1);
+    let deadline = Duration::from_secs(10);
+    let thaw = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        s.broker.behave();
+    };
+    let (outcomes, ()) = tokio::join!(s.calls(CONCURRENT, deadline, 0), thaw);
+    for (r, elapsed) in &outcomes {
+        let resp = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("failed after {elapsed:?}: {e:?}"));
+        let p = &resp.partitions[0];
+        assert_eq!(p.error_code, 0, "{p:?}");
+        assert!(p.attempts >= 2, "sent again after the stall: {p:?}");
+    }
+    let c = s.stats();
+    assert!(c.poisoned >= 1, "the frozen connection was poisoned: {c:?}");
+    assert_eq!(c.timeouts, 0, "no request waited out its deadline: {c:?}");
+    let suspects = s.server.forwarder.pool().suspects();
+    assert!(suspects.marked() >= 1, "the broker was found stalled");
+    assert!(suspects.is_empty(), "and is dialled again once it answers");
+    s.assert_gauges_settle().await;
+    // Health may have turned NOT_SERVING while no broker answered; it comes back.
+    let until = Instant::now() + Duration::from_secs(5);
+    while s.health().await != ServingStatus::Serving {
+        assert!(Instant::now() < until, "health never turned SERVING again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    s.assert_alive().await;
+}
+
+/// A leader that is slow on its connection (an answer trickles in over ~3 s) but answers a new
+/// connection at once is not stalled: the stall check leaves its connection and request alone,
+/// and the call gets its answer on its first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_leader_that_answers_a_new_connection_keeps_its_requests() {
+    let _shared = common::PROCESS.read().await;
+    let s = setup_with(true, |cfg| cfg.stall_timeout_ms = 200).await;
+    s.broker.set(Mode::Trickle, true, 1);
+    let (r, elapsed) = s.call(Duration::from_secs(10), 0).await;
+    let resp = r.unwrap_or_else(|e| panic!("failed after {elapsed:?}: {e:?}"));
+    let p = &resp.partitions[0];
+    assert_eq!(p.error_code, 0, "{p:?}");
+    assert_eq!(p.attempts, 1, "{p:?}");
+    assert_eq!(s.broker.hostile_acts(), 1, "the answer trickled");
+    let c = s.stats();
+    assert_eq!(c.poisoned, 0, "{c:?}");
+    assert_eq!(c.connects, 1, "{c:?}");
+    s.assert_alive().await;
+}
+
 /// A leader that stays hostile until the deadline: the answer is DEADLINE_EXCEEDED naming the
 /// leader's fault, never the failure of a retry round that had no time left (a dial cut short
 /// by the deadline, or "deadline passed before the request could be written").

@@ -102,8 +102,9 @@ async fn leaderlink(
     .await
 }
 
-/// The broker leading most of `topic`'s partitions, per leaderlink's leader map.
-async fn busiest_leader(server: &Running, topic: &str) -> i32 {
+/// The broker leading most of `topic`'s partitions, per leaderlink's leader map, among the
+/// brokers other than `not`.
+async fn busiest_leader_but(server: &Running, topic: &str, not: Option<i32>) -> i32 {
     for _ in 0..100 {
         let map = server.forwarder.metadata().leader_map();
         if let Some(TopicState::Partitions(parts)) = map.topics.get(topic)
@@ -111,10 +112,12 @@ async fn busiest_leader(server: &Running, topic: &str) -> i32 {
             && parts.iter().all(|p| p.leader_id >= 0)
         {
             let mut count: HashMap<i32, usize> = HashMap::new();
-            for p in parts {
+            for p in parts.iter().filter(|p| Some(p.leader_id) != not) {
                 *count.entry(p.leader_id).or_default() += 1;
             }
-            return count.into_iter().max_by_key(|(id, n)| (*n, -id)).unwrap().0;
+            if let Some((id, _)) = count.into_iter().max_by_key(|(id, n)| (*n, -id)) {
+                return id;
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -131,15 +134,44 @@ struct Tally {
     longest: Duration,
     /// Calls answered in each second of the load (printed: where a run loses its pace).
     per_second: Vec<u32>,
+    /// Each successful call: when it started, when it was answered, its partition.
+    successes: Vec<(Instant, Instant, i32)>,
 }
 
-/// Runs `callers` loops of one-record Forward calls (acks=all, 15 s deadline) until `stop`.
+impl Tally {
+    /// Acknowledged records not in `consumed`.
+    fn missing(&self, consumed: &HashMap<String, u32>) -> usize {
+        self.acked
+            .iter()
+            .filter(|id| !consumed.contains_key(*id))
+            .count()
+    }
+
+    /// The outage of `partitions` after a fault at `at`: from `at` to the first success of a
+    /// call to them that started after it, the longest over the partitions (`None` if one of
+    /// them never had such a success).
+    fn outage(&self, partitions: &[i32], at: Instant) -> Option<Duration> {
+        partitions
+            .iter()
+            .map(|p| {
+                self.successes
+                    .iter()
+                    .filter(|(started, _, q)| q == p && *started >= at)
+                    .map(|(_, answered, _)| *answered - at)
+                    .min()
+            })
+            .try_fold(Duration::ZERO, |worst, o| o.map(|o| worst.max(o)))
+    }
+}
+
+/// Runs `callers` loops of one-record Forward calls (acks=all, `deadline` each) until `stop`.
 /// Caller c writes to partition `partition_of(c, seq)` the value `c-seq`.
 async fn load(
     client: ForwarderClient<Channel>,
     topic: String,
     callers: u32,
     partition_of: fn(u32, u64) -> i32,
+    deadline: Duration,
     stop: Arc<AtomicBool>,
     tally: Arc<Mutex<Tally>>,
 ) {
@@ -166,7 +198,7 @@ async fn load(
                         partition,
                         vec![rec],
                     ));
-                    req.set_timeout(Duration::from_secs(15));
+                    req.set_timeout(deadline);
                     let started = Instant::now();
                     let out = client.forward(req).await;
                     let took = started.elapsed();
@@ -183,6 +215,7 @@ async fn load(
                             let r = &resp.get_ref().partitions[0];
                             if r.error_code == 0 {
                                 t.acked.insert(id.clone());
+                                t.successes.push((started, Instant::now(), partition));
                                 if r.possibly_duplicated {
                                     t.possibly_duplicated.insert(id);
                                 }
@@ -206,14 +239,36 @@ async fn load(
     }
 }
 
-/// Load for `secs` s; kill -9 the busiest leader at `kill_at` s, start it again at `restart_at`.
-async fn run_with_failover(
+/// One fault on one broker under load: `inject` (a `scripts/kafka-cluster` command) on the
+/// victim 8 s into the load, `heal` `lasts` later, then `after` more load.
+struct Fault {
+    inject: &'static str,
+    heal: &'static str,
+    lasts: Duration,
+    after: Duration,
+    /// Deadline of each call of the load.
+    deadline: Duration,
+    /// Whether the victim may be the node that leads the controller quorum.
+    controller_may_be_victim: bool,
+}
+
+/// What a [`Fault`] run saw: the calls, the victim, the partitions it led, when the fault began.
+struct Run {
+    tally: Tally,
+    victim: i32,
+    led: Vec<i32>,
+    fault_at: Instant,
+}
+
+/// `fault` under `callers` loops of calls (see [`load`]); the victim is the busiest leader.
+async fn run_with_fault(
     server: &Running,
     client: ForwarderClient<Channel>,
     topic: &str,
     callers: u32,
     partition_of: fn(u32, u64) -> i32,
-) -> (Tally, i32) {
+    fault: Fault,
+) -> Run {
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Mutex::new(Tally::default()));
     let job = tokio::spawn(load(
@@ -221,25 +276,75 @@ async fn run_with_failover(
         topic.to_string(),
         callers,
         partition_of,
+        fault.deadline,
         stop.clone(),
         tally.clone(),
     ));
     tokio::time::sleep(Duration::from_secs(8)).await;
-    let victim = busiest_leader(server, topic).await;
-    eprintln!("kill -9 broker {victim}");
-    cluster(&["kill", &victim.to_string()]);
-    tokio::time::sleep(Duration::from_secs(12)).await;
-    eprintln!("restart broker {victim}");
-    cluster(&["restart", &victim.to_string()]);
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    let not = match fault.controller_may_be_victim {
+        true => None,
+        false => Some(active_controller().await),
+    };
+    let victim = busiest_leader_but(server, topic, not).await;
+    let led = led_by(server, topic, victim);
+    eprintln!("{} broker {victim} (leads {led:?})", fault.inject);
+    let stalls_before = server.forwarder.pool().suspects().marked();
+    cluster(&[fault.inject, &victim.to_string()]);
+    // Once the command is done: calls answered while the script starts are not the outage's.
+    let fault_at = Instant::now();
+    // When leaderlink found the victim stalled, and when its leader map named other leaders for
+    // all the victim's partitions (printed, to tell leaderlink's delays from the cluster's).
+    let (mut stalled, mut moved) = (None, None);
+    while fault_at.elapsed() < fault.lasts {
+        if stalled.is_none() && server.forwarder.pool().suspects().marked() > stalls_before {
+            stalled = Some(fault_at.elapsed());
+        }
+        if moved.is_none() && led_by(server, topic, victim).is_empty() {
+            moved = Some(fault_at.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!(
+        "{} broker {victim}: found stalled after {stalled:?}, its partitions led elsewhere in \
+         leaderlink's map after {moved:?}",
+        fault.inject
+    );
+    eprintln!("{} broker {victim}", fault.heal);
+    cluster(&[fault.heal, &victim.to_string()]);
+    tokio::time::sleep(fault.after).await;
     stop.store(true, Ordering::Relaxed);
     job.await.unwrap();
-    let t = std::mem::take(&mut *tally.lock().unwrap());
+    let tally = std::mem::take(&mut *tally.lock().unwrap());
     eprintln!(
-        "calls answered per second (kill at 8 s, restart at 20 s): {:?}",
-        t.per_second
+        "calls answered per second ({} at 8 s, {} {:?} later): {:?}",
+        fault.inject, fault.heal, fault.lasts, tally.per_second
     );
-    (t, victim)
+    Run {
+        tally,
+        victim,
+        led,
+        fault_at,
+    }
+}
+
+/// `kill -9` of the busiest leader 8 s into the load (15 s deadlines), started again 12 s later.
+async fn run_with_failover(
+    server: &Running,
+    client: ForwarderClient<Channel>,
+    topic: &str,
+    callers: u32,
+    partition_of: fn(u32, u64) -> i32,
+) -> (Tally, i32) {
+    let fault = Fault {
+        inject: "kill",
+        heal: "restart",
+        lasts: Duration::from_secs(12),
+        after: Duration::from_secs(12),
+        deadline: Duration::from_secs(15),
+        controller_may_be_victim: true,
+    };
+    let run = run_with_fault(server, client, topic, callers, partition_of, fault).await;
+    (run.tally, run.victim)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -305,11 +410,7 @@ async fn strict_ordering_keeps_each_partition_in_order_through_a_leader_kill() {
     // Two callers per partition, so requests for one partition are concurrent.
     let (t, victim) = run_with_failover(&server, client, &topic, 12, |c, _| (c % 6) as i32).await;
     let consumed = consume_all(&topic);
-    let missing = t
-        .acked
-        .iter()
-        .filter(|id| !consumed.contains_key(*id))
-        .count();
+    let missing = t.missing(&consumed);
     assert_eq!(missing, 0, "acknowledged but not in the log");
     // Per caller (each writes to one partition), sequence numbers must appear in the log in
     // increasing order.
@@ -340,11 +441,7 @@ async fn an_idempotent_forwarder_writes_each_record_once_in_order_through_a_lead
     })
     .await;
     let consumed = consume_all(&topic);
-    let missing = t
-        .acked
-        .iter()
-        .filter(|id| !consumed.contains_key(*id))
-        .count();
+    let missing = t.missing(&consumed);
     let duplicates: Vec<(&String, &u32)> = consumed.iter().filter(|(_, n)| **n > 1).collect();
     // Per caller and partition, sequence numbers appear in the log in increasing order (a
     // caller's calls follow one another).
@@ -430,4 +527,117 @@ fn read_in_log_order_by_partition(topic: &str) -> Vec<(i32, String)> {
         }
     }
     out
+}
+
+/// The partitions of `topic` that `broker` leads, per leaderlink's leader map.
+fn led_by(server: &Running, topic: &str, broker: i32) -> Vec<i32> {
+    match server.forwarder.metadata().leader_map().topics.get(topic) {
+        Some(TopicState::Partitions(parts)) => (0..)
+            .zip(parts)
+            .filter(|(_, p)| p.leader_id == broker)
+            .map(|(i, _)| i)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The node that leads the KRaft controller quorum now (DescribeQuorum, which a broker forwards
+/// to the controllers).
+async fn active_controller() -> i32 {
+    use kafka_protocol::{
+        messages::{
+            DescribeQuorumRequest, TopicName,
+            describe_quorum_request::{PartitionData, TopicData},
+        },
+        protocol::StrBytes,
+    };
+    let first = common::kafka::bootstrap();
+    let first = first.split(',').next().unwrap().to_string();
+    let mut client = common::kafka_client::KafkaClient::connect(&first).await;
+    let req = DescribeQuorumRequest::default().with_topics(vec![
+        TopicData::default()
+            .with_topic_name(TopicName(StrBytes::from_static_str("__cluster_metadata")))
+            .with_partitions(vec![PartitionData::default().with_partition_index(0)]),
+    ]);
+    let resp = client.call(1, &req).await;
+    assert_eq!(resp.error_code, 0, "{resp:?}");
+    resp.topics[0].partitions[0].leader_id.0
+}
+
+/// A leader frozen with SIGSTOP for 15 s (a GC pause, a stuck disk: its sockets stay open and
+/// the kernel still accepts connections for it) under 16 callers (acks=all, 5 s deadlines,
+/// idempotence on). leaderlink finds it stalled (`stall_timeout_ms` plus one unanswered check),
+/// refreshes its leader map from the other brokers and moves each partition to its new leader
+/// once Kafka has fenced the frozen broker (`broker.session.timeout.ms`, 3 s in this cluster).
+///
+/// Asserted: each of the frozen broker's partitions has a successful call that started after the
+/// freeze within the session timeout plus 1 s; no call is answered later than its deadline plus
+/// 100 ms; nothing acknowledged is lost and nothing is in the log twice. The victim is the
+/// busiest leader among the nodes that do not lead the controller quorum: freezing the active
+/// controller adds a controller election, which Kafka itself times, before the fencing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs scripts/kafka-cluster start 3 (scripts/test runs it)"]
+async fn a_frozen_leader_is_left_for_the_new_leader_within_the_session_timeout() {
+    const SESSION_TIMEOUT: Duration = Duration::from_secs(3);
+    const DEADLINE: Duration = Duration::from_secs(5);
+    let topic = common::topic("frozen");
+    create_topic(&topic).await;
+    let (server, client) = leaderlink(PartitionOrder::Pipelined, true).await;
+    let fault = Fault {
+        inject: "freeze",
+        heal: "thaw",
+        lasts: Duration::from_secs(15),
+        after: Duration::from_secs(10),
+        deadline: DEADLINE,
+        controller_may_be_victim: false,
+    };
+    let partition_of = |c, seq| ((seq + u64::from(c)) % 6) as i32;
+    let Run {
+        tally: t,
+        victim,
+        led: partitions,
+        fault_at: frozen_at,
+    } = run_with_fault(&server, client, &topic, 16, partition_of, fault).await;
+    let outage = t.outage(&partitions, frozen_at);
+    // Per partition: the first success after the freeze of any call, and of a call started
+    // after it (printed: a late first success of any call is the cluster's own delay).
+    for p in &partitions {
+        let first = |since_start: bool| {
+            t.successes
+                .iter()
+                .filter(|(s, a, q)| q == p && *a >= frozen_at && (!since_start || *s >= frozen_at))
+                .map(|(_, a, _)| *a - frozen_at)
+                .min()
+        };
+        eprintln!(
+            "partition {p}: first success after the freeze {:?}, of a call started after it {:?}",
+            first(false),
+            first(true)
+        );
+    }
+    let consumed = consume_all(&topic);
+    let missing = t.missing(&consumed);
+    let duplicates = consumed.values().filter(|n| **n > 1).count();
+    eprintln!(
+        "frozen leader (broker {victim}, 15 s): outage {outage:?}, calls {}, acked {}, missing \
+         {missing}, duplicates {duplicates}, failed {:?}, longest call {:?}",
+        t.calls,
+        t.acked.len(),
+        t.failed,
+        t.longest
+    );
+    assert!(!partitions.is_empty(), "the victim led a partition");
+    let outage = outage.expect("every partition of the frozen broker came back");
+    assert!(
+        outage <= SESSION_TIMEOUT + Duration::from_secs(1),
+        "outage {outage:?}"
+    );
+    assert!(
+        t.longest <= DEADLINE + Duration::from_millis(100),
+        "a call was answered {:?} after it started",
+        t.longest
+    );
+    assert_eq!(missing, 0, "acknowledged but not in the log");
+    assert_eq!(duplicates, 0, "records in the log twice");
+    drop(server);
 }

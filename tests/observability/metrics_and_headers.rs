@@ -111,6 +111,8 @@ async fn metrics_count_forwards_sheds_and_timeouts() {
     );
     assert!(value(&s, "leaderlink_forwarded_bytes_total", &[]) > 0.0);
     assert!(value(&s, "leaderlink_metadata_refreshes_total", &[]) >= 1.0);
+    assert_eq!(value(&s, "leaderlink_brokers_stalled", &[]), 0.0);
+    assert_eq!(value(&s, "leaderlink_broker_stalls_total", &[]), 0.0);
     // One leader took every request; its histogram counted each answer.
     let leader_requests: f64 = s
         .samples

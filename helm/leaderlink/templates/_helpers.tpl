@@ -168,6 +168,7 @@ max_request_bytes = {{ include "leaderlink.tomlInt" $c.max_request_bytes }}
 default_timeout_ms = {{ include "leaderlink.tomlInt" $c.default_timeout_ms }}
 connect_timeout_ms = {{ include "leaderlink.tomlInt" $c.connect_timeout_ms }}
 handshake_timeout_ms = {{ include "leaderlink.tomlInt" $c.handshake_timeout_ms }}
+stall_timeout_ms = {{ include "leaderlink.tomlInt" $c.stall_timeout_ms }}
 kafka_timeout_ms = {{ include "leaderlink.tomlInt" $c.kafka_timeout_ms }}
 metadata_max_age_ms = {{ include "leaderlink.tomlInt" $c.metadata_max_age_ms }}
 metadata_max_idle_ms = {{ include "leaderlink.tomlInt" $c.metadata_max_idle_ms }}

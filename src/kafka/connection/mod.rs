@@ -73,6 +73,10 @@ pub struct ConnectionConfig {
     /// `connect_timeout`: a broker that accepts the TCP connection but does not answer (a
     /// stopped process) is given up after this, with [`ConnError::HandshakeTimeout`].
     pub handshake_timeout: std::time::Duration,
+    /// How long the oldest request on a leader connection may wait for its answer before the
+    /// pool checks its broker over a new connection (see [`super::stall`]); zero turns the
+    /// check off. Not used by the connection itself.
+    pub stall_timeout: std::time::Duration,
     /// TLS and SASL for new connections.
     pub security: super::security::Security,
 }
@@ -237,6 +241,16 @@ impl Connection {
         self.renew_at.get().is_some_and(|at| Instant::now() >= *at)
     }
 
+    /// When the oldest request still awaiting an answer was handed to the writer (`None` when
+    /// nothing awaits one). acks=0 requests are left out: Apache Kafka never answers them.
+    pub fn oldest_unanswered(&self) -> Option<Instant> {
+        lock(&self.shared.state)
+            .fifo
+            .iter()
+            .find(|e| matches!(e.reply, shared::Reply::Answer(_)))
+            .map(|e| e.sent_at)
+    }
+
     /// Queues one request: [`Self::admit`] then [`Admission::send`].
     ///
     /// Waits while `max_in_flight` requests (or `max_in_flight_bytes`) await answers. Returns once
@@ -399,6 +413,7 @@ mod tests {
             client_id: Some(StrBytes::from_static_str("test")),
             connect_timeout: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(1),
+            stall_timeout: Duration::ZERO,
             security: Default::default(),
         };
         let c = Connection::start_at(

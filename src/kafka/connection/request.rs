@@ -141,6 +141,7 @@ impl Admission {
             seq,
             reply,
             queued_at,
+            sent_at: Instant::now(),
             _hold: entry_hold,
         });
         st.bound_no_response_slots();

@@ -48,6 +48,9 @@ pub(super) struct Entry {
     pub(super) seq: u64,
     pub(super) reply: Reply,
     pub(super) queued_at: Instant,
+    /// When the entry was registered, its frame queued for the writer (after any wait for
+    /// room): how long the broker has had it, give or take the write.
+    pub(super) sent_at: Instant,
     /// Held until the answer arrives, so `max_in_flight` and `max_in_flight_bytes` bound
     /// requests awaiting answers.
     pub(super) _hold: Option<Hold>,
