@@ -34,18 +34,18 @@ use tonic::transport::Channel;
 
 const PARTITIONS: i32 = 6;
 
-fn cluster(args: &[&str]) {
+pub(super) fn cluster(args: &[&str]) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/kafka-cluster");
     let ok = Command::new(script).args(args).status().unwrap().success();
     assert!(ok, "scripts/kafka-cluster {args:?} failed");
 }
 
-async fn create_topic(name: &str) {
+pub(super) async fn create_topic(name: &str) {
     common::kafka::create_topic(name, PARTITIONS, &[("min.insync.replicas", "2")]).await;
 }
 
 /// Reads every partition from the beginning to its high watermark: record value → count.
-fn consume_all(topic: &str) -> HashMap<String, u32> {
+pub(super) fn consume_all(topic: &str) -> HashMap<String, u32> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", common::kafka::bootstrap())
         .set("group.id", format!("verify-{topic}"))
@@ -104,7 +104,7 @@ async fn leaderlink(
 
 /// The broker leading most of `topic`'s partitions, per leaderlink's leader map, among the
 /// brokers other than `not`.
-async fn busiest_leader_but(server: &Running, topic: &str, not: Option<i32>) -> i32 {
+pub(super) async fn busiest_leader_but(server: &Running, topic: &str, not: Option<i32>) -> i32 {
     for _ in 0..100 {
         let map = server.forwarder.metadata().leader_map();
         if let Some(TopicState::Partitions(parts)) = map.topics.get(topic)
@@ -125,22 +125,22 @@ async fn busiest_leader_but(server: &Running, topic: &str, not: Option<i32>) -> 
 }
 
 #[derive(Default)]
-struct Tally {
-    calls: u64,
-    acked: HashSet<String>,
-    possibly_duplicated: HashSet<String>,
-    unacked: HashSet<String>,
-    failed: HashMap<String, u64>,
-    longest: Duration,
+pub(super) struct Tally {
+    pub(super) calls: u64,
+    pub(super) acked: HashSet<String>,
+    pub(super) possibly_duplicated: HashSet<String>,
+    pub(super) unacked: HashSet<String>,
+    pub(super) failed: HashMap<String, u64>,
+    pub(super) longest: Duration,
     /// Calls answered in each second of the load (printed: where a run loses its pace).
-    per_second: Vec<u32>,
+    pub(super) per_second: Vec<u32>,
     /// Each successful call: when it started, when it was answered, its partition.
-    successes: Vec<(Instant, Instant, i32)>,
+    pub(super) successes: Vec<(Instant, Instant, i32)>,
 }
 
 impl Tally {
     /// Acknowledged records not in `consumed`.
-    fn missing(&self, consumed: &HashMap<String, u32>) -> usize {
+    pub(super) fn missing(&self, consumed: &HashMap<String, u32>) -> usize {
         self.acked
             .iter()
             .filter(|id| !consumed.contains_key(*id))
@@ -150,7 +150,7 @@ impl Tally {
     /// The outage of `partitions` after a fault at `at`: from `at` to the first success of a
     /// call to them that started after it, the longest over the partitions (`None` if one of
     /// them never had such a success).
-    fn outage(&self, partitions: &[i32], at: Instant) -> Option<Duration> {
+    pub(super) fn outage(&self, partitions: &[i32], at: Instant) -> Option<Duration> {
         partitions
             .iter()
             .map(|p| {
@@ -239,29 +239,58 @@ async fn load(
     }
 }
 
-/// One fault on one broker under load: `inject` (a `scripts/kafka-cluster` command) on the
-/// victim 8 s into the load, `heal` `lasts` later, then `after` more load.
-struct Fault {
-    inject: &'static str,
-    heal: &'static str,
-    lasts: Duration,
-    after: Duration,
+/// A way to make or undo a fault on one broker.
+#[derive(Clone, Copy)]
+pub(super) enum Lever {
+    /// `scripts/kafka-cluster CMD ID`.
+    Cluster(&'static str),
+    /// `scripts/toxiproxy cli ARGS… broker<ID>`: a toxic on the broker's proxy.
+    Proxy(&'static [&'static str]),
+}
+
+impl Lever {
+    fn pull(self, victim: i32) {
+        match self {
+            Lever::Cluster(cmd) => cluster(&[cmd, &victim.to_string()]),
+            Lever::Proxy(args) => {
+                let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/toxiproxy");
+                let proxy = format!("broker{victim}");
+                let ok = Command::new(script)
+                    .arg("cli")
+                    .args(args)
+                    .arg(&proxy)
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok, "scripts/toxiproxy cli {args:?} {proxy} failed");
+            }
+        }
+    }
+}
+
+/// One fault on one broker under load: `inject` on the victim 8 s into the load, `heal`
+/// `lasts` later, then `after` more load.
+pub(super) struct Fault {
+    pub(super) inject: &'static [Lever],
+    pub(super) heal: &'static [Lever],
+    pub(super) lasts: Duration,
+    pub(super) after: Duration,
     /// Deadline of each call of the load.
-    deadline: Duration,
+    pub(super) deadline: Duration,
     /// Whether the victim may be the node that leads the controller quorum.
-    controller_may_be_victim: bool,
+    pub(super) controller_may_be_victim: bool,
 }
 
 /// What a [`Fault`] run saw: the calls, the victim, the partitions it led, when the fault began.
-struct Run {
-    tally: Tally,
-    victim: i32,
-    led: Vec<i32>,
-    fault_at: Instant,
+pub(super) struct Run {
+    pub(super) tally: Tally,
+    pub(super) victim: i32,
+    pub(super) led: Vec<i32>,
+    pub(super) fault_at: Instant,
 }
 
 /// `fault` under `callers` loops of calls (see [`load`]); the victim is the busiest leader.
-async fn run_with_fault(
+pub(super) async fn run_with_fault(
     server: &Running,
     client: ForwarderClient<Channel>,
     topic: &str,
@@ -287,9 +316,11 @@ async fn run_with_fault(
     };
     let victim = busiest_leader_but(server, topic, not).await;
     let led = led_by(server, topic, victim);
-    eprintln!("{} broker {victim} (leads {led:?})", fault.inject);
+    eprintln!("fault on broker {victim} (leads {led:?})");
     let stalls_before = server.forwarder.pool().suspects().marked();
-    cluster(&[fault.inject, &victim.to_string()]);
+    for lever in fault.inject {
+        lever.pull(victim);
+    }
     // Once the command is done: calls answered while the script starts are not the outage's.
     let fault_at = Instant::now();
     // When leaderlink found the victim stalled, and when its leader map named other leaders for
@@ -305,19 +336,19 @@ async fn run_with_fault(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     eprintln!(
-        "{} broker {victim}: found stalled after {stalled:?}, its partitions led elsewhere in \
-         leaderlink's map after {moved:?}",
-        fault.inject
+        "broker {victim}: found stalled after {stalled:?}, its partitions led elsewhere in \
+         leaderlink's map after {moved:?}; healing"
     );
-    eprintln!("{} broker {victim}", fault.heal);
-    cluster(&[fault.heal, &victim.to_string()]);
+    for lever in fault.heal {
+        lever.pull(victim);
+    }
     tokio::time::sleep(fault.after).await;
     stop.store(true, Ordering::Relaxed);
     job.await.unwrap();
     let tally = std::mem::take(&mut *tally.lock().unwrap());
     eprintln!(
-        "calls answered per second ({} at 8 s, {} {:?} later): {:?}",
-        fault.inject, fault.heal, fault.lasts, tally.per_second
+        "calls answered per second (fault at 8 s, healed {:?} later): {:?}",
+        fault.lasts, tally.per_second
     );
     Run {
         tally,
@@ -336,8 +367,8 @@ async fn run_with_failover(
     partition_of: fn(u32, u64) -> i32,
 ) -> (Tally, i32) {
     let fault = Fault {
-        inject: "kill",
-        heal: "restart",
+        inject: &[Lever::Cluster("kill")],
+        heal: &[Lever::Cluster("restart")],
         lasts: Duration::from_secs(12),
         after: Duration::from_secs(12),
         deadline: Duration::from_secs(15),
@@ -530,7 +561,7 @@ fn read_in_log_order_by_partition(topic: &str) -> Vec<(i32, String)> {
 }
 
 /// The partitions of `topic` that `broker` leads, per leaderlink's leader map.
-fn led_by(server: &Running, topic: &str, broker: i32) -> Vec<i32> {
+pub(super) fn led_by(server: &Running, topic: &str, broker: i32) -> Vec<i32> {
     match server.forwarder.metadata().leader_map().topics.get(topic) {
         Some(TopicState::Partitions(parts)) => (0..)
             .zip(parts)
@@ -543,7 +574,7 @@ fn led_by(server: &Running, topic: &str, broker: i32) -> Vec<i32> {
 
 /// The node that leads the KRaft controller quorum now (DescribeQuorum, which a broker forwards
 /// to the controllers).
-async fn active_controller() -> i32 {
+pub(super) async fn active_controller() -> i32 {
     use kafka_protocol::{
         messages::{
             DescribeQuorumRequest, TopicName,
@@ -562,82 +593,4 @@ async fn active_controller() -> i32 {
     let resp = client.call(1, &req).await;
     assert_eq!(resp.error_code, 0, "{resp:?}");
     resp.topics[0].partitions[0].leader_id.0
-}
-
-/// A leader frozen with SIGSTOP for 15 s (a GC pause, a stuck disk: its sockets stay open and
-/// the kernel still accepts connections for it) under 16 callers (acks=all, 5 s deadlines,
-/// idempotence on). leaderlink finds it stalled (`stall_timeout_ms` plus one unanswered check),
-/// refreshes its leader map from the other brokers and moves each partition to its new leader
-/// once Kafka has fenced the frozen broker (`broker.session.timeout.ms`, 3 s in this cluster).
-///
-/// Asserted: each of the frozen broker's partitions has a successful call that started after the
-/// freeze within the session timeout plus 1 s; no call is answered later than its deadline plus
-/// 100 ms; nothing acknowledged is lost and nothing is in the log twice. The victim is the
-/// busiest leader among the nodes that do not lead the controller quorum: freezing the active
-/// controller adds a controller election, which Kafka itself times, before the fencing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs scripts/kafka-cluster start 3 (scripts/test runs it)"]
-async fn a_frozen_leader_is_left_for_the_new_leader_within_the_session_timeout() {
-    const SESSION_TIMEOUT: Duration = Duration::from_secs(3);
-    const DEADLINE: Duration = Duration::from_secs(5);
-    let topic = common::topic("frozen");
-    create_topic(&topic).await;
-    let (server, client) = leaderlink(PartitionOrder::Pipelined, true).await;
-    let fault = Fault {
-        inject: "freeze",
-        heal: "thaw",
-        lasts: Duration::from_secs(15),
-        after: Duration::from_secs(10),
-        deadline: DEADLINE,
-        controller_may_be_victim: false,
-    };
-    let partition_of = |c, seq| ((seq + u64::from(c)) % 6) as i32;
-    let Run {
-        tally: t,
-        victim,
-        led: partitions,
-        fault_at: frozen_at,
-    } = run_with_fault(&server, client, &topic, 16, partition_of, fault).await;
-    let outage = t.outage(&partitions, frozen_at);
-    // Per partition: the first success after the freeze of any call, and of a call started
-    // after it (printed: a late first success of any call is the cluster's own delay).
-    for p in &partitions {
-        let first = |since_start: bool| {
-            t.successes
-                .iter()
-                .filter(|(s, a, q)| q == p && *a >= frozen_at && (!since_start || *s >= frozen_at))
-                .map(|(_, a, _)| *a - frozen_at)
-                .min()
-        };
-        eprintln!(
-            "partition {p}: first success after the freeze {:?}, of a call started after it {:?}",
-            first(false),
-            first(true)
-        );
-    }
-    let consumed = consume_all(&topic);
-    let missing = t.missing(&consumed);
-    let duplicates = consumed.values().filter(|n| **n > 1).count();
-    eprintln!(
-        "frozen leader (broker {victim}, 15 s): outage {outage:?}, calls {}, acked {}, missing \
-         {missing}, duplicates {duplicates}, failed {:?}, longest call {:?}",
-        t.calls,
-        t.acked.len(),
-        t.failed,
-        t.longest
-    );
-    assert!(!partitions.is_empty(), "the victim led a partition");
-    let outage = outage.expect("every partition of the frozen broker came back");
-    assert!(
-        outage <= SESSION_TIMEOUT + Duration::from_secs(1),
-        "outage {outage:?}"
-    );
-    assert!(
-        t.longest <= DEADLINE + Duration::from_millis(100),
-        "a call was answered {:?} after it started",
-        t.longest
-    );
-    assert_eq!(missing, 0, "acknowledged but not in the log");
-    assert_eq!(duplicates, 0, "records in the log twice");
-    drop(server);
 }

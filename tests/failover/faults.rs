@@ -1,0 +1,302 @@
+//! The fault matrix against a real 3-broker Apache Kafka: leaderlink reaches every broker through
+//! Toxiproxy (`scripts/toxiproxy`, on the brokers' FAULTY listener; the brokers replicate among
+//! themselves untouched), under 16 callers making one-record acks=all calls with unique values
+//! and 5 s deadlines (6 partitions, replication factor 3, `min.insync.replicas=2`, idempotence
+//! on). One scenario per fault on the busiest leader; each asserts:
+//!
+//! * nothing acknowledged is missing from the log, and nothing is in it twice;
+//! * no call is answered later than its deadline plus 100 ms;
+//! * the outage (from the fault to the first success of a call that started after it, on each
+//!   of the victim's partitions) stays within the scenario's bound;
+//! * open descriptors and leader connections come back to what they were, and memory stays
+//!   bounded.
+//!
+//! The table of all scenarios is printed at the end (`--nocapture`).
+
+use std::{collections::HashMap, sync::atomic::Ordering, time::Duration};
+
+use leaderlink::forward::PartitionOrder;
+
+use super::kafka::{Fault, Lever, Run, consume_all, create_topic, run_with_fault};
+use crate::common;
+
+const DEADLINE: Duration = Duration::from_secs(5);
+/// The cluster's `broker.session.timeout.ms` (scripts/kafka-cluster): how long Kafka takes to
+/// fence a broker that stopped heartbeating and elect new leaders for its partitions.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What shows that a scenario's fault reached leaderlink at all (so that a toxic that was never
+/// applied cannot pass for a fault handled well).
+#[derive(Clone, Copy, PartialEq)]
+enum Effect {
+    /// The victim was found stalled (or its dial timed out).
+    Stalled,
+    /// The victim's connection was opened again several times.
+    Reconnected,
+    /// A call took at least the toxic's latency.
+    Slowed(Duration),
+}
+
+/// One scenario of the matrix.
+struct Scenario {
+    name: &'static str,
+    fault: Fault,
+    effect: Effect,
+    /// Longest acceptable outage of the victim's partitions, and why.
+    bound: Duration,
+    why: &'static str,
+}
+
+fn scenarios() -> Vec<Scenario> {
+    let fault = |inject, heal, lasts| Fault {
+        inject,
+        heal,
+        lasts,
+        after: Duration::from_secs(10),
+        deadline: DEADLINE,
+        controller_may_be_victim: false,
+    };
+    vec![
+        Scenario {
+            name: "leader frozen (SIGSTOP) 15 s",
+            fault: fault(
+                &[Lever::Cluster("freeze")],
+                &[Lever::Cluster("thaw")],
+                Duration::from_secs(15),
+            ),
+            effect: Effect::Stalled,
+            bound: SESSION_TIMEOUT + Duration::from_secs(1),
+            why: "Kafka's session timeout + 1 s",
+        },
+        Scenario {
+            name: "leader blackholed 10 s",
+            fault: fault(
+                &[
+                    Lever::Proxy(&[
+                        "toxic",
+                        "add",
+                        "-n",
+                        "hole_down",
+                        "-t",
+                        "timeout",
+                        "-a",
+                        "timeout=0",
+                        "-d",
+                    ]),
+                    Lever::Proxy(&[
+                        "toxic",
+                        "add",
+                        "-n",
+                        "hole_up",
+                        "-t",
+                        "timeout",
+                        "-a",
+                        "timeout=0",
+                        "-u",
+                    ]),
+                ],
+                &[
+                    Lever::Proxy(&["toxic", "remove", "-n", "hole_down"]),
+                    Lever::Proxy(&["toxic", "remove", "-n", "hole_up"]),
+                ],
+                Duration::from_secs(10),
+            ),
+            effect: Effect::Stalled,
+            // Kafka still sees the broker (it replicates over another listener): its partitions
+            // stay with it, so they come back when the link does.
+            bound: Duration::from_secs(10 + 2),
+            why: "the blackhole + 2 s",
+        },
+        Scenario {
+            name: "leader 500 ms latency, 250 ms jitter, 10 s",
+            fault: fault(
+                &[Lever::Proxy(&[
+                    "toxic",
+                    "add",
+                    "-n",
+                    "slow",
+                    "-t",
+                    "latency",
+                    "-a",
+                    "latency=500",
+                    "-a",
+                    "jitter=250",
+                    "-d",
+                ])],
+                &[Lever::Proxy(&["toxic", "remove", "-n", "slow"])],
+                Duration::from_secs(10),
+            ),
+            effect: Effect::Slowed(Duration::from_millis(500)),
+            bound: Duration::from_secs(2),
+            why: "2 s: slow, never down",
+        },
+        Scenario {
+            name: "leader connections cut mid-frame (every 3000 bytes) 5 s",
+            fault: fault(
+                &[Lever::Proxy(&[
+                    "toxic",
+                    "add",
+                    "-n",
+                    "cut",
+                    "-t",
+                    "limit_data",
+                    "-a",
+                    "bytes=3000",
+                    "-d",
+                ])],
+                &[Lever::Proxy(&["toxic", "remove", "-n", "cut"])],
+                Duration::from_secs(5),
+            ),
+            effect: Effect::Reconnected,
+            bound: Duration::from_secs(2),
+            why: "2 s: each cut is retried on a new connection",
+        },
+    ]
+}
+
+/// This process's open file descriptors and resident memory (KiB).
+fn resources() -> (usize, u64) {
+    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0);
+    (fds, rss)
+}
+
+/// One row of the printed table, and what failed in it.
+struct Row {
+    line: String,
+    failures: Vec<String>,
+}
+
+async fn run(s: Scenario) -> Row {
+    let topic = common::topic("matrix");
+    create_topic(&topic).await;
+    let faulty = std::env::var("LEADERLINK_KAFKA_FAULTY_BOOTSTRAP").expect(
+        "LEADERLINK_KAFKA_FAULTY_BOOTSTRAP: run scripts/kafka-cluster and scripts/toxiproxy \
+         (scripts/test does)",
+    );
+    let (server, client) = common::kafka::start(|cfg| {
+        cfg.bootstrap = faulty.split(',').map(str::to_string).collect();
+        cfg.ordering = PartitionOrder::Pipelined;
+        cfg.idempotence = true;
+    })
+    .await;
+    let before = resources();
+    let stalls_before = server.forwarder.pool().suspects().marked();
+    let partition_of = |c, seq| ((seq + u64::from(c)) % 6) as i32;
+    let Run {
+        tally: t,
+        victim,
+        led,
+        fault_at,
+    } = run_with_fault(&server, client, &topic, 16, partition_of, s.fault).await;
+    let after = resources();
+    let connections = server
+        .forwarder
+        .pool()
+        .slots()
+        .iter()
+        .filter(|slot| slot.current().is_some_and(|(c, _)| c.poisoned().is_none()))
+        .count();
+    let stalls = server.forwarder.pool().suspects().marked() - stalls_before;
+    let reconnects: u64 = server
+        .forwarder
+        .pool()
+        .slots()
+        .iter()
+        .filter(|slot| slot.broker_id == victim)
+        .map(|slot| {
+            slot.stats
+                .connects
+                .load(Ordering::Relaxed)
+                .saturating_sub(1)
+        })
+        .sum();
+    let outage = t.outage(&led, fault_at);
+    let consumed: HashMap<String, u32> = consume_all(&topic);
+    let missing = t.missing(&consumed);
+    let duplicates = consumed.values().filter(|n| **n > 1).count();
+    let failed: u64 = t.failed.values().sum();
+    let mut failures = Vec::new();
+    if led.is_empty() {
+        failures.push("the victim led no partition".to_string());
+    }
+    let took_effect = match s.effect {
+        Effect::Stalled => stalls >= 1,
+        Effect::Reconnected => reconnects >= 3,
+        Effect::Slowed(by) => t.longest >= by,
+    };
+    if !took_effect {
+        failures.push(format!(
+            "the fault did not show: {stalls} stalls, {reconnects} reconnects, longest call {:?}",
+            t.longest
+        ));
+    }
+    match outage {
+        Some(o) if o <= s.bound => {}
+        o => failures.push(format!("outage {o:?} over the bound {:?}", s.bound)),
+    }
+    if t.longest > DEADLINE + Duration::from_millis(100) {
+        failures.push(format!("a call was answered after {:?}", t.longest));
+    }
+    if missing > 0 {
+        failures.push(format!("{missing} acknowledged records missing"));
+    }
+    if duplicates > 0 {
+        failures.push(format!("{duplicates} records in the log twice"));
+    }
+    // Every connection the fault broke is closed again: at most one leader connection per broker
+    // (connections_per_leader 1) and a handful of descriptors of the test's own.
+    if connections > 3 {
+        failures.push(format!("{connections} leader connections"));
+    }
+    if after.0 > before.0 + 16 {
+        failures.push(format!("descriptors {} → {}", before.0, after.0));
+    }
+    if after.1 > before.1 + 256 * 1024 {
+        failures.push(format!("RSS {} → {} KiB", before.1, after.1));
+    }
+    let line = format!(
+        "| {} | {victim} {led:?} | {stalls} | {reconnects} | {} | {} ({}) | {} | {failed} {:?} | {:.2} s | {missing} | {duplicates} | {} → {} | {} → {} MiB | {} |",
+        s.name,
+        outage.map_or("none".to_string(), |o| format!("{:.2} s", o.as_secs_f64())),
+        format_args!("{:.0} s", s.bound.as_secs_f64()),
+        s.why,
+        t.calls,
+        t.failed,
+        t.longest.as_secs_f64(),
+        before.0,
+        after.0,
+        before.1 / 1024,
+        after.1 / 1024,
+        if failures.is_empty() { "ok" } else { "FAILED" },
+    );
+    eprintln!("{line}");
+    drop(server);
+    Row { line, failures }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs scripts/kafka-cluster start 3 and scripts/toxiproxy start (scripts/test runs them)"]
+async fn the_fault_matrix() {
+    let mut rows = Vec::new();
+    for s in scenarios() {
+        eprintln!("== {}", s.name);
+        rows.push(run(s).await);
+    }
+    eprintln!(
+        "\n| scenario | victim [its partitions] | found stalled | reconnects to it | outage | bound | calls | failed calls | longest call | missing | in the log twice | descriptors | RSS | |\n\
+         | --- | --- | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | --- | --- | --- |"
+    );
+    for r in &rows {
+        eprintln!("{}", r.line);
+    }
+    let failures: Vec<&String> = rows.iter().flat_map(|r| &r.failures).collect();
+    assert!(failures.is_empty(), "{failures:#?}");
+}
