@@ -199,9 +199,30 @@ fn reflection(extra: &'static [u8]) -> tonic_reflection::server::Builder<'static
         .register_encoded_file_descriptor_set(extra)
 }
 
+/// The HTTP/2 protections of a caller-facing listener, each set explicitly from its config key
+/// rather than left to hyper's defaults (README "Protection against overload").
+fn http2_server(cfg: &Config) -> tonic::transport::Server {
+    let ms = Duration::from_millis;
+    let mut server = tonic::transport::Server::builder()
+        .max_concurrent_streams(cfg.http2_max_concurrent_streams)
+        .http2_max_pending_accept_reset_streams(Some(cfg.http2_max_pending_reset_streams))
+        .http2_max_header_list_size(cfg.http2_max_header_list_size)
+        .http2_keepalive_interval(
+            (cfg.http2_keepalive_interval_ms > 0).then(|| ms(cfg.http2_keepalive_interval_ms)),
+        )
+        .http2_keepalive_timeout(Some(ms(cfg.http2_keepalive_timeout_ms)));
+    if cfg.max_connection_age_ms > 0 {
+        server = server
+            .max_connection_age(ms(cfg.max_connection_age_ms))
+            .max_connection_age_grace(ms(cfg.max_connection_age_grace_ms));
+    }
+    server
+}
+
 /// A router with the health service and both reflection versions (grpcurl 1.8.x speaks only
 /// v1alpha), to which the listener's own service is added.
 fn with_health_and_reflection(
+    cfg: &Config,
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
@@ -212,7 +233,7 @@ fn with_health_and_reflection(
     let v1alpha = reflection(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(std::io::Error::other)?;
-    Ok(tonic::transport::Server::builder()
+    Ok(http2_server(cfg)
         .add_service(health)
         .add_service(v1)
         .add_service(v1alpha))
@@ -317,11 +338,11 @@ pub async fn start(
     )?;
 
     let span = info_span!(target: TASK_TARGET, "grpc", %addr, tls = forwarder_tls.is_some());
-    let router = with_health_and_reflection(health.clone())?.add_service(stack);
+    let router = with_health_and_reflection(&cfg, health.clone())?.add_service(stack);
     let (stop_tx, task) = serve(router, listener, forwarder_tls, span);
     let span =
         info_span!(target: TASK_TARGET, "admin", addr = %admin_addr, tls = admin_tls.is_some());
-    let admin = with_health_and_reflection(health)?.add_service(AdminServer::new(
+    let admin = with_health_and_reflection(&cfg, health)?.add_service(AdminServer::new(
         AdminService::new(forwarder.clone(), cfg.clone()),
     ));
     let (stop_admin_tx, admin_task) = serve(admin, admin_listener, admin_tls, span);

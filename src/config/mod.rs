@@ -131,6 +131,32 @@ pub struct Config {
     /// at once. A wait never takes more than half the time the earliest waiting call's deadline
     /// leaves.
     pub linger_ms: u64,
+    /// Most streams (calls) one caller connection may have open at once. HTTP/2 refuses further
+    /// ones with REFUSED_STREAM, which gRPC clients retry; it bounds what one connection can
+    /// hold of `max_concurrent_calls`.
+    pub http2_max_concurrent_streams: u32,
+    /// Most streams a caller connection may have opened and reset before leaderlink accepted
+    /// them. Beyond it the connection is closed with GOAWAY (ENHANCE_YOUR_CALM): a rapid-reset
+    /// attack (CVE-2023-44487) costs the attacker its connection instead of the server's CPU.
+    pub http2_max_pending_reset_streams: usize,
+    /// Largest header list a caller may send on one request, in bytes as HTTP/2 counts them
+    /// (each name and value plus 32). A larger one is refused before the call starts.
+    pub http2_max_header_list_size: u32,
+    /// How often leaderlink PINGs each caller connection, in milliseconds; `0`: never. A
+    /// connection whose PING is not answered within `http2_keepalive_timeout_ms` is closed, so
+    /// that callers that vanished without closing (a dead host, a dropped NAT entry) free their
+    /// connection.
+    pub http2_keepalive_interval_ms: u64,
+    /// How long a keepalive PING may go unanswered before its connection is closed.
+    pub http2_keepalive_timeout_ms: u64,
+    /// A caller connection is sent GOAWAY this long after it opened, in milliseconds; `0`:
+    /// never. Its calls in flight finish (within `max_connection_age_grace_ms`), new calls go
+    /// to a new connection. Bounds how long any connection lives, the idle ones included, and
+    /// spreads long-lived callers over the replicas of a scaled deployment.
+    pub max_connection_age_ms: u64,
+    /// After the GOAWAY of `max_connection_age_ms`, how long the connection's calls may take
+    /// before it is closed.
+    pub max_connection_age_grace_ms: u64,
     /// On SIGTERM/SIGINT, how long in-flight calls may take to finish. Calls still running when
     /// it expires get UNAVAILABLE and a warning is logged.
     pub shutdown_grace_ms: u64,
@@ -268,6 +294,13 @@ impl Default for Config {
             max_in_flight_bytes_per_connection: 64 * 1024 * 1024,
             max_batch_bytes: 1_000_000,
             linger_ms: 0,
+            http2_max_concurrent_streams: 200,
+            http2_max_pending_reset_streams: 20,
+            http2_max_header_list_size: 16 * 1024,
+            http2_keepalive_interval_ms: 60_000,
+            http2_keepalive_timeout_ms: 20_000,
+            max_connection_age_ms: 0,
+            max_connection_age_grace_ms: 30_000,
             shutdown_grace_ms: 20_000,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             otlp_endpoint: None,

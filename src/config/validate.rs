@@ -95,6 +95,42 @@ impl Config {
         if self.linger_ms > 60_000 {
             return Err(bad("linger_ms", "must be 0..=60000"));
         }
+        if !(1..=1_000_000).contains(&self.http2_max_concurrent_streams) {
+            return Err(bad("http2_max_concurrent_streams", "must be 1..=1000000"));
+        }
+        if !(1..=1_000_000).contains(&self.http2_max_pending_reset_streams) {
+            return Err(bad(
+                "http2_max_pending_reset_streams",
+                "must be 1..=1000000",
+            ));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&self.http2_max_header_list_size) {
+            return Err(bad("http2_max_header_list_size", "must be 1024..=16777216"));
+        }
+        for (key, v) in [
+            (
+                "http2_keepalive_interval_ms",
+                self.http2_keepalive_interval_ms,
+            ),
+            ("max_connection_age_ms", self.max_connection_age_ms),
+            (
+                "max_connection_age_grace_ms",
+                self.max_connection_age_grace_ms,
+            ),
+        ] {
+            if v > 24 * 3600 * 1000 {
+                return Err(bad(
+                    key,
+                    "must be 0..=86400000 (milliseconds; 0 turns it off)",
+                ));
+            }
+        }
+        if self.http2_keepalive_timeout_ms == 0 || self.http2_keepalive_timeout_ms > 3600 * 1000 {
+            return Err(bad(
+                "http2_keepalive_timeout_ms",
+                "must be 1..=3600000 (milliseconds)",
+            ));
+        }
         if self.shutdown_grace_ms > 3600 * 1000 {
             return Err(bad("shutdown_grace_ms", "must be <= 3600000 (one hour)"));
         }

@@ -181,6 +181,13 @@ max_queued_per_connection = {{ include "leaderlink.tomlInt" $c.max_queued_per_co
 max_in_flight_bytes_per_connection = {{ include "leaderlink.tomlInt" $c.max_in_flight_bytes_per_connection }}
 max_batch_bytes = {{ include "leaderlink.tomlInt" $c.max_batch_bytes }}
 linger_ms = {{ include "leaderlink.tomlInt" $c.linger_ms }}
+http2_max_concurrent_streams = {{ include "leaderlink.tomlInt" $c.http2_max_concurrent_streams }}
+http2_max_pending_reset_streams = {{ include "leaderlink.tomlInt" $c.http2_max_pending_reset_streams }}
+http2_max_header_list_size = {{ include "leaderlink.tomlInt" $c.http2_max_header_list_size }}
+http2_keepalive_interval_ms = {{ include "leaderlink.tomlInt" $c.http2_keepalive_interval_ms }}
+http2_keepalive_timeout_ms = {{ include "leaderlink.tomlInt" $c.http2_keepalive_timeout_ms }}
+max_connection_age_ms = {{ include "leaderlink.tomlInt" $c.max_connection_age_ms }}
+max_connection_age_grace_ms = {{ include "leaderlink.tomlInt" $c.max_connection_age_grace_ms }}
 shutdown_grace_ms = {{ include "leaderlink.tomlInt" $c.shutdown_grace_ms }}
 {{- with $c.otlp_endpoint }}
 otlp_endpoint = {{ toJson . }}
