@@ -147,6 +147,33 @@ impl Tally {
             .count()
     }
 
+    /// The longest time one of `partitions` went without a successful call between `from` and
+    /// `to` (a partition without any counts from `from` to `to`).
+    pub(super) fn longest_gap(&self, partitions: &[i32], from: Instant, to: Instant) -> Duration {
+        partitions
+            .iter()
+            .map(|p| {
+                let mut at: Vec<Instant> = self
+                    .successes
+                    .iter()
+                    .filter(|(_, a, q)| q == p && *a >= from && *a <= to)
+                    .map(|(_, a, _)| *a)
+                    .collect();
+                at.sort();
+                at.push(to);
+                at.iter()
+                    .scan(from, |last, a| {
+                        let gap = *a - *last;
+                        *last = *a;
+                        Some(gap)
+                    })
+                    .max()
+                    .unwrap_or_default()
+            })
+            .max()
+            .unwrap_or_default()
+    }
+
     /// The outage of `partitions` after a fault at `at`: from `at` to the first success of a
     /// call to them that started after it, the longest over the partitions (`None` if one of
     /// them never had such a success).
@@ -246,12 +273,49 @@ pub(super) enum Lever {
     Cluster(&'static str),
     /// `scripts/toxiproxy cli ARGS… broker<ID>`: a toxic on the broker's proxy.
     Proxy(&'static [&'static str]),
+    /// `scripts/kafka/Leadership.java BOOTSTRAP CMD TOPIC ID`: leadership moved with Kafka's
+    /// Admin client.
+    Admin(&'static str),
+    /// Every broker in turn: a controlled shutdown (SIGTERM), a restart, and a wait until it is
+    /// back in the ISR of the topic's partitions.
+    Roll,
+}
+
+/// Runs `scripts/kafka/Leadership.java` (Kafka's Admin client) with the cluster's jars.
+fn leadership(args: &[&str]) {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let libs = std::fs::read_dir(format!("{root}/.cache/kafka"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("libs"))
+        .find(|p| p.join(".complete").exists())
+        .expect("Kafka's jars in .cache/kafka (scripts/kafka-cluster fetches them)");
+    let ok = Command::new("java")
+        .arg("-cp")
+        .arg(format!("{}/*", libs.display()))
+        .arg(format!("{root}/scripts/kafka/Leadership.java"))
+        .arg(common::kafka::bootstrap())
+        .args(args)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "Leadership.java {args:?} failed");
 }
 
 impl Lever {
-    fn pull(self, victim: i32) {
+    fn pull(self, victim: i32, topic: &str) {
         match self {
             Lever::Cluster(cmd) => cluster(&[cmd, &victim.to_string()]),
+            Lever::Admin(cmd) => leadership(&[cmd, topic, &victim.to_string()]),
+            Lever::Roll => {
+                for node in 1..=3 {
+                    let id = node.to_string();
+                    eprintln!("controlled shutdown of broker {node}");
+                    cluster(&["stop-node", &id]);
+                    cluster(&["restart", &id]);
+                    leadership(&["await-isr", topic, &id]);
+                }
+            }
             Lever::Proxy(args) => {
                 let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/toxiproxy");
                 let proxy = format!("broker{victim}");
@@ -286,7 +350,36 @@ pub(super) struct Run {
     pub(super) tally: Tally,
     pub(super) victim: i32,
     pub(super) led: Vec<i32>,
+    /// When the fault's commands started, and when they were done (the fault is in place).
+    pub(super) started: Instant,
     pub(super) fault_at: Instant,
+    /// When the heal's commands were done.
+    pub(super) healed_at: Instant,
+    /// After how long leaderlink's leader map named other leaders for all the victim's
+    /// partitions (`None`: not while the fault lasted).
+    pub(super) moved: Option<Duration>,
+    /// The topic's leader epochs in leaderlink's map when the fault began and after the heal.
+    pub(super) epochs: (Vec<i32>, Vec<i32>),
+}
+
+/// The leader epoch of each of `topic`'s partitions in leaderlink's map.
+fn epochs(server: &Running, topic: &str) -> Vec<i32> {
+    match server.forwarder.metadata().leader_map().topics.get(topic) {
+        Some(TopicState::Partitions(parts)) => parts.iter().map(|p| p.leader_epoch).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Pulls `levers` on `victim` off the runtime's threads (a command may take a minute).
+async fn pull_all(levers: &'static [Lever], victim: i32, topic: &str) {
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        for lever in levers {
+            lever.pull(victim, &topic);
+        }
+    })
+    .await
+    .unwrap();
 }
 
 /// `fault` under `callers` loops of calls (see [`load`]); the victim is the busiest leader.
@@ -318,20 +411,23 @@ pub(super) async fn run_with_fault(
     let led = led_by(server, topic, victim);
     eprintln!("fault on broker {victim} (leads {led:?})");
     let stalls_before = server.forwarder.pool().suspects().marked();
-    for lever in fault.inject {
-        lever.pull(victim);
-    }
+    let epochs_before = epochs(server, topic);
+    let started = Instant::now();
+    pull_all(fault.inject, victim, topic).await;
     // Once the command is done: calls answered while the script starts are not the outage's.
     let fault_at = Instant::now();
     // When leaderlink found the victim stalled, and when its leader map named other leaders for
     // all the victim's partitions (printed, to tell leaderlink's delays from the cluster's).
     let (mut stalled, mut moved) = (None, None);
-    while fault_at.elapsed() < fault.lasts {
+    loop {
         if stalled.is_none() && server.forwarder.pool().suspects().marked() > stalls_before {
             stalled = Some(fault_at.elapsed());
         }
         if moved.is_none() && led_by(server, topic, victim).is_empty() {
             moved = Some(fault_at.elapsed());
+        }
+        if fault_at.elapsed() >= fault.lasts {
+            break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -339,10 +435,11 @@ pub(super) async fn run_with_fault(
         "broker {victim}: found stalled after {stalled:?}, its partitions led elsewhere in \
          leaderlink's map after {moved:?}; healing"
     );
-    for lever in fault.heal {
-        lever.pull(victim);
-    }
+    pull_all(fault.heal, victim, topic).await;
+    let healed_at = Instant::now();
+    // The map learns of the last changes within a refresh or a leader hint.
     tokio::time::sleep(fault.after).await;
+    let epochs_after = epochs(server, topic);
     stop.store(true, Ordering::Relaxed);
     job.await.unwrap();
     let tally = std::mem::take(&mut *tally.lock().unwrap());
@@ -354,7 +451,11 @@ pub(super) async fn run_with_fault(
         tally,
         victim,
         led,
+        started,
         fault_at,
+        healed_at,
+        moved,
+        epochs: (epochs_before, epochs_after),
     }
 }
 
