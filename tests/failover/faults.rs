@@ -238,6 +238,11 @@ async fn run(s: Scenario) -> Row {
         cfg.bootstrap = faulty.split(',').map(str::to_string).collect();
         cfg.ordering = PartitionOrder::Pipelined;
         cfg.idempotence = true;
+        // The stall check scaled to this cluster's 3 s session timeout (Kafka's default is 9 s,
+        // for which the defaults, 1 s and 2 s, leave room): a frozen leader is found stalled
+        // within about 1.6 s, before the cluster fences it.
+        cfg.stall_timeout_ms = 500;
+        cfg.handshake_timeout_ms = 1000;
     })
     .await;
     let before = resources();
