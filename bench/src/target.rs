@@ -139,6 +139,23 @@ fn acks_proto(a: AcksArg) -> Acks {
     }
 }
 
+/// One `grpc.health.v1.Health/Check` of the whole server, with `deadline`: its status.
+async fn health_status(
+    client: &mut HealthClient<Channel>,
+    deadline: Duration,
+) -> Result<i32, String> {
+    let mut r = tonic::Request::new(HealthCheckRequest {
+        service: String::new(),
+    });
+    r.set_timeout(deadline);
+    Ok(client
+        .check(r)
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner()
+        .status)
+}
+
 /// Waits until the server's health is SERVING, checking every 50 ms for at most `limit`.
 ///
 /// A server reports NOT_SERVING until it has fetched the cluster's metadata once, which it
@@ -150,16 +167,7 @@ pub async fn await_serving(
 ) -> Result<(), String> {
     let give_up = Instant::now() + limit;
     loop {
-        let mut r = tonic::Request::new(HealthCheckRequest {
-            service: String::new(),
-        });
-        r.set_timeout(limit);
-        let status = client
-            .check(r)
-            .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-            .into_inner()
-            .status;
+        let status = health_status(client, limit).await?;
         if status == ServingStatus::Serving as i32 {
             return Ok(());
         }
@@ -252,16 +260,7 @@ pub async fn call(
             }
         }
         Target::Health(client) => {
-            let mut r = tonic::Request::new(HealthCheckRequest {
-                service: String::new(),
-            });
-            r.set_timeout(deadline);
-            let status = client
-                .check(r)
-                .await
-                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-                .into_inner()
-                .status;
+            let status = health_status(client, deadline).await?;
             // No records go anywhere: a check counts as a request only.
             if status == ServingStatus::Serving as i32 {
                 Ok(0)
