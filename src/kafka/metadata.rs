@@ -26,11 +26,9 @@ use super::{
     stall::Suspects,
 };
 
-/// How long a Metadata request waits for its answer. A broker that does not answer by then is
-/// taken for stalled: its connection is poisoned, it becomes suspect (see [`super::stall`]) and
-/// the refresh asks the next broker. A call whose own deadline comes sooner stops waiting then,
-/// and the late answer keeps the shared metadata connection up. Metadata is answered in
-/// milliseconds by a live broker; 2 s leaves room for a loaded one.
+/// Least time a Metadata request has for its answer, however close the deadline of the call
+/// that sent it: a late answer keeps the shared metadata connection up; one that has not come by
+/// then poisons it.
 const METADATA_ANSWER_GRACE: Duration = Duration::from_secs(2);
 
 /// A broker's address as the cluster advertises it.
@@ -310,10 +308,10 @@ impl MetadataClient {
         let mut last_err = ConnError::Shutdown;
         let mut tried_open = false;
         loop {
-            let (c, addr) = match conn.as_ref() {
-                Some((c, a)) if c.poisoned().is_none() && !tried_open => {
+            let c = match conn.as_ref() {
+                Some((c, _)) if c.poisoned().is_none() && !tried_open => {
                     tried_open = true;
-                    (c.clone(), a.clone())
+                    c.clone()
                 }
                 _ => {
                     let Some(addr) = candidates.first().cloned() else {
@@ -329,9 +327,9 @@ impl MetadataClient {
                     );
                     match connect(&addr, &self.config, self.stats.clone(), deadline, span).await {
                         Ok(c) => {
-                            *conn = Some((c.clone(), addr.clone()));
+                            *conn = Some((c.clone(), addr));
                             tried_open = true;
-                            (c, addr)
+                            c
                         }
                         Err(e) => {
                             debug!(addr = %addr, cause = %e, "metadata connection failed");
@@ -354,17 +352,6 @@ impl MetadataClient {
                     break;
                 }
                 Err(e) => {
-                    // No answer within METADATA_ANSWER_GRACE, with the caller's time left:
-                    // the broker stopped answering (`fetch` poisoned the connection).
-                    if matches!(e, ConnError::TimedOut) {
-                        self.suspects.mark(
-                            &addr,
-                            ConnError::Stalled {
-                                addr: addr.clone(),
-                                after: METADATA_ANSWER_GRACE,
-                            },
-                        );
-                    }
                     c.poison(e.clone());
                     *conn = None;
                     last_err = e;
@@ -442,12 +429,12 @@ impl MetadataClient {
             .await
             .map_err(|e| e.cause)?;
         // The metadata connection is shared: a call running out of time must not tear it down
-        // because the answer is late. The request has a deadline of its own,
-        // METADATA_ANSWER_GRACE away. A caller whose deadline comes sooner stops waiting then
-        // (`TimedOut`, the connection kept), and the connection is poisoned only if no answer
-        // has come by the request's own (InFlight's watchdog); a caller with more time gets
-        // `TimedOut` from the poisoned connection at the request's deadline.
-        let own = Instant::now() + METADATA_ANSWER_GRACE;
+        // because the answer is late. The request keeps a deadline of its own, at least
+        // METADATA_ANSWER_GRACE away; the caller stops waiting at its deadline (`TimedOut`, the
+        // connection kept), and the connection is poisoned only if no answer has come by the
+        // request's (InFlight's watchdog), so a silent broker is still noticed. (A broker that is
+        // slow, not stopped, may take longer than any fixed bound: a 2 s round trip is answered.)
+        let own = deadline.max(Instant::now() + METADATA_ANSWER_GRACE);
         let frame = tokio::time::timeout_at(deadline, in_flight.wait(own))
             .await
             .map_err(|_| ConnError::TimedOut)?
