@@ -64,6 +64,7 @@ pub async fn start_with_client(cfg: &Config) -> (Running, ForwarderClient<Channe
 
 /// Starts leaderlink with `cfg` on free loopback ports (gRPC, admin and metrics).
 pub async fn start_server(cfg: &Config) -> Running {
+    logs();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut cfg = cfg.clone();
@@ -71,6 +72,21 @@ pub async fn start_server(cfg: &Config) -> Running {
     server::start(&cfg, listener, admin)
         .await
         .expect("server starts")
+}
+
+/// Logs of the in-process leaderlink on stderr, filtered by `LEADERLINK_TEST_LOG` (a tracing
+/// filter such as `leaderlink=debug`) when it is set: for reading a failed run by hand.
+pub fn logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    if let Ok(filter) = std::env::var("LEADERLINK_TEST_LOG") {
+        ONCE.call_once(|| {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_ansi(false)
+                .with_writer(std::io::stderr)
+                .try_init();
+        });
+    }
 }
 
 /// A topic name no other test uses.
