@@ -23,7 +23,12 @@
 //!   bumped (KIP-360) before the next batch is stamped, every partition's sequence starts again
 //!   at 0, and unfinished batches of the old epoch are stamped anew when they are retried;
 //! * INVALID_PRODUCER_EPOCH, UNKNOWN_PRODUCER_ID and PRODUCER_FENCED for a batch of the current
-//!   epoch bump it too, and the batch is retried with a new stamp.
+//!   epoch bump it too, and the batch is retried with a new stamp; so does
+//!   OUT_OF_ORDER_SEQUENCE_NUMBER for a batch with nothing of its producer unfinished before it
+//!   (the leader lost the producer's state, or an earlier batch was acknowledged after this one's
+//!   request left), as Java's idempotent producer does (`TransactionManager.canRetry`);
+//! * once a bump is due, no batch is sent again with a stamp of the old epoch: each is stamped
+//!   anew after the bump (Java resets the sequences of its unacknowledged batches likewise).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -118,11 +123,16 @@ impl State {
             }
         };
         match turn {
-            Turn::New => self.identity.is_none_or(|id| {
-                self.all_on_wire(tp, |o| {
-                    o.producer_id == id.producer_id && o.epoch == id.epoch
-                })
-            }),
+            // With a bump due, the batch is stamped under the next identity, of which nothing
+            // is open yet (the bump runs before the stamp).
+            Turn::New => {
+                self.bump
+                    || self.identity.is_none_or(|id| {
+                        self.all_on_wire(tp, |o| {
+                            o.producer_id == id.producer_id && o.epoch == id.epoch
+                        })
+                    })
+            }
             Turn::Behind(open) => self.all_on_wire(tp, earlier(open)),
             Turn::First(open) => self
                 .open
@@ -281,10 +291,12 @@ impl Producer {
         }
     }
 
-    /// Whether `stamp` belongs to the current identity (else the batch is stamped anew before
-    /// it is sent again).
+    /// Whether `stamp` belongs to the current identity and no bump of it is due (else the
+    /// batch is stamped anew, after the bump, before it is sent again: sent with the old stamp,
+    /// a batch refused as fenced or out of order would only be refused again).
     pub fn is_current(&self, stamp: &Stamp) -> bool {
-        lock(&self.state).generation == stamp.generation
+        let st = lock(&self.state);
+        st.generation == stamp.generation && !st.bump
     }
 
     /// The open batch `open` of `tp` is back from the wire (answered, or its request failed):

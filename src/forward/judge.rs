@@ -218,10 +218,18 @@ impl Call<'_> {
         } else if let Some(stamp) = &s.stamp
             && matches!(
                 a.error_code,
-                INVALID_PRODUCER_EPOCH | UNKNOWN_PRODUCER_ID | PRODUCER_FENCED
+                INVALID_PRODUCER_EPOCH
+                    | UNKNOWN_PRODUCER_ID
+                    | PRODUCER_FENCED
+                    | OUT_OF_ORDER_SEQUENCE_NUMBER
             )
         {
-            // leaderlink's own identity is stale: a new epoch, then a new stamp.
+            // leaderlink's own identity is stale: a new epoch, then a new stamp. For
+            // OUT_OF_ORDER_SEQUENCE_NUMBER with nothing of the producer unfinished before this
+            // batch (the branch above), the leader expects another sequence: it lost the
+            // producer's state, or an earlier batch was acknowledged after this request left
+            // (on another connection). Java's idempotent producer retries that too, under a
+            // bumped epoch (`TransactionManager.canRetry`); docs/design.md §3.16.
             producer.fenced(stamp);
             s.last = Some(Failure::Kafka {
                 code: a.error_code,

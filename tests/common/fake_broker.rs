@@ -9,7 +9,8 @@ use std::{
     sync::{
         Arc,
         atomic::{
-            AtomicBool, AtomicI32, AtomicI64, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+            AtomicBool, AtomicI16, AtomicI32, AtomicI64, AtomicU8, AtomicU32, AtomicU64,
+            AtomicUsize, Ordering,
         },
     },
     time::Duration,
@@ -86,10 +87,15 @@ pub enum Mode {
     /// A stopped process (SIGSTOP, a long GC pause): every request on every connection, old or
     /// new, is read and never answered, ApiVersions and Metadata too; sockets stay open.
     Frozen,
+    /// The gathered Produce requests are refused with `producer_refusal`: by default
+    /// OUT_OF_ORDER_SEQUENCE_NUMBER although nothing of their producer came before them (a
+    /// leader that lost the producer's state, or an earlier batch acknowledged after the request
+    /// left on another connection), or e.g. INVALID_PRODUCER_EPOCH; then the connection behaves.
+    RefuseProducer,
 }
 
 impl Mode {
-    const ALL: [Mode; 15] = [
+    const ALL: [Mode; 16] = [
         Mode::Behave,
         Mode::Garbage,
         Mode::GarbageBody,
@@ -105,6 +111,7 @@ impl Mode {
         Mode::SequenceGap,
         Mode::EnforceSequence,
         Mode::Frozen,
+        Mode::RefuseProducer,
     ];
 
     pub fn from_u8(v: u8) -> Mode {
@@ -139,6 +146,11 @@ pub struct BrokerState {
     pub expected_sequence: AtomicI32,
     pub refusals: AtomicU32,
     pub strays: AtomicU64,
+    /// InitProducerId requests answered; the epoch handed out is their count less one (a bump
+    /// is visible as a new epoch).
+    pub init_producer_ids: AtomicU64,
+    /// [`Mode::RefuseProducer`]'s error code.
+    pub producer_refusal: AtomicI16,
 }
 
 impl BrokerState {
@@ -198,6 +210,8 @@ impl FakeBroker {
             expected_sequence: AtomicI32::new(0),
             refusals: AtomicU32::new(0),
             strays: AtomicU64::new(0),
+            init_producer_ids: AtomicU64::new(0),
+            producer_refusal: AtomicI16::new(45),
         });
         let st = state.clone();
         let accept = tokio::spawn(async move {
@@ -461,13 +475,16 @@ pub fn proper_answer(st: &BrokerState, req: &Req) -> Option<Bytes> {
         ApiKey::ApiVersions => Some(api_versions_answer(req)),
         ApiKey::Metadata => metadata_answer(st, req),
         ApiKey::Produce => produce_answer(st, req, req.correlation_id),
-        ApiKey::InitProducerId => Some(frame(
-            req,
-            req.correlation_id,
-            &InitProducerIdResponse::default()
-                .with_producer_id(ProducerId(1000))
-                .with_producer_epoch(0),
-        )),
+        ApiKey::InitProducerId => {
+            let epoch = st.init_producer_ids.fetch_add(1, Ordering::SeqCst);
+            Some(frame(
+                req,
+                req.correlation_id,
+                &InitProducerIdResponse::default()
+                    .with_producer_id(ProducerId(1000))
+                    .with_producer_epoch(i16::try_from(epoch).unwrap_or(i16::MAX)),
+            ))
+        }
         _ => None,
     }
 }
@@ -626,6 +643,14 @@ pub async fn misbehave(
             let resp = ProduceResponse::default().with_responses(vec![]);
             w.write_all(&frame(first, first.correlation_id, &resp))
                 .await
+        }
+        Mode::RefuseProducer => {
+            let code = st.producer_refusal.load(Ordering::SeqCst);
+            let gathered = pending.iter().map(|req| error_answer(req, code));
+            return answer_then_serve(st, r, w, gathered, |req| {
+                produce_answer(st, req, req.correlation_id)
+            })
+            .await;
         }
         Mode::SequenceGap => {
             let gathered = pending

@@ -845,6 +845,60 @@ async fn out_of_order_behind_a_refused_batch_is_retried_behind_it() {
     s.assert_alive().await;
 }
 
+/// The leader refuses a batch leaderlink stamped with `code`, which says leaderlink's producer
+/// identity or sequence is not what the leader expects: the epoch is bumped and the batch sent
+/// again under it (a new stamp), and the call succeeds.
+async fn a_refused_stamp_bumps_the_epoch(code: i16) {
+    let _shared = common::PROCESS.read().await;
+    let s = setup(true).await;
+    s.broker
+        .state
+        .producer_refusal
+        .store(code, Ordering::SeqCst);
+    s.broker.set(Mode::RefuseProducer, true, 1);
+    let mut c = s.client.clone();
+    // acks=all: the batch gets leaderlink's stamp.
+    let mut req = tonic::Request::new(common::request(
+        100,
+        Acks::All,
+        "t",
+        0,
+        common::records("refused", 1),
+    ));
+    req.set_timeout(LONG_DEADLINE);
+    let resp = c
+        .forward(req)
+        .await
+        .expect("the call is answered")
+        .into_inner();
+    let p = &resp.partitions[0];
+    assert_eq!((p.error_code, p.attempts), (0, 2), "{p:?}");
+    assert!(!p.possibly_duplicated, "{p:?}");
+    assert_eq!(s.broker.hostile_acts(), 1);
+    assert_eq!(
+        s.broker.state.init_producer_ids.load(Ordering::SeqCst),
+        2,
+        "the first identity, then one bump before the batch is sent again"
+    );
+    s.assert_alive().await;
+}
+
+/// OUT_OF_ORDER_SEQUENCE_NUMBER with nothing of the producer unfinished before the batch on its
+/// partition: the leader lost the producer's state, or an earlier batch was acknowledged after
+/// this request left. Java's idempotent producer retries it under a bumped epoch; so does
+/// leaderlink, instead of giving the call up with the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_order_with_nothing_before_it_bumps_the_epoch_and_retries() {
+    a_refused_stamp_bumps_the_epoch(45).await;
+}
+
+/// INVALID_PRODUCER_EPOCH: the batch is not sent again with the stale stamp (which would only
+/// be refused again) but after the bump, with a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_epoch_is_bumped_before_the_batch_is_sent_again() {
+    a_refused_stamp_bumps_the_epoch(47).await;
+}
+
 /// Five idempotent batches of t-0 in flight (`raw`: callers' own batches of one producer,
 /// sequences 0 to 4; else records leaderlink stamps); the leader refuses the first three times
 /// (retriable) and, as a broker does, answers OUT_OF_ORDER for the four behind it. leaderlink
