@@ -13,12 +13,21 @@
 //!
 //! The table of all scenarios is printed at the end (`--nocapture`). `FAULTS=<text>` runs only
 //! the scenarios whose name contains the text.
+//!
+//! The soak (`the_soak`, only with `LEADERLINK_SOAK_MINUTES` set) runs the same load for that many
+//! minutes and inflicts a fault of the matrix, drawn at random, every 30 s.
 
 use std::{collections::HashMap, sync::atomic::Ordering, time::Duration};
 
-use leaderlink::forward::PartitionOrder;
+use leaderlink::{
+    forward::PartitionOrder, proto::v1::forwarder_client::ForwarderClient, server::Running,
+};
+use tokio::time::Instant;
+use tonic::transport::Channel;
 
-use super::kafka::{Fault, Lever, Run, consume_all, create_topic, run_with_fault};
+use super::kafka::{
+    Fault, Inflicted, Lever, Load, Run, consume_all, create_topic, inflict, run_with_fault,
+};
 use crate::common;
 
 const DEADLINE: Duration = Duration::from_secs(5);
@@ -227,14 +236,13 @@ struct Row {
     failures: Vec<String>,
 }
 
-async fn run(s: Scenario) -> Row {
-    let topic = common::topic("matrix");
-    create_topic(&topic).await;
+/// A leaderlink that reaches the brokers through Toxiproxy, configured for the matrix.
+async fn leaderlink_behind_toxiproxy() -> (Running, ForwarderClient<Channel>) {
     let faulty = std::env::var("LEADERLINK_KAFKA_FAULTY_BOOTSTRAP").expect(
         "LEADERLINK_KAFKA_FAULTY_BOOTSTRAP: run scripts/kafka-cluster and scripts/toxiproxy \
          (scripts/test does)",
     );
-    let (server, client) = common::kafka::start(|cfg| {
+    common::kafka::start(|cfg| {
         cfg.bootstrap = faulty.split(',').map(str::to_string).collect();
         cfg.ordering = PartitionOrder::Pipelined;
         cfg.idempotence = true;
@@ -244,10 +252,31 @@ async fn run(s: Scenario) -> Row {
         cfg.stall_timeout_ms = 500;
         cfg.handshake_timeout_ms = 1000;
     })
-    .await;
+    .await
+}
+
+/// Leader connections of `server` that are open and not poisoned.
+fn open_connections(server: &Running) -> usize {
+    server
+        .forwarder
+        .pool()
+        .slots()
+        .iter()
+        .filter(|slot| slot.current().is_some_and(|(c, _)| c.poisoned().is_none()))
+        .count()
+}
+
+/// The matrix's callers: caller c's call seq goes to partition (seq + c) mod 6.
+fn partition_of(c: u32, seq: u64) -> i32 {
+    ((seq + u64::from(c)) % 6) as i32
+}
+
+async fn run(s: Scenario) -> Row {
+    let topic = common::topic("matrix");
+    create_topic(&topic).await;
+    let (server, client) = leaderlink_behind_toxiproxy().await;
     let before = resources();
     let stalls_before = server.forwarder.pool().suspects().marked();
-    let partition_of = |c, seq| ((seq + u64::from(c)) % 6) as i32;
     let Run {
         tally: t,
         victim,
@@ -259,13 +288,7 @@ async fn run(s: Scenario) -> Row {
         epochs,
     } = run_with_fault(&server, client, &topic, 16, partition_of, s.fault).await;
     let after = resources();
-    let connections = server
-        .forwarder
-        .pool()
-        .slots()
-        .iter()
-        .filter(|slot| slot.current().is_some_and(|(c, _)| c.poisoned().is_none()))
-        .count();
+    let connections = open_connections(&server);
     let stalls = server.forwarder.pool().suspects().marked() - stalls_before;
     let reconnects: u64 = server
         .forwarder
@@ -372,4 +395,149 @@ async fn the_fault_matrix() {
     }
     let failures: Vec<&String> = rows.iter().flat_map(|r| &r.failures).collect();
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// A small random number generator (xorshift64*): the soak's draws, replayable from the seed it
+/// prints (`LEADERLINK_SOAK_SEED`).
+struct Draw(u64);
+
+impl Draw {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+    }
+}
+
+/// The soak: the matrix's load for `LEADERLINK_SOAK_MINUTES` minutes (10 for the full soak), with
+/// a fault of the matrix drawn at random and inflicted every 30 s (a fault that takes longer,
+/// such as the rolling restart, delays the next). Faults may overlap in their effects (a broker
+/// thawed a moment ago may still be catching up when the next fault hits another), so no outage
+/// bound is asserted; each fault's outage is printed. Asserted over the whole run: nothing
+/// acknowledged is missing, every record in the log twice was flagged `possibly_duplicated` or
+/// failed, no call is answered later than its deadline plus 100 ms, and descriptors, memory and
+/// leader connections stay bounded. Without `LEADERLINK_SOAK_MINUTES` it does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs scripts/kafka-cluster start 3 and scripts/toxiproxy start; LEADERLINK_SOAK_MINUTES"]
+async fn the_soak() {
+    let Some(minutes) = std::env::var("LEADERLINK_SOAK_MINUTES")
+        .ok()
+        .and_then(|m| m.parse::<u64>().ok())
+    else {
+        eprintln!("the soak runs only with LEADERLINK_SOAK_MINUTES set (10 for the full soak)");
+        return;
+    };
+    let seed = std::env::var("LEADERLINK_SOAK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("soak: {minutes} min, LEADERLINK_SOAK_SEED={seed}");
+    let mut draw = Draw(seed);
+    let scenarios = scenarios();
+    let topic = common::topic("soak");
+    create_topic(&topic).await;
+    let (server, client) = leaderlink_behind_toxiproxy().await;
+    let before = resources();
+    let load = Load::start(client, &topic, 16, partition_of, DEADLINE);
+    let began = Instant::now();
+    let end = began + Duration::from_secs(minutes * 60);
+    let slot = Duration::from_secs(30);
+    let mut rows = Vec::new();
+    let mut peak = before;
+    // Let the load settle first, as the matrix does.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    while Instant::now() + slot <= end {
+        let next = Instant::now() + slot;
+        let s = &scenarios[draw.below(scenarios.len())];
+        eprintln!("== {:.0} s: {}", began.elapsed().as_secs_f64(), s.name);
+        let f: Inflicted = inflict(&server, &topic, &s.fault).await;
+        tokio::time::sleep_until(next).await;
+        let now = resources();
+        peak = (peak.0.max(now.0), peak.1.max(now.1));
+        rows.push((s.name, s.measure, f, open_connections(&server)));
+    }
+    tokio::time::sleep_until(end).await;
+    let t = load.stop().await;
+    let after = resources();
+    let connections = open_connections(&server);
+    let consumed = consume_all(&topic);
+    let missing = t.missing(&consumed);
+    let duplicates: Vec<&String> = consumed
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| id)
+        .collect();
+    let unexplained = duplicates
+        .iter()
+        .filter(|id| !t.possibly_duplicated.contains(**id) && !t.unacked.contains(**id))
+        .count();
+    eprintln!(
+        "\n| at | fault | victim [its partitions] | found stalled after | outage (longest gap for the restart) | leader connections after |\n\
+         | ---: | --- | --- | ---: | ---: | ---: |"
+    );
+    for (name, measure, f, conns) in &rows {
+        let outage = match measure {
+            Measure::Outage => t.outage(&f.led, f.fault_at),
+            Measure::LongestGap => Some(t.longest_gap(&[0, 1, 2, 3, 4, 5], f.started, f.healed_at)),
+        };
+        eprintln!(
+            "| {:.0} s | {name} | {} {:?} | {} | {} | {conns} |",
+            (f.started - began).as_secs_f64(),
+            f.victim,
+            f.led,
+            f.stalled
+                .map_or("-".to_string(), |d| format!("{:.2} s", d.as_secs_f64())),
+            outage.map_or("none".to_string(), |o| format!("{:.2} s", o.as_secs_f64())),
+        );
+    }
+    let failed: u64 = t.failed.values().sum();
+    eprintln!(
+        "\nsoak: {} faults in {:.0} s; {} calls, {} acknowledged, {failed} failed {:?}, longest \
+         call {:.2} s; {missing} missing; {} in the log twice ({unexplained} not flagged); \
+         descriptors {} → {} (peak {}), RSS {} → {} MiB (peak {}), {connections} leader \
+         connections",
+        rows.len(),
+        began.elapsed().as_secs_f64(),
+        t.calls,
+        t.acked.len(),
+        t.failed,
+        t.longest.as_secs_f64(),
+        duplicates.len(),
+        before.0,
+        after.0,
+        peak.0,
+        before.1 / 1024,
+        after.1 / 1024,
+        peak.1 / 1024,
+    );
+    assert_eq!(missing, 0, "acknowledged records missing");
+    assert_eq!(
+        unexplained, 0,
+        "records in the log twice, not flagged possibly_duplicated"
+    );
+    assert!(
+        t.longest <= DEADLINE + Duration::from_millis(100),
+        "a call was answered after {:?}",
+        t.longest
+    );
+    assert!(connections <= 3, "{connections} leader connections");
+    assert!(
+        after.0 <= before.0 + 16,
+        "descriptors {} → {}",
+        before.0,
+        after.0
+    );
+    assert!(
+        peak.1 <= before.1 + 256 * 1024,
+        "RSS {} → peak {} KiB",
+        before.1,
+        peak.1
+    );
 }

@@ -103,7 +103,9 @@ async fn leaderlink(
 }
 
 /// The broker leading most of `topic`'s partitions, per leaderlink's leader map, among the
-/// brokers other than `not`.
+/// brokers other than `not`; `not` itself when it leads them all (after a run of faults Kafka
+/// may have moved every leader to one broker, and it moves them back only at its next leader
+/// rebalance, minutes later).
 pub(super) async fn busiest_leader_but(server: &Running, topic: &str, not: Option<i32>) -> i32 {
     for _ in 0..100 {
         let map = server.forwarder.metadata().leader_map();
@@ -118,10 +120,24 @@ pub(super) async fn busiest_leader_but(server: &Running, topic: &str, not: Optio
             if let Some((id, _)) = count.into_iter().max_by_key(|(id, n)| (*n, -id)) {
                 return id;
             }
+            if let Some(only) = not {
+                eprintln!("broker {only} leads every partition of {topic}: the victim after all");
+                return only;
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("no complete leader map for {topic}");
+    let leaders = match server.forwarder.metadata().leader_map().topics.get(topic) {
+        Some(TopicState::Partitions(parts)) => format!(
+            "{:?}",
+            parts
+                .iter()
+                .map(|p| (p.leader_id, p.leader_epoch))
+                .collect::<Vec<_>>()
+        ),
+        other => format!("{:?}", other.is_some()),
+    };
+    panic!("no complete leader map for {topic} after 10 s: (leader, epoch) {leaders}");
 }
 
 #[derive(Default)]
@@ -382,27 +398,26 @@ async fn pull_all(levers: &'static [Lever], victim: i32, topic: &str) {
     .unwrap();
 }
 
-/// `fault` under `callers` loops of calls (see [`load`]); the victim is the busiest leader.
-pub(super) async fn run_with_fault(
-    server: &Running,
-    client: ForwarderClient<Channel>,
-    topic: &str,
-    callers: u32,
-    partition_of: fn(u32, u64) -> i32,
-    fault: Fault,
-) -> Run {
-    let stop = Arc::new(AtomicBool::new(false));
-    let tally = Arc::new(Mutex::new(Tally::default()));
-    let job = tokio::spawn(load(
-        client,
-        topic.to_string(),
-        callers,
-        partition_of,
-        fault.deadline,
-        stop.clone(),
-        tally.clone(),
-    ));
-    tokio::time::sleep(Duration::from_secs(8)).await;
+/// One fault inflicted (see [`inflict`]): on which broker, and when.
+pub(super) struct Inflicted {
+    pub(super) victim: i32,
+    /// The partitions the victim led when the fault began.
+    pub(super) led: Vec<i32>,
+    /// When the fault's commands started, and when they were done (the fault is in place).
+    pub(super) started: Instant,
+    pub(super) fault_at: Instant,
+    /// When the heal's commands were done.
+    pub(super) healed_at: Instant,
+    /// After how long leaderlink found the victim stalled (`None`: not while the fault lasted).
+    pub(super) stalled: Option<Duration>,
+    /// After how long leaderlink's leader map named other leaders for all the victim's
+    /// partitions (`None`: not while the fault lasted).
+    pub(super) moved: Option<Duration>,
+}
+
+/// Inflicts `fault` on the busiest leader of `topic` (not the active controller unless the
+/// fault allows it), holds it for `fault.lasts`, and heals it.
+pub(super) async fn inflict(server: &Running, topic: &str, fault: &Fault) -> Inflicted {
     let not = match fault.controller_may_be_victim {
         true => None,
         false => Some(active_controller().await),
@@ -411,7 +426,6 @@ pub(super) async fn run_with_fault(
     let led = led_by(server, topic, victim);
     eprintln!("fault on broker {victim} (leads {led:?})");
     let stalls_before = server.forwarder.pool().suspects().marked();
-    let epochs_before = epochs(server, topic);
     let started = Instant::now();
     pull_all(fault.inject, victim, topic).await;
     // Once the command is done: calls answered while the script starts are not the outage's.
@@ -436,25 +450,85 @@ pub(super) async fn run_with_fault(
          leaderlink's map after {moved:?}; healing"
     );
     pull_all(fault.heal, victim, topic).await;
-    let healed_at = Instant::now();
+    Inflicted {
+        victim,
+        led,
+        started,
+        fault_at,
+        healed_at: Instant::now(),
+        stalled,
+        moved,
+    }
+}
+
+/// The load of [`load`], running until [`Load::stop`].
+pub(super) struct Load {
+    stop: Arc<AtomicBool>,
+    tally: Arc<Mutex<Tally>>,
+    job: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    /// Starts `callers` loops of calls (see [`load`]).
+    pub(super) fn start(
+        client: ForwarderClient<Channel>,
+        topic: &str,
+        callers: u32,
+        partition_of: fn(u32, u64) -> i32,
+        deadline: Duration,
+    ) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let job = tokio::spawn(load(
+            client,
+            topic.to_string(),
+            callers,
+            partition_of,
+            deadline,
+            stop.clone(),
+            tally.clone(),
+        ));
+        Load { stop, tally, job }
+    }
+
+    /// Stops the callers once their calls are answered; what they saw.
+    pub(super) async fn stop(self) -> Tally {
+        self.stop.store(true, Ordering::Relaxed);
+        self.job.await.unwrap();
+        std::mem::take(&mut *self.tally.lock().unwrap())
+    }
+}
+
+/// `fault` under `callers` loops of calls (see [`load`]), 8 s into the load; the victim is the
+/// busiest leader.
+pub(super) async fn run_with_fault(
+    server: &Running,
+    client: ForwarderClient<Channel>,
+    topic: &str,
+    callers: u32,
+    partition_of: fn(u32, u64) -> i32,
+    fault: Fault,
+) -> Run {
+    let load = Load::start(client, topic, callers, partition_of, fault.deadline);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let epochs_before = epochs(server, topic);
+    let f = inflict(server, topic, &fault).await;
     // The map learns of the last changes within a refresh or a leader hint.
     tokio::time::sleep(fault.after).await;
     let epochs_after = epochs(server, topic);
-    stop.store(true, Ordering::Relaxed);
-    job.await.unwrap();
-    let tally = std::mem::take(&mut *tally.lock().unwrap());
+    let tally = load.stop().await;
     eprintln!(
         "calls answered per second (fault at 8 s, healed {:?} later): {:?}",
         fault.lasts, tally.per_second
     );
     Run {
         tally,
-        victim,
-        led,
-        started,
-        fault_at,
-        healed_at,
-        moved,
+        victim: f.victim,
+        led: f.led,
+        started: f.started,
+        fault_at: f.fault_at,
+        healed_at: f.healed_at,
+        moved: f.moved,
         epochs: (epochs_before, epochs_after),
     }
 }
