@@ -12,13 +12,18 @@ use tokio::{
     time::Instant,
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
+use tower::layer::util::{Identity, Stack};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     admin::AdminService,
     config::Config,
     forward::Forwarder,
-    grpc::{ForwarderService, layers::forwarder_stack},
+    grpc::{
+        ForwarderService,
+        idle::{IdleIo, IdleLayer},
+        layers::forwarder_stack,
+    },
     kafka::error::chain,
     proto::{
         self,
@@ -165,11 +170,41 @@ async fn watch_cluster(forwarder: Forwarder, reporter: HealthReporter, cfg: Arc<
     }
 }
 
-/// Plaintext connections from `listener`, with Nagle off: answers are small and latency-bound.
-/// (The builder's `tcp_nodelay` only applies to listeners tonic binds itself.)
-fn plain_incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+/// Plaintext connections from `listener`, with Nagle off (answers are small and latency-bound;
+/// the builder's `tcp_nodelay` only applies to listeners tonic binds itself), each with the idle
+/// timeout `idle`.
+fn plain_incoming(
+    listener: TcpListener,
+    idle: Option<Duration>,
+) -> impl tokio_stream::Stream<Item = std::io::Result<IdleIo<tokio::net::TcpStream>>> {
+    tokio_stream::StreamExt::map(
+        tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        move |tcp| {
+            tcp.map(|tcp| {
+                let peer = tcp.peer_addr().ok();
+                IdleIo::new(tcp, peer, idle)
+            })
+        },
+    )
 }
+
+/// TLS connections from `listener` (see [`crate::tls::incoming`]), each with the idle timeout
+/// `idle`.
+fn tls_incoming(
+    listener: TcpListener,
+    tls: Arc<ServerTls>,
+    idle: Option<Duration>,
+) -> impl tokio_stream::Stream<Item = std::io::Result<IdleIo<crate::tls::TlsConn>>> {
+    tokio_stream::StreamExt::map(crate::tls::incoming(listener, tls), move |conn| {
+        conn.map(|conn| {
+            let peer = conn.peer();
+            IdleIo::new(conn, peer, idle)
+        })
+    })
+}
+
+/// The router type of both caller listeners: their services behind [`IdleLayer`].
+type Router = tonic::transport::server::Router<Stack<IdleLayer, Identity>>;
 
 /// A listener's TLS from its three config keys (`None`: plaintext).
 fn listener_tls(
@@ -201,7 +236,7 @@ fn reflection(extra: &'static [u8]) -> tonic_reflection::server::Builder<'static
 
 /// The HTTP/2 protections of a caller-facing listener, each set explicitly from its config key
 /// rather than left to hyper's defaults (README "Protection against overload").
-fn http2_server(cfg: &Config) -> tonic::transport::Server {
+fn http2_server(cfg: &Config) -> tonic::transport::Server<Stack<IdleLayer, Identity>> {
     let ms = Duration::from_millis;
     let mut server = tonic::transport::Server::builder()
         .max_concurrent_streams(cfg.http2_max_concurrent_streams)
@@ -216,7 +251,8 @@ fn http2_server(cfg: &Config) -> tonic::transport::Server {
             .max_connection_age(ms(cfg.max_connection_age_ms))
             .max_connection_age_grace(ms(cfg.max_connection_age_grace_ms));
     }
-    server
+    // Counts each connection's calls for its idle timeout (`idle_connection_timeout_ms`).
+    server.layer(IdleLayer)
 }
 
 /// A router with the health service and both reflection versions (grpcurl 1.8.x speaks only
@@ -226,7 +262,7 @@ fn with_health_and_reflection(
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-) -> std::io::Result<tonic::transport::server::Router> {
+) -> std::io::Result<Router> {
     let v1 = reflection(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(std::io::Error::other)?;
@@ -239,12 +275,13 @@ fn with_health_and_reflection(
         .add_service(v1alpha))
 }
 
-/// Serves `router` on `listener`, over TLS when `tls` is set, in a task instrumented with
-/// `span`, until the returned sender fires (or is dropped).
+/// Serves `router` on `listener`, over TLS when `tls` is set, with the idle timeout `idle`, in
+/// a task instrumented with `span`, until the returned sender fires (or is dropped).
 fn serve(
-    router: tonic::transport::server::Router,
+    router: Router,
     listener: TcpListener,
     tls: Option<Arc<ServerTls>>,
+    idle: Option<Duration>,
     span: tracing::Span,
 ) -> (oneshot::Sender<()>, ServerTask) {
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -254,12 +291,12 @@ fn serve(
     let task = match tls {
         None => tokio::spawn(
             router
-                .serve_with_incoming_shutdown(plain_incoming(listener), stopped)
+                .serve_with_incoming_shutdown(plain_incoming(listener, idle), stopped)
                 .instrument(span),
         ),
         Some(tls) => tokio::spawn(
             router
-                .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), stopped)
+                .serve_with_incoming_shutdown(tls_incoming(listener, tls, idle), stopped)
                 .instrument(span),
         ),
     };
@@ -339,13 +376,15 @@ pub async fn start(
 
     let span = info_span!(target: TASK_TARGET, "grpc", %addr, tls = forwarder_tls.is_some());
     let router = with_health_and_reflection(&cfg, health.clone())?.add_service(stack);
-    let (stop_tx, task) = serve(router, listener, forwarder_tls, span);
+    let idle = (cfg.idle_connection_timeout_ms > 0)
+        .then(|| Duration::from_millis(cfg.idle_connection_timeout_ms));
+    let (stop_tx, task) = serve(router, listener, forwarder_tls, idle, span);
     let span =
         info_span!(target: TASK_TARGET, "admin", addr = %admin_addr, tls = admin_tls.is_some());
     let admin = with_health_and_reflection(&cfg, health)?.add_service(AdminServer::new(
         AdminService::new(forwarder.clone(), cfg.clone()),
     ));
-    let (stop_admin_tx, admin_task) = serve(admin, admin_listener, admin_tls, span);
+    let (stop_admin_tx, admin_task) = serve(admin, admin_listener, admin_tls, idle, span);
     let metrics_task = tokio::spawn(
         crate::metrics::serve(
             metrics_listener,

@@ -246,10 +246,9 @@ pub struct TlsConn {
     peer: Option<SocketAddr>,
 }
 
-impl tonic::transport::server::Connected for TlsConn {
-    type ConnectInfo = Option<SocketAddr>;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
+impl TlsConn {
+    /// The caller's address.
+    pub fn peer(&self) -> Option<SocketAddr> {
         self.peer
     }
 }

@@ -157,6 +157,10 @@ pub struct Config {
     /// After the GOAWAY of `max_connection_age_ms`, how long the connection's calls may take
     /// before it is closed.
     pub max_connection_age_grace_ms: u64,
+    /// A caller connection with no call in progress for this long is closed, in milliseconds;
+    /// `0`: never. Frees the descriptors and memory of callers that connect and go quiet; the
+    /// caller's client connects again at its next call (`src/grpc/idle.rs`).
+    pub idle_connection_timeout_ms: u64,
     /// On SIGTERM/SIGINT, how long in-flight calls may take to finish. Calls still running when
     /// it expires get UNAVAILABLE and a warning is logged.
     pub shutdown_grace_ms: u64,
@@ -301,6 +305,7 @@ impl Default for Config {
             http2_keepalive_timeout_ms: 20_000,
             max_connection_age_ms: 0,
             max_connection_age_grace_ms: 30_000,
+            idle_connection_timeout_ms: 3_600_000,
             shutdown_grace_ms: 20_000,
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             otlp_endpoint: None,

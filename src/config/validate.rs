@@ -117,6 +117,10 @@ impl Config {
                 "max_connection_age_grace_ms",
                 self.max_connection_age_grace_ms,
             ),
+            (
+                "idle_connection_timeout_ms",
+                self.idle_connection_timeout_ms,
+            ),
         ] {
             if v > 24 * 3600 * 1000 {
                 return Err(bad(

@@ -1,5 +1,6 @@
 //! Thin tonic handlers, and the one place that maps errors to gRPC status codes.
 
+pub mod idle;
 pub mod layers;
 
 use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
@@ -360,7 +361,9 @@ impl ForwarderService {
     /// * at most `max_stream_in_flight` requests are outstanding; the next is not read until
     ///   one completes, which pushes back on the caller through HTTP/2 flow control;
     /// * responses for requests that share a partition leave in arrival order, and their
-    ///   batches are handed to the leader connections in that order.
+    ///   batches are handed to the leader connections in that order;
+    /// * once the stream is gone (its answers can no longer be sent), its requests still
+    ///   running are dropped, as unary calls whose caller went are.
     fn serve_stream<S>(
         self,
         method: &'static str,
@@ -391,6 +394,10 @@ impl ForwarderService {
                         }
                     };
                     for req in reqs {
+                        // A stream whose answers nobody can read any more is not served on.
+                        if tx.is_closed() {
+                            break 'stream;
+                        }
                         let Ok(permit) = permits.clone().acquire_owned().await else {
                             break 'stream;
                         };
@@ -464,6 +471,14 @@ impl ForwarderService {
                         let r = tokio::select! {
                             r = call => r.map_err(|e| status(Failure::Forward(&e))),
                             () = aborted(abort) => Err(status(Failure::ShuttingDown)),
+                            () = tx.closed() => {
+                                // The stream is gone (its caller closed it or lost the
+                                // connection): nobody can read this answer. Dropped as a unary
+                                // call whose caller went is, so its slot of
+                                // max_concurrent_calls is free at once (a batch already on a
+                                // leader connection still gets its answer there).
+                                return;
+                            }
                         };
                         let outcome = outcome_of(&r);
                         (r, outcome)

@@ -182,3 +182,253 @@ async fn idle_connections_are_closed_at_their_maximum_age() {
     );
     assert_served(&h, &topic).await;
 }
+
+fn forward_stream_headers() -> Request<()> {
+    Request::post("http://leaderlink/leaderlink.v1.Forwarder/ForwardStream")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+/// One gRPC message (uncompressed): flag, length, the encoded request.
+fn grpc_message(req: &leaderlink::proto::v1::ForwardRequest) -> Bytes {
+    use prost::Message;
+    let body = req.encode_to_vec();
+    let mut m = Vec::with_capacity(5 + body.len());
+    m.push(0);
+    m.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    m.extend_from_slice(&body);
+    Bytes::from(m)
+}
+
+/// Records forwarded so far by `h`'s leaderlink.
+fn forwarded(h: &Harness) -> u64 {
+    h.server
+        .forwarder
+        .stats()
+        .records_forwarded
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Waits until `h` has forwarded no further record for 500 ms (at most 20 s); the count then.
+async fn forwarded_when_settled(h: &Harness) -> u64 {
+    let mut last = forwarded(h);
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = forwarded(h);
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("still forwarding after 20 s: {last}");
+}
+
+/// A ForwardStream whose caller sends and sends but never reads an answer: the answers it leaves
+/// unread fill its HTTP/2 stream window and the server's send buffer, then the stream's
+/// `max_stream_in_flight` requests wait to hand theirs over, and no further request is read.
+/// leaderlink stops forwarding for it after a bounded number of requests (not every one it was
+/// sent), serves a well-behaved caller meanwhile, and lets go of it when the caller goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_stream_that_never_reads_its_answers_is_held_back() {
+    let h = common::start(|cfg| cfg.max_stream_in_flight = 16).await;
+    let (topic, _) = common::warm_topic(&h, "h2-unread", 1).await;
+    let (mut send, conn) = raw_h2(&h).await;
+    // `_answers` is never polled: nothing of the answers is read or released.
+    let (_answers, mut requests) = send
+        .send_request(forward_stream_headers(), false)
+        .expect("the stream opens");
+    const SENT: u64 = 20_000;
+    let before = forwarded(&h);
+    for i in 0..SENT {
+        let req = common::request(i, Acks::Leader, &topic, 0, common::records("unread", 1));
+        // h2 keeps what the server's window does not take yet on the attacker's side; an error
+        // means the server closed the connection.
+        if requests.send_data(grpc_message(&req), false).is_err() {
+            break;
+        }
+    }
+    let held_back = forwarded_when_settled(&h).await - before;
+    eprintln!("forwarded for the caller that reads no answer: {held_back} of {SENT}");
+    // Either the requests wait: each answer is about 60 bytes, and the 64 KiB window, hyper's
+    // 400 KiB send buffer per stream, the stream's answer channel and its 16 requests in flight
+    // hold well under 10,000 of them. Or the server closes the connection first: h2 refuses to
+    // buffer unread small DATA frames beyond a budget (GOAWAY ENHANCE_YOUR_CALM,
+    // "too_many_data_frames"), which is what happens with these one-record requests.
+    assert!(
+        held_back < SENT / 2,
+        "{held_back} of {SENT} requests forwarded for a caller that reads no answer"
+    );
+    assert_served(&h, &topic).await;
+    // The attacker goes: its stream's tasks end, and nothing more is forwarded for it.
+    drop((requests, send));
+    conn.abort();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = forwarded_when_settled(&h).await;
+    assert_served(&h, &topic).await;
+    assert_eq!(
+        forwarded(&h),
+        after + 1,
+        "only the well-behaved caller's record after the attacker left"
+    );
+}
+
+/// ForwardStreams that are opened and never closed (each sent one request, got its answer, and
+/// stays open) hold no call slot: with `max_concurrent_calls` 4 and 50 such streams, a
+/// well-behaved caller is served. They do not live for ever either: `max_connection_age_ms` plus
+/// its grace closes their connection although none of them ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_streams_that_never_close_hold_no_call_slot() {
+    let h = common::start(|cfg| {
+        cfg.max_concurrent_calls = 4;
+        cfg.max_connection_age_ms = 1000;
+        cfg.max_connection_age_grace_ms = 500;
+    })
+    .await;
+    let (topic, _) = common::warm_topic(&h, "h2-open", 1).await;
+    let (mut send, conn) = raw_h2(&h).await;
+    let opened_at = tokio::time::Instant::now();
+    let mut open = Vec::new();
+    for i in 0..50 {
+        send = send.ready().await.expect("a stream slot");
+        let (answer, mut requests) = send
+            .send_request(forward_stream_headers(), false)
+            .expect("the stream opens");
+        let req = common::request(i, Acks::Leader, &topic, 0, common::records("open", 1));
+        requests
+            .send_data(grpc_message(&req), false)
+            .expect("the request is sent");
+        // Its answer arrives; the stream stays open (no end of stream from the caller).
+        let mut body = answer.await.expect("answer headers").into_body();
+        let first = body.data().await.expect("an answer").expect("answer data");
+        assert!(first.len() > 5, "a gRPC message: {first:?}");
+        open.push((requests, body));
+    }
+    assert_eq!(
+        h.server
+            .forwarder
+            .stats()
+            .calls_in_progress
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    for _ in 0..4 {
+        assert_served(&h, &topic).await;
+    }
+    let ended = tokio::time::timeout_at(opened_at + Duration::from_millis(2500), conn).await;
+    assert!(
+        ended.is_ok(),
+        "the connection of streams that never closed outlived its maximum age and grace"
+    );
+    assert_served(&h, &topic).await;
+}
+
+/// `idle_connection_timeout_ms`: a connection with no call in progress for that long is closed
+/// (here 300 ms, and at least `QUIET` = 1 s after anything was read from it); one with a
+/// ForwardStream open is not, however long the stream stays quiet, and is closed once the
+/// stream ends. A well-behaved caller is served before and after (its client reconnects).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_a_call_are_closed_after_the_idle_timeout() {
+    let h = common::start(|cfg| cfg.idle_connection_timeout_ms = 300).await;
+    let (topic, _) = common::warm_topic(&h, "h2-idle-timeout", 1).await;
+    let fds = || std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    let before = fds();
+    let mut idle = Vec::new();
+    for _ in 0..50 {
+        idle.push(raw_h2(&h).await);
+    }
+    // A connection with a stream open: one request, answered, then nothing for 2.5 s.
+    let (mut send, busy) = raw_h2(&h).await;
+    send = send.ready().await.expect("a stream slot");
+    let (answer, mut requests) = send
+        .send_request(forward_stream_headers(), false)
+        .expect("the stream opens");
+    let req = common::request(1, Acks::Leader, &topic, 0, common::records("busy", 1));
+    requests
+        .send_data(grpc_message(&req), false)
+        .expect("the request is sent");
+    let mut body = answer.await.expect("answer headers").into_body();
+    body.data().await.expect("an answer").expect("answer data");
+    let opened = tokio::time::Instant::now();
+    for (_send, conn) in idle {
+        let ended = tokio::time::timeout_at(opened + Duration::from_secs(3), conn).await;
+        assert!(
+            ended.is_ok(),
+            "an idle connection outlived its idle timeout"
+        );
+    }
+    assert!(
+        fds() <= before + 8,
+        "descriptors: {before} before, {} after",
+        fds()
+    );
+    tokio::time::sleep_until(opened + Duration::from_millis(2500)).await;
+    assert!(
+        !busy.is_finished(),
+        "a connection with a stream open was closed as idle"
+    );
+    // The stream ends: the connection has no call now, and goes.
+    requests
+        .send_data(Bytes::new(), true)
+        .expect("the stream ends");
+    while body.data().await.is_some() {}
+    let ended = tokio::time::timeout(Duration::from_secs(3), busy).await;
+    assert!(
+        ended.is_ok(),
+        "the connection outlived its idle timeout after its stream ended"
+    );
+    assert_served(&h, &topic).await;
+}
+
+/// A ForwardStream whose caller goes away (its connection dropped) while its requests wait on a
+/// slow leader: the requests are dropped at once, as unary calls whose caller went are, and give
+/// back their slots of `max_concurrent_calls` (a caller that reconnects and goes again and again
+/// cannot pile up calls nobody will read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gone_streams_requests_give_back_their_call_slots() {
+    let h = common::start(|_| {}).await;
+    let (topic, _) = common::warm_topic(&h, "h2-gone", 1).await;
+    h.dev.set_leader_latency(Duration::from_secs(5)).unwrap();
+    let in_progress = || {
+        h.server
+            .forwarder
+            .stats()
+            .calls_in_progress
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let (mut send, conn) = raw_h2(&h).await;
+    send = send.ready().await.expect("a stream slot");
+    let (_answers, mut requests) = send
+        .send_request(forward_stream_headers(), false)
+        .expect("the stream opens");
+    for i in 0..50 {
+        let req = common::request(i, Acks::Leader, &topic, 0, common::records("gone", 1));
+        requests
+            .send_data(grpc_message(&req), false)
+            .expect("the request is sent");
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while in_progress() < 50 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stream's requests are running: {}",
+            in_progress()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The caller goes; the leader would answer only 5 s after the requests were sent.
+    drop((requests, send));
+    conn.abort();
+    let gone = tokio::time::Instant::now();
+    while in_progress() > 0 {
+        assert!(
+            gone.elapsed() < Duration::from_secs(2),
+            "{} calls of a gone stream still hold their slots",
+            in_progress()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    h.dev.set_leader_latency(Duration::ZERO).unwrap();
+    assert_served(&h, &topic).await;
+}

@@ -188,6 +188,7 @@ http2_keepalive_interval_ms = {{ include "leaderlink.tomlInt" $c.http2_keepalive
 http2_keepalive_timeout_ms = {{ include "leaderlink.tomlInt" $c.http2_keepalive_timeout_ms }}
 max_connection_age_ms = {{ include "leaderlink.tomlInt" $c.max_connection_age_ms }}
 max_connection_age_grace_ms = {{ include "leaderlink.tomlInt" $c.max_connection_age_grace_ms }}
+idle_connection_timeout_ms = {{ include "leaderlink.tomlInt" $c.idle_connection_timeout_ms }}
 shutdown_grace_ms = {{ include "leaderlink.tomlInt" $c.shutdown_grace_ms }}
 {{- with $c.otlp_endpoint }}
 otlp_endpoint = {{ toJson . }}

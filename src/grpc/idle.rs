@@ -1,0 +1,284 @@
+//! The idle timeout of caller connections (`idle_connection_timeout_ms`): a connection on which no
+//! call has been in progress for that long is closed, so that callers that connect and go quiet
+//! do not hold descriptors and memory for ever.
+//!
+//! tonic's server offers a maximum connection age but no idle timeout, and no handle on a single
+//! connection, so this is built from two pieces: [`IdleIo`] wraps each accepted connection and
+//! ends it, and [`IdleLayer`] counts the connection's calls, finding the connection's
+//! [`Activity`] in the connect info tonic puts into every request ([`ConnInfo`]). A call is in
+//! progress from its request until its response body is done (a ForwardStream for as long as it
+//! is open).
+//!
+//! The connection ends as if the caller had closed it (the read side reports the end of the
+//! stream), not with a GOAWAY, which tonic gives no way to send to one connection. A request the
+//! caller sends at that very moment fails with UNAVAILABLE before leaderlink reads it, so it is
+//! safe to retry. To keep that window small, a connection is closed only after nothing at all was
+//! read from it for [`QUIET`] as well.
+
+use std::{
+    future::Future,
+    io,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    time::{Instant, Sleep},
+};
+use tonic::{body::Body, transport::server::Connected};
+use tower::{Layer, Service};
+
+/// How long nothing may have been read from a connection before its idle timeout may close it:
+/// bytes just read may be a new call's request that has not reached [`IdleLayer`] yet.
+pub const QUIET: Duration = Duration::from_secs(1);
+
+/// The calls of one connection and when the last one ended.
+#[derive(Debug)]
+pub struct Activity {
+    calls: AtomicUsize,
+    /// When the last call ended (or the connection was accepted).
+    last_call: Mutex<Instant>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            calls: AtomicUsize::new(0),
+            last_call: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// A call begins; it is in progress until the guard is dropped.
+    fn enter(self: &Arc<Self>) -> CallGuard {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        CallGuard(self.clone())
+    }
+
+    /// Since when the connection has had no call (`None`: a call is in progress).
+    fn idle_since(&self) -> Option<Instant> {
+        let last = *self.last_call.lock().unwrap_or_else(|p| p.into_inner());
+        (self.calls.load(Ordering::SeqCst) == 0).then_some(last)
+    }
+}
+
+/// One call in progress on a connection (see [`Activity::enter`]).
+struct CallGuard(Arc<Activity>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        *self.0.last_call.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.calls.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What tonic puts into each request of a connection wrapped by [`IdleIo`].
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The caller's address.
+    pub peer: Option<SocketAddr>,
+    activity: Arc<Activity>,
+}
+
+/// An accepted caller connection with an idle timeout (see the module docs).
+pub struct IdleIo<IO> {
+    inner: IO,
+    peer: Option<SocketAddr>,
+    activity: Arc<Activity>,
+    /// `None`: no idle timeout (the wrapper only feeds [`ConnInfo`]).
+    timeout: Option<Duration>,
+    last_read: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl<IO> IdleIo<IO> {
+    /// Wraps `inner`, a connection from `peer`; `timeout` `None` turns the idle timeout off.
+    pub fn new(inner: IO, peer: Option<SocketAddr>, timeout: Option<Duration>) -> Self {
+        let now = Instant::now();
+        Self {
+            inner,
+            peer,
+            activity: Arc::new(Activity::new()),
+            timeout,
+            last_read: now,
+            timer: Box::pin(tokio::time::sleep_until(now)),
+        }
+    }
+
+    /// When the connection may be closed as idle, if no call begins and nothing is read before
+    /// (`None`: a call is in progress; look again after a while).
+    fn closes_at(&self, timeout: Duration) -> Option<Instant> {
+        self.activity
+            .idle_since()
+            .map(|since| (since + timeout).max(self.last_read + QUIET))
+    }
+}
+
+impl<IO> Connected for IdleIo<IO> {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        ConnInfo {
+            peer: self.peer,
+            activity: self.activity.clone(),
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for IdleIo<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let filled = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Pending => {}
+            ready => {
+                if buf.filled().len() > filled {
+                    this.last_read = Instant::now();
+                }
+                return ready;
+            }
+        }
+        let Some(timeout) = this.timeout else {
+            return Poll::Pending;
+        };
+        loop {
+            let now = Instant::now();
+            let at = match this.closes_at(timeout) {
+                Some(at) if at <= now => {
+                    tracing::debug!(peer = ?this.peer, ?timeout, "closing an idle caller connection");
+                    // The end of the stream: the connection ends as if the caller had closed it.
+                    return Poll::Ready(Ok(()));
+                }
+                Some(at) => at,
+                // A call is in progress: look again a timeout later.
+                None => now + timeout,
+            };
+            if this.timer.deadline() != at {
+                this.timer.as_mut().reset(at);
+            }
+            if this.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for IdleIo<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Counts each call as in progress on its connection (see the module docs); a request without
+/// [`ConnInfo`] (a connection not wrapped by [`IdleIo`]) passes untouched.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IdleLayer;
+
+impl<S> Layer<S> for IdleLayer {
+    type Service = IdleService<S>;
+
+    fn layer(&self, inner: S) -> IdleService<S> {
+        IdleService(inner)
+    }
+}
+
+/// The service of [`IdleLayer`].
+#[derive(Debug, Clone)]
+pub struct IdleService<S>(S);
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+impl<S> Service<http::Request<Body>> for IdleService<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        let guard = req
+            .extensions()
+            .get::<ConnInfo>()
+            .map(|c| c.activity.enter());
+        let call = self.0.call(req);
+        Box::pin(async move {
+            let resp = call.await?;
+            Ok(match guard {
+                // In progress until the response body is done with.
+                Some(guard) => resp.map(|body| {
+                    Body::new(Guarded {
+                        inner: body,
+                        _call: guard,
+                    })
+                }),
+                None => resp,
+            })
+        })
+    }
+}
+
+/// A response body that keeps its call in progress until it is dropped.
+struct Guarded {
+    inner: Body,
+    _call: CallGuard,
+}
+
+impl http_body::Body for Guarded {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
