@@ -5,6 +5,7 @@
 //! (round robin), waits for its answer, records the call's latency in an HDR histogram (no
 //! sample dropped), and counts acknowledged records only.
 
+mod attack;
 mod load;
 mod report;
 mod target;
@@ -156,6 +157,10 @@ struct Args {
     /// forwarder mode: speak TLS to leaderlink, trusting the CAs in FILE (PEM).
     #[arg(long, value_name = "FILE")]
     tls_ca: Option<std::path::PathBuf>,
+    /// forwarder mode with --forwarder (plaintext): a hostile HTTP/2 caller alongside the load,
+    /// on connections of its own (what it costs the load's latency; see `attack.rs`).
+    #[arg(long, value_enum, value_name = "KIND")]
+    attack: Option<attack::Attack>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -199,6 +204,14 @@ fn main() {
             .error(
                 clap::error::ErrorKind::ArgumentConflict,
                 "--client batched speaks plaintext only (no --tls-ca)",
+            )
+            .exit();
+    }
+    if args.attack.is_some() && (args.forwarder.is_none() || args.tls_ca.is_some()) {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--attack needs --forwarder URL (plaintext)",
             )
             .exit();
     }
@@ -356,6 +369,21 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
             .expect("latency");
     }
 
+    // The attacker starts with the load and stops with it.
+    let attack_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attacker = match (args.attack, &args.forwarder) {
+        (Some(kind), Some(url)) => {
+            let uri: http::Uri = url.parse().expect("--forwarder URL");
+            let addr = format!(
+                "{}:{}",
+                uri.host().expect("URL host"),
+                uri.port_u16().expect("URL port")
+            );
+            let (job, tally) = attack::spawn(kind, addr, args.topic.clone(), attack_stop.clone());
+            Some((kind, job, tally))
+        }
+        _ => None,
+    };
     let shared = Arc::new(Shared::new(args.concurrency));
     let args = Arc::new(args);
     let started = Instant::now();
@@ -373,6 +401,17 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
     }
     // Measured after the last call ended, so every counted record falls inside the time.
     let elapsed = started.elapsed().as_secs_f64();
+    attack_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let attack = match attacker {
+        Some((kind, job, tally)) => {
+            // An attacker blocked on the server (a stream without window) is not waited for
+            // longer than a second; its thread ends with the process.
+            let waited = tokio::task::spawn_blocking(move || job.join());
+            let _ = tokio::time::timeout(Duration::from_secs(1), waited).await;
+            Some((kind, tally))
+        }
+        None => None,
+    };
 
     let forwarder = running
         .as_ref()
@@ -388,7 +427,14 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
     } else {
         None
     };
-    report::report(&args, &shared, elapsed, forwarder.as_ref(), in_log);
+    report::report(
+        &args,
+        &shared,
+        elapsed,
+        forwarder.as_ref(),
+        in_log,
+        attack.as_ref().map(|(k, t)| (*k, &**t)),
+    );
     if let Some(r) = running {
         r.shutdown(Duration::from_secs(5)).await;
     }

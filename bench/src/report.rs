@@ -10,6 +10,7 @@ use rdkafka::{
 
 use crate::{
     AcksArg, Args, Mode,
+    attack::{self, Attack},
     load::{Shared, merged, merged_ok},
     target::rdkafka_settings,
 };
@@ -39,6 +40,7 @@ pub fn report(
     elapsed: f64,
     forwarder: Option<&Forwarder>,
     in_log: Option<i64>,
+    attack: Option<(Attack, &attack::Tally)>,
 ) {
     let h = merged(shared);
     let records = shared.records.load(Ordering::Relaxed);
@@ -94,6 +96,13 @@ pub fn report(
         "records_in_log": in_log,
         "spans_exported": args.otlp_endpoint.as_ref().map(|_| telemetry::spans_exported()),
         "spans_dropped": args.otlp_endpoint.as_ref().map(|_| telemetry::spans_dropped()),
+        // The hostile caller alongside (`--attack`): what it did, and how often the server
+        // closed its connection.
+        "attack": attack.map(|(kind, t)| serde_json::json!({
+            "kind": format!("{kind:?}"),
+            "actions": t.actions.load(Ordering::Relaxed),
+            "closed_by_server": t.closed.load(Ordering::Relaxed),
+        })),
         // What rdkafka mode passed to librdkafka (null in the other modes).
         "rdkafka_config": (args.mode == Mode::Rdkafka).then(|| {
             rdkafka_settings(args)

@@ -237,3 +237,48 @@ fn client_health_makes_health_checks_and_forwards_nothing() {
     // Only the warm-up's health checks ran; nothing reached the leaders.
     assert_eq!(v["records_in_log"].as_i64().unwrap(), 0, "{v}");
 }
+
+/// `--attack` runs a hostile HTTP/2 caller alongside the load against `--forwarder`: a rapid
+/// reset attacker resets streams and has its connection closed by the server (GOAWAY past
+/// `http2_max_pending_reset_streams`), while the load's calls all succeed.
+#[test]
+fn an_attack_runs_alongside_the_load_and_is_reported() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dev = leaderlink::dev::DevCluster::start(1).expect("mock cluster");
+    dev.create_topic("bench", 1).expect("topic");
+    let cfg = leaderlink::config::Config {
+        bootstrap: vec![dev.bootstrap().to_string()],
+        metrics_listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    };
+    let server = runtime.block_on(async {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        leaderlink::server::start(&cfg, l, a)
+            .await
+            .expect("leaderlink starts")
+    });
+    let url = format!("http://{}", server.addr);
+    let v = bench(&[
+        "--forwarder",
+        &url,
+        "--attack",
+        "rapid-reset",
+        "-d",
+        "2s",
+        "-c",
+        "4",
+        "-p",
+        "1",
+    ]);
+    assert_eq!(v["errors"], 0, "{v}");
+    assert!(v["requests"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["attack"]["kind"], "RapidReset", "{v}");
+    assert!(v["attack"]["actions"].as_u64().unwrap() > 20, "{v}");
+    assert!(
+        v["attack"]["closed_by_server"].as_u64().unwrap() >= 1,
+        "{v}"
+    );
+    drop(server);
+    drop(dev);
+}

