@@ -163,7 +163,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for IdleIo<IO> {
                 // A call is in progress: look again a timeout later.
                 None => now + timeout,
             };
-            if this.timer.deadline() != at {
+            // Calls and reads only move the closing time later, so the timer is set again when
+            // it has fired (or when the closing time is earlier than it), not on every read: a
+            // timer reset on each read would cost the busy connections.
+            let deadline = this.timer.deadline();
+            if deadline <= now || at < deadline {
                 this.timer.as_mut().reset(at);
             }
             if this.timer.as_mut().poll(cx).is_pending() {
