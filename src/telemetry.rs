@@ -120,6 +120,13 @@ pub fn otlp_endpoint(configured: Option<&str>) -> Option<String> {
         .filter(|e| !e.trim().is_empty())
 }
 
+/// Whether text log lines carry ANSI colour codes: only on a terminal (`stderr_is_terminal`),
+/// and never with `NO_COLOR` set to anything but the empty string (no-color.org). Lines that go
+/// to a file or a pipe, as a pod's do (`kubectl logs`), stay plain.
+fn colour(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 /// Installs the global subscriber: log lines in `format`, and span export to `otlp` (when
 /// given) with parent-based ratio sampling. Must run inside the Tokio runtime that will
 /// outlive the exporter (the gRPC client is bound to it).
@@ -128,6 +135,10 @@ pub fn init(format: LogFormat, otlp: Option<&str>, sample_ratio: f64) -> Result<
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(Level::INFO.as_str()));
     let logs = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(colour(
+                std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                std::env::var_os("NO_COLOR"),
+            ))
             .with_writer(std::io::stderr)
             .with_filter(filter)
             .boxed(),
@@ -347,6 +358,18 @@ pub fn adopt_caller(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_lines_are_coloured_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(
+            colour(true, Some("".into())),
+            "an empty NO_COLOR does not count"
+        );
+        assert!(!colour(true, Some("1".into())));
+        assert!(!colour(false, None), "a file or a pipe gets plain lines");
+        assert!(!colour(false, Some("1".into())));
+    }
 
     #[test]
     fn the_callers_traceparent_is_passed_on_without_an_exporter() {

@@ -195,3 +195,18 @@ async fn an_expired_grace_answers_unavailable_and_warns() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("shutdown grace expired"), "{stderr}");
 }
+
+/// Log lines that go to a pipe (as a pod's do, read by `kubectl logs`) carry no ANSI colour
+/// codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_to_a_pipe_carry_no_colour() {
+    let mut s = spawn(&[]).await;
+    sigterm(&s);
+    let (code, stderr) = wait_exit(&mut s);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("INFO"), "text log lines: {stderr}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "escape codes in the log lines: {stderr:?}"
+    );
+}
