@@ -321,3 +321,90 @@ async fn the_record_header_can_be_turned_off() {
         .unwrap();
     assert_eq!(got[0].1, None);
 }
+
+/// The metric names in a PromQL expression: every `leaderlink_…` word (a histogram's series as
+/// the family's name, without `_bucket`, `_sum` or `_count`).
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("leaderlink_") {
+        let word: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + word.len()..];
+        names.push(word);
+    }
+    names
+}
+
+/// Every query of the chart's Grafana dashboard (helm/leaderlink/dashboards/leaderlink.json)
+/// names only metrics that `/metrics` exports (with their `# TYPE`), and the dashboard shows
+/// what an operator looks at first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_queries_only_metrics_that_are_exported() {
+    let h = start(|_| {}).await;
+    let (t, _) = warm_topic(&h, "dashboard", 1).await;
+    forward_one(
+        &mut h.client.clone(),
+        request(1, Acks::Leader, &t, 0, records("d", 1)),
+    )
+    .await
+    .unwrap();
+    let text = scrape_text(h.server.metrics_addr).await;
+    let families: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .collect();
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/helm/leaderlink/dashboards/leaderlink.json"
+    );
+    let board: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut exprs = Vec::new();
+    for panel in board["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            exprs.push(target["expr"].as_str().unwrap().to_string());
+        }
+    }
+    let mut named = std::collections::BTreeSet::new();
+    for e in &exprs {
+        let names = metric_names(e);
+        assert!(
+            !names.is_empty(),
+            "a query without a leaderlink metric: {e}"
+        );
+        for n in names {
+            let exported = families.iter().any(|(family, kind)| {
+                n == *family
+                    || (*kind == "histogram"
+                        && ["_bucket", "_sum", "_count"]
+                            .iter()
+                            .any(|s| n.strip_suffix(s) == Some(*family)))
+            });
+            assert!(
+                exported,
+                "{n} (in {e}) is not exported by /metrics:\n{text}"
+            );
+            named.insert(n);
+        }
+    }
+    for wanted in [
+        "leaderlink_forward_calls_total",
+        "leaderlink_forward_duration_seconds_bucket",
+        "leaderlink_leader_request_duration_seconds_bucket",
+        "leaderlink_leader_requests_in_flight",
+        "leaderlink_leader_requests_queued",
+        "leaderlink_leader_connection_events_total",
+        "leaderlink_retries_total",
+        "leaderlink_sheds_total",
+        "leaderlink_trace_spans_dropped_total",
+    ] {
+        assert!(
+            named.contains(wanted),
+            "the dashboard does not show {wanted}"
+        );
+    }
+}
