@@ -124,6 +124,13 @@ impl Collector for ForwarderCollector {
         }
         gauge(
             &mut e,
+            "leaderlink_cluster_reachable",
+            "1 while the last metadata fetch of the health check succeeded (health SERVING), \
+             0 while no broker answers.",
+            Stats::get(&s.cluster_reachable),
+        )?;
+        gauge(
+            &mut e,
             "leaderlink_forward_calls_in_progress",
             "Forward calls and stream requests being served now.",
             Stats::get(&s.calls_in_progress),

@@ -153,6 +153,10 @@ async fn watch_cluster(forwarder: Forwarder, reporter: HealthReporter, cfg: Arc<
                 false
             }
         };
+        forwarder
+            .stats()
+            .cluster_reachable
+            .store(u64::from(ok), std::sync::atomic::Ordering::Relaxed);
         if serving != Some(ok) {
             let status = if ok {
                 ServingStatus::Serving

@@ -128,6 +128,8 @@ pub struct Stats {
     pub retries: AtomicU64,
     /// Calls refused by the global concurrency limit.
     pub sheds: AtomicU64,
+    /// 1 while the last metadata fetch of the health check succeeded (health SERVING), else 0.
+    pub cluster_reachable: AtomicU64,
 }
 
 /// Counts one unit in a gauge for as long as it lives, however its holder ends (return, error

@@ -408,3 +408,30 @@ async fn the_dashboard_queries_only_metrics_that_are_exported() {
         );
     }
 }
+
+/// `leaderlink_cluster_reachable` follows the health check: 1 once cluster metadata was
+/// fetched, 0 once no broker answers (the mock cluster stopped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_reachable_follows_the_health_check() {
+    let h = start(|cfg| cfg.metadata_max_age_ms = 200).await;
+    let addr = h.server.metrics_addr;
+    let (_t, _) = warm_topic(&h, "reachable", 1).await;
+    assert_eq!(
+        value(&scrape(addr).await, "leaderlink_cluster_reachable", &[]),
+        1.0
+    );
+    let common::Harness { server, dev, .. } = h;
+    drop(dev);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if value(&scrape(addr).await, "leaderlink_cluster_reachable", &[]) == 0.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still reachable 20 s after the cluster stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(server);
+}
