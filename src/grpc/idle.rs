@@ -63,8 +63,12 @@ impl Activity {
 
     /// Since when the connection has had no call (`None`: a call is in progress).
     fn idle_since(&self) -> Option<Instant> {
-        let last = *self.last_call.lock().unwrap_or_else(|p| p.into_inner());
-        (self.calls.load(Ordering::SeqCst) == 0).then_some(last)
+        // The count first: a call that ends sets `last_call` before it leaves the count, so a
+        // count of 0 seen here comes with that call's end time, not an older one.
+        if self.calls.load(Ordering::SeqCst) != 0 {
+            return None;
+        }
+        Some(*self.last_call.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
 
