@@ -86,27 +86,26 @@ pub fn spawn(
                 Attack::IdleConnections => a.idle_connections().await,
                 Attack::UnreadStream => a.unread_stream().await,
                 Attack::OpenStreams => {
-                    let a = Arc::new(a);
-                    let each: Vec<_> = (0..OPEN_STREAM_CONNECTIONS)
-                        .map(|_| tokio::spawn(a.clone().open_streams()))
-                        .collect();
-                    for e in each {
-                        let _ = e.await;
-                    }
+                    many(a, OPEN_STREAM_CONNECTIONS, Attacker::open_streams).await
                 }
-                Attack::BigHeaders => {
-                    let a = Arc::new(a);
-                    let each: Vec<_> = (0..BIG_HEADER_CALLERS)
-                        .map(|_| tokio::spawn(a.clone().big_headers()))
-                        .collect();
-                    for e in each {
-                        let _ = e.await;
-                    }
-                }
+                Attack::BigHeaders => many(a, BIG_HEADER_CALLERS, Attacker::big_headers).await,
             }
         });
     });
     (job, tally)
+}
+
+/// Runs `n` copies of `attack` on `a` at once, until each ends.
+async fn many<F, Fut>(a: Attacker, n: usize, attack: F)
+where
+    F: Fn(Arc<Attacker>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let a = Arc::new(a);
+    let each: Vec<_> = (0..n).map(|_| tokio::spawn(attack(a.clone()))).collect();
+    for e in each {
+        let _ = e.await;
+    }
 }
 
 type Conn = (SendRequest<Bytes>, JoinHandle<Result<(), h2::Error>>);

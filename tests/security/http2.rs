@@ -191,6 +191,29 @@ fn forward_stream_headers() -> Request<()> {
         .unwrap()
 }
 
+/// Opens a ForwardStream on `send` (once it has a stream slot): the connection's handle back,
+/// the answers, and the stream to send requests on.
+async fn open_forward_stream(
+    send: h2::client::SendRequest<Bytes>,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    h2::client::ResponseFuture,
+    h2::SendStream<Bytes>,
+) {
+    let mut send = send.ready().await.expect("a stream slot");
+    let (answers, requests) = send
+        .send_request(forward_stream_headers(), false)
+        .expect("the stream opens");
+    (send, answers, requests)
+}
+
+/// Sends request `id` (one record tagged `tag`, for `topic` partition 0) on a stream; `false`
+/// once the connection is gone.
+fn send_request(requests: &mut h2::SendStream<Bytes>, topic: &str, id: u64, tag: &str) -> bool {
+    let req = common::request(id, Acks::Leader, topic, 0, common::records(tag, 1));
+    requests.send_data(grpc_message(&req), false).is_ok()
+}
+
 /// One gRPC message (uncompressed): flag, length, the encoded request.
 fn grpc_message(req: &leaderlink::proto::v1::ForwardRequest) -> Bytes {
     use prost::Message;
@@ -234,18 +257,15 @@ async fn forwarded_when_settled(h: &Harness) -> u64 {
 async fn a_forward_stream_that_never_reads_its_answers_is_held_back() {
     let h = common::start(|cfg| cfg.max_stream_in_flight = 16).await;
     let (topic, _) = common::warm_topic(&h, "h2-unread", 1).await;
-    let (mut send, conn) = raw_h2(&h).await;
+    let (send, conn) = raw_h2(&h).await;
     // `_answers` is never polled: nothing of the answers is read or released.
-    let (_answers, mut requests) = send
-        .send_request(forward_stream_headers(), false)
-        .expect("the stream opens");
+    let (send, _answers, mut requests) = open_forward_stream(send).await;
     const SENT: u64 = 20_000;
     let before = forwarded(&h);
     for i in 0..SENT {
-        let req = common::request(i, Acks::Leader, &topic, 0, common::records("unread", 1));
         // h2 keeps what the server's window does not take yet on the attacker's side; an error
         // means the server closed the connection.
-        if requests.send_data(grpc_message(&req), false).is_err() {
+        if !send_request(&mut requests, &topic, i, "unread") {
             break;
         }
     }
@@ -291,14 +311,12 @@ async fn forward_streams_that_never_close_hold_no_call_slot() {
     let opened_at = tokio::time::Instant::now();
     let mut open = Vec::new();
     for i in 0..50 {
-        send = send.ready().await.expect("a stream slot");
-        let (answer, mut requests) = send
-            .send_request(forward_stream_headers(), false)
-            .expect("the stream opens");
-        let req = common::request(i, Acks::Leader, &topic, 0, common::records("open", 1));
-        requests
-            .send_data(grpc_message(&req), false)
-            .expect("the request is sent");
+        let (ready, answer, mut requests) = open_forward_stream(send).await;
+        send = ready;
+        assert!(
+            send_request(&mut requests, &topic, i, "open"),
+            "the request is sent"
+        );
         // Its answer arrives; the stream stays open (no end of stream from the caller).
         let mut body = answer.await.expect("answer headers").into_body();
         let first = body.data().await.expect("an answer").expect("answer data");
@@ -339,15 +357,12 @@ async fn connections_without_a_call_are_closed_after_the_idle_timeout() {
         idle.push(raw_h2(&h).await);
     }
     // A connection with a stream open: one request, answered, then nothing for 2.5 s.
-    let (mut send, busy) = raw_h2(&h).await;
-    send = send.ready().await.expect("a stream slot");
-    let (answer, mut requests) = send
-        .send_request(forward_stream_headers(), false)
-        .expect("the stream opens");
-    let req = common::request(1, Acks::Leader, &topic, 0, common::records("busy", 1));
-    requests
-        .send_data(grpc_message(&req), false)
-        .expect("the request is sent");
+    let (send, busy) = raw_h2(&h).await;
+    let (_send, answer, mut requests) = open_forward_stream(send).await;
+    assert!(
+        send_request(&mut requests, &topic, 1, "busy"),
+        "the request is sent"
+    );
     let mut body = answer.await.expect("answer headers").into_body();
     body.data().await.expect("an answer").expect("answer data");
     let opened = tokio::time::Instant::now();
@@ -397,16 +412,13 @@ async fn a_gone_streams_requests_give_back_their_call_slots() {
             .calls_in_progress
             .load(std::sync::atomic::Ordering::Relaxed)
     };
-    let (mut send, conn) = raw_h2(&h).await;
-    send = send.ready().await.expect("a stream slot");
-    let (_answers, mut requests) = send
-        .send_request(forward_stream_headers(), false)
-        .expect("the stream opens");
+    let (send, conn) = raw_h2(&h).await;
+    let (send, _answers, mut requests) = open_forward_stream(send).await;
     for i in 0..50 {
-        let req = common::request(i, Acks::Leader, &topic, 0, common::records("gone", 1));
-        requests
-            .send_data(grpc_message(&req), false)
-            .expect("the request is sent");
+        assert!(
+            send_request(&mut requests, &topic, i, "gone"),
+            "the request is sent"
+        );
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     while in_progress() < 50 {
