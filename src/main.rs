@@ -34,9 +34,22 @@ struct Cli {
     command: Command,
 }
 
+/// What `serve --help` says about the produce contract beyond the flags.
+const SERVE_AFTER_HELP: &str = "\
+Produce features (README, \"The contract\"):
+  Partition chosen by leaderlink: an entry with partition -1 goes where Kafka's Java producer
+    would put it: toPositive(murmur2(key)) % partition count when its records share a key, the
+    topic's sticky partition (moving on after 16 KiB) when none has one. The result's
+    `partition` says which. Not for raw record_batch entries (INVALID_ARGUMENT).
+  Compression: --compression (or a request's `compression`) compresses the batches leaderlink
+    encodes from `records` with none, gzip, snappy, lz4 or zstd; raw batches are sent as they are.
+  Per-record errors: when a leader refuses a batch for some of its records (Produce v8+, e.g.
+    INVALID_RECORD), the result's `record_errors` name each by its index in the entry's records.";
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the forwarder. Without --bootstrap, it starts an embedded dev cluster (in memory).
+    #[command(after_long_help = SERVE_AFTER_HELP)]
     Serve(Box<ServeArgs>),
     /// Work with configuration files.
     #[command(subcommand)]

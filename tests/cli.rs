@@ -24,6 +24,12 @@ fn serve_help_documents_every_option() {
         "--dev-topics",
         "--dev-leader-latency-ms",
         "LEADERLINK_BOOTSTRAP",
+        "--compression",
+        "LEADERLINK_COMPRESSION",
+        // The produce features beyond flags.
+        "partition -1",
+        "toPositive(murmur2(key)) % partition count",
+        "record_errors",
     ] {
         assert!(help.contains(opt), "{opt} missing from:\n{help}");
     }
@@ -61,6 +67,17 @@ fn bad_values_exit_64_with_a_clear_message() {
             "cannot read",
         ),
         (vec!["frobnicate"], vec![], "frobnicate"),
+        // An unknown codec name, by flag and by variable: the known ones are listed.
+        (
+            vec!["serve", "--compression", "brotli"],
+            vec![],
+            "[possible values: none, gzip, snappy, lz4, zstd]",
+        ),
+        (
+            vec!["serve"],
+            vec![("LEADERLINK_COMPRESSION", "lz5")],
+            "unknown variant `lz5`, expected one of `none`, `gzip`, `snappy`, `lz4`, `zstd`",
+        ),
     ] {
         let out = leaderlink(&args, &env);
         let err = String::from_utf8_lossy(&out.stderr);

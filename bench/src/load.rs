@@ -9,13 +9,13 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
 use hdrhistogram::Histogram;
 use tokio::{task::JoinHandle, time::Instant};
 
 use crate::{
     Args,
     target::{CALL_DEADLINE, Target, call},
+    values::Values,
 };
 
 /// Counters the workers share with the reporter.
@@ -101,11 +101,11 @@ pub fn spawn_workers(
     shared: &Arc<Shared>,
     targets: &[Target],
     tokens: Option<Arc<tokio::sync::Semaphore>>,
-    value: &Bytes,
+    values: &Values,
 ) -> Vec<JoinHandle<()>> {
     (0..args.concurrency)
         .map(|w| {
-            let (shared, args, value) = (shared.clone(), args.clone(), value.clone());
+            let (shared, args, values) = (shared.clone(), args.clone(), values.clone());
             let mut target = targets[w % targets.len()].clone();
             let tokens = tokens.clone();
             tokio::spawn(async move {
@@ -121,7 +121,7 @@ pub fn spawn_workers(
                     n += args.concurrency as u64;
                     shared.in_flight.fetch_add(1, Ordering::Relaxed);
                     let t = Instant::now();
-                    let r = call(&mut target, &args, partition, &value, CALL_DEADLINE).await;
+                    let r = call(&mut target, &args, partition, &values, n, CALL_DEADLINE).await;
                     let micros = t.elapsed().as_micros().max(1) as u64;
                     shared.in_flight.fetch_sub(1, Ordering::Relaxed);
                     shared.hists[w]

@@ -9,10 +9,10 @@ mod attack;
 mod load;
 mod report;
 mod target;
+mod values;
 
 use std::{sync::Arc, time::Duration};
 
-use bytes::Bytes;
 use clap::{CommandFactory, Parser, ValueEnum};
 use leaderlink::{
     config::{Config, LogFormat},
@@ -111,6 +111,14 @@ struct Args {
     /// leaderlink's max_batch_bytes (in-process modes); 0 turns record merging off.
     #[arg(long, value_name = "BYTES")]
     max_batch_bytes: Option<usize>,
+    /// leaderlink's `compression` (in-process modes): the codec of the batches it encodes.
+    /// The report's `leader_produce_bytes` is what went to the leaders.
+    #[arg(long, value_enum, value_name = "CODEC")]
+    compression: Option<leaderlink::kafka::Codec>,
+    /// What record values hold: `repeated` (`-s` bytes of `x`), `text` (JSON-like events, no
+    /// two alike) or `random` (incompressible). Compression figures need `text` or `random`.
+    #[arg(long, value_enum, default_value = "repeated")]
+    values: values::ValueKind,
     /// Calls per second across all workers (0: as fast as answers come). With a rate, each
     /// call waits for its turn from a token bucket filled every millisecond; latency is counted
     /// from the call's start.
@@ -199,6 +207,15 @@ fn main() {
             )
             .exit();
     }
+    if args.compression.is_some() && (args.mode == Mode::Rdkafka || args.forwarder.is_some()) {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--compression sets the in-process leaderlink's codec (forwarder mode without \
+                 --forwarder, or direct mode)",
+            )
+            .exit();
+    }
     if args.client() == ClientArg::Batched && args.tls_ca.is_some() {
         Args::command()
             .error(
@@ -265,6 +282,9 @@ fn bench_config(args: &Args, bootstrap: &str) -> Config {
     }
     if let Some(b) = args.max_batch_bytes {
         cfg.max_batch_bytes = b;
+    }
+    if let Some(c) = args.compression {
+        cfg.compression = c;
     }
     // The benchmark measures throughput, not overload protection.
     cfg.max_concurrent_calls = cfg.max_concurrent_calls.max(args.concurrency * 2);
@@ -342,7 +362,7 @@ async fn targets(target: &Target, args: &Args, running: Option<&Running>) -> Vec
 async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
     let cfg = bench_config(&args, &bootstrap);
     let (target, running) = start_target(&args, &cfg, &bootstrap).await;
-    let value = Bytes::from(vec![b'x'; args.record_size]);
+    let values = values::Values::new(args.values, args.record_size);
 
     // Warm up: metadata, connections, one call per partition (not measured).
     let mut warm = target.clone();
@@ -354,7 +374,7 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
     }
     let mut warm_records = 0;
     for p in 0..args.partitions {
-        match call(&mut warm, &args, p, &value, CALL_DEADLINE).await {
+        match call(&mut warm, &args, p, &values, p as u64, CALL_DEADLINE).await {
             Ok(n) => warm_records += n,
             Err(e) => {
                 eprintln!("warm-up call to partition {p} failed: {e}");
@@ -389,7 +409,7 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
     let started = Instant::now();
     let tokens = load::pacer(&args, &shared);
     let targets = targets(&target, &args, running.as_ref()).await;
-    let workers = load::spawn_workers(&args, &shared, &targets, tokens, &value);
+    let workers = load::spawn_workers(&args, &shared, &targets, tokens, &values);
     load::progress(&args, &shared, started).await;
     shared
         .stop

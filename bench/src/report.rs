@@ -63,6 +63,9 @@ pub fn report(
     // Record batches written to the leaders: below `records` / `batch_records` when calls'
     // records for one partition were merged into shared batches.
     let leader_batches = forwarder.map(|f| f.pool().batches_sent());
+    // Produce request bytes written to the leaders (warm-up included): with `--compression`,
+    // what the codec left of the batches.
+    let leader_produce_bytes = forwarder.map(|f| f.pool().produce_bytes_sent());
     let out = serde_json::json!({
         "mode": format!("{:?}", args.mode).to_lowercase(),
         "grpc_api": (args.mode == Mode::Forwarder)
@@ -94,6 +97,13 @@ pub fn report(
             .filter(|b| b.0 > 0)
             .map(|(b, r)| r as f64 / b as f64),
         "records_in_log": in_log,
+        "values": format!("{:?}", args.values).to_lowercase(),
+        "compression": forwarder.map(|f| f.compression().name()),
+        "leader_produce_bytes": leader_produce_bytes,
+        "leader_produce_bytes_per_record": leader_produce_bytes
+            .zip(leader_batches)
+            .filter(|(_, (_, r))| *r > 0)
+            .map(|(bytes, (_, r))| bytes as f64 / r as f64),
         "spans_exported": args.otlp_endpoint.as_ref().map(|_| telemetry::spans_exported()),
         "spans_dropped": args.otlp_endpoint.as_ref().map(|_| telemetry::spans_dropped()),
         // The hostile caller alongside (`--attack`): what it did, and how often the server

@@ -21,7 +21,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::{AcksArg, Args};
+use crate::{AcksArg, Args, values::Values};
 
 /// Deadline of every call the bench makes (warm-up and measured).
 pub const CALL_DEADLINE: Duration = Duration::from_secs(30);
@@ -183,10 +183,13 @@ pub async fn call(
     target: &mut Target,
     args: &Args,
     partition: i32,
-    value: &Bytes,
+    values: &Values,
+    seq: u64,
     deadline: Duration,
 ) -> Result<u64, String> {
     let n = args.batch_records;
+    // Call `seq`'s record `i`: the values of a run go round the pool.
+    let value = |i: usize| values.get(seq.wrapping_mul(n as u64).wrapping_add(i as u64));
     match target {
         Target::Grpc(_) | Target::Stream(_) | Target::Direct(_) => {
             let req = ForwardRequest {
@@ -199,15 +202,16 @@ pub async fn call(
                     partition,
                     record_batch: Bytes::new(),
                     records: (0..n)
-                        .map(|_| Record {
+                        .map(|i| Record {
                             key: None,
-                            value: Some(value.clone()),
+                            value: Some(value(i)),
                             headers: vec![],
                             timestamp_ms: 0,
                         })
                         .collect(),
                 }],
                 transactional_id: String::new(),
+                compression: 0,
             };
             let resp = match target {
                 Target::Grpc(c) => {
@@ -233,8 +237,8 @@ pub async fn call(
         }
         Target::Batched(client) => {
             let records = (0..n)
-                .map(|_| leaderlink_client::Record {
-                    value: Some(value.clone()),
+                .map(|i| leaderlink_client::Record {
+                    value: Some(value(i)),
                     ..Default::default()
                 })
                 .collect();
@@ -269,12 +273,14 @@ pub async fn call(
             }
         }
         Target::Rdkafka(producer) => {
-            let sends: Vec<_> = (0..n)
-                .map(|_| {
+            let vals: Vec<Bytes> = (0..n).map(value).collect();
+            let sends: Vec<_> = vals
+                .iter()
+                .map(|v| {
                     producer.send(
                         FutureRecord::<(), [u8]>::to(&args.topic)
                             .partition(partition)
-                            .payload(&value[..]),
+                            .payload(&v[..]),
                         deadline,
                     )
                 })

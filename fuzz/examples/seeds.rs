@@ -301,6 +301,7 @@ fn main() {
             },
         ],
         transactional_id: String::new(),
+        compression: 0,
         call_timeout_ms: 0,
     };
     write(
@@ -319,6 +320,7 @@ fn main() {
             records: vec![],
         }],
         transactional_id: String::new(),
+        compression: 0,
         call_timeout_ms: 0,
     };
     write(

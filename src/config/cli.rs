@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use super::{Config, ConfigError, LogFormat};
-use crate::forward::PartitionOrder;
+use crate::{forward::PartitionOrder, kafka::record_batch::Codec};
 
 /// Flags of `leaderlink serve`. They override the environment variable named in each one's
 /// help, which overrides the `--config` file. The variables are read once, with every other
@@ -43,6 +43,11 @@ pub struct ServeArgs {
     /// [env: LEADERLINK_ORDERING]
     #[arg(long, value_enum)]
     pub ordering: Option<PartitionOrder>,
+    /// Codec of the record batches leaderlink encodes from `records` [default: none]; a
+    /// request's `compression` field overrides it, raw `record_batch` payloads are never
+    /// recompressed. [env: LEADERLINK_COMPRESSION]
+    #[arg(long, value_enum)]
+    pub compression: Option<Codec>,
     /// Stamp the batches leaderlink encodes as an idempotent producer's [default: true].
     /// [env: LEADERLINK_IDEMPOTENCE]
     #[arg(long, value_name = "BOOL")]
@@ -102,6 +107,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.ordering {
             cfg.ordering = v;
+        }
+        if let Some(v) = self.compression {
+            cfg.compression = v;
         }
         if let Some(v) = self.idempotence {
             cfg.idempotence = v;

@@ -23,6 +23,7 @@ use crate::{
     forward::{ForwardConfig, PartitionOrder},
     kafka::{
         connection::ConnectionConfig,
+        record_batch::Codec,
         security::{Sasl, SaslMechanism, Security, tls_connector},
     },
 };
@@ -61,6 +62,11 @@ pub struct Config {
     /// does by default. `false` sends them without a producer id: retries may then duplicate
     /// (flagged `possibly_duplicated`).
     pub idempotence: bool,
+    /// Codec of the record batches leaderlink encodes from `records`: `"none"` (default),
+    /// `"gzip"`, `"snappy"`, `"lz4"` or `"zstd"`. A request's `compression` field overrides
+    /// it; callers' raw `record_batch` payloads are sent as they are. Batches are compressed
+    /// after the records of concurrent calls are merged, once per batch.
+    pub compression: Codec,
     /// Largest response frame accepted from a broker; a larger length prefix poisons the
     /// connection instead of being allocated.
     pub max_frame_bytes: usize,
@@ -280,6 +286,7 @@ impl Default for Config {
             connections_per_leader: 1,
             ordering: PartitionOrder::Pipelined,
             idempotence: true,
+            compression: Codec::None,
             max_frame_bytes: 100 * 1024 * 1024,
             max_request_bytes: 8 * 1024 * 1024,
             default_timeout_ms: 30_000,
@@ -445,6 +452,7 @@ impl Config {
             linger: Duration::from_millis(self.linger_ms),
             trace_record_header: self.trace_record_header,
             metadata_max_idle: Duration::from_millis(self.metadata_max_idle_ms),
+            compression: self.compression,
         }
     }
 }

@@ -359,6 +359,43 @@ mod tests {
     }
 
     #[test]
+    fn compressed_batches_decode_with_kafka_protocol_with_their_stamp_kept() {
+        use crate::kafka::record_batch::{Codec, compress};
+        let value = "compressible ".repeat(40);
+        let records: Vec<Record> = (0..20)
+            .map(|i| rec(Some(&format!("k{i}")), Some(&value), 1_700_000_000_000 + i))
+            .collect();
+        let plain = stamp(&encode(&records, 1), 4242, 7, 100);
+        for codec in [Codec::Gzip, Codec::Snappy, Codec::Lz4, Codec::Zstd] {
+            let c = compress(&plain, codec).expect("compresses");
+            let info = check(&c).expect("length and CRC valid");
+            assert_eq!(
+                (info.records, info.producer_id, info.base_sequence),
+                (20, 4242, 100),
+                "{codec:?}"
+            );
+            assert!(c.len() < plain.len() / 4, "{codec:?}: {} bytes", c.len());
+            let attributes = i16::from_be_bytes([c[ATTRIBUTES_OFFSET], c[ATTRIBUTES_OFFSET + 1]]);
+            assert_eq!(attributes & 7, codec.attribute(), "{codec:?}");
+            // The header before the records is the uncompressed batch's but for length,
+            // CRC and attributes.
+            assert_eq!(c[23..BATCH_HEADER], plain[23..BATCH_HEADER], "{codec:?}");
+            let set = RecordBatchDecoder::decode(&mut c.clone()).expect("decodes");
+            assert_eq!(set.compression as i16, codec.attribute());
+            assert_eq!(set.records.len(), 20);
+            for (i, r) in set.records.iter().enumerate() {
+                assert_eq!(r.key.as_deref(), Some(format!("k{i}").as_bytes()));
+                assert_eq!(r.value.as_deref(), Some(value.as_bytes()));
+                assert_eq!(r.timestamp, 1_700_000_000_000 + i as i64);
+                assert_eq!((r.producer_id, r.sequence), (4242, 100 + i as i32));
+            }
+            // A compressed batch is not compressed again.
+            assert!(compress(&c, codec).is_err(), "{codec:?}");
+        }
+        assert_eq!(compress(&plain, Codec::None).unwrap(), plain);
+    }
+
+    #[test]
     fn check_rejects_each_defect() {
         let good = encode(&[rec(Some("k"), Some("v"), 1)], 1);
         assert!(check(&good[..40]).unwrap_err().contains("61"));

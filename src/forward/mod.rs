@@ -7,6 +7,7 @@ mod errors;
 pub mod idempotence;
 mod judge;
 mod ledger;
+pub mod partitioner;
 mod report;
 mod run;
 mod submit;
@@ -30,9 +31,10 @@ use crate::{
     kafka::{
         connection::ConnectionConfig,
         error::ConnError,
-        metadata::MetadataClient,
+        metadata::{MetadataClient, TopicState},
         pool::{Pool, QueueSettings},
         produce::acks,
+        record_batch::Codec,
         stall::Suspects,
     },
     proto::v1::{ForwardRequest, ForwardResponse},
@@ -140,6 +142,8 @@ pub struct ForwardConfig {
     pub trace_record_header: bool,
     /// A topic unused for this long leaves the leader map at the next refresh.
     pub metadata_max_idle: Duration,
+    /// Codec of the batches leaderlink encodes, unless a request asks for another.
+    pub compression: Codec,
 }
 
 /// What a one-partition Produce request adds to its batch (fields, array and string lengths)
@@ -165,6 +169,8 @@ struct Inner {
     max_in_flight_bytes: usize,
     /// The idempotent producer whose id leaderlink stamps on the batches it encodes.
     producer: Arc<Producer>,
+    /// Sticky partitions of keyless entries with partition -1.
+    sticky: partitioner::Sticky,
     cfg: ForwardConfig,
     metadata: MetadataClient,
     pool: Pool,
@@ -212,6 +218,7 @@ impl Forwarder {
                 allow_auto_topic_creation,
                 max_in_flight_bytes,
                 producer: Arc::new(Producer::default()),
+                sticky: partitioner::Sticky::default(),
                 cfg,
             }),
         }
@@ -231,6 +238,12 @@ impl Forwarder {
     /// (`trace_record_header`).
     pub fn wants_traceparent(&self) -> bool {
         self.inner.cfg.trace_record_header
+    }
+
+    /// The codec of the batches leaderlink encodes when a request asks for none
+    /// (`compression`).
+    pub fn compression(&self) -> Codec {
+        self.inner.cfg.compression
     }
 
     /// Process-wide counters.
@@ -405,10 +418,72 @@ impl Forwarder {
         enqueued: Option<oneshot::Sender<()>>,
     ) -> Result<ForwardResponse, ForwardError> {
         let header = traceparent.filter(|_| self.inner.cfg.trace_record_header);
-        let v = validate(req, self.inner.cfg.max_request_bytes, now_ms(), header)?;
+        let mut v = validate(req, self.inner.cfg.max_request_bytes, now_ms(), header)?;
+        self.choose_partitions(&mut v, deadline).await?;
         self.check_fits(&v)?;
         let gates = self.enter_gates(&v, deadline).await?;
         Call::new(self, v, deadline, gates, enqueued).run().await
+    }
+
+    /// Chooses the partition of each entry with partition -1 ([`partitioner`]) from its
+    /// topic's partition count, before the partitions' gates are entered. A topic not in the
+    /// leader map is fetched (and auto-created where the cluster does that) over up to
+    /// [`Self::unknown_topic_rounds`] refreshes, with the retry backoff in between. An entry
+    /// whose topic's partition count is still unknown then keeps -1: the route phase answers
+    /// it with the topic's error ([`Call`]). Fails only as the first metadata phase does, when
+    /// no broker answers.
+    async fn choose_partitions(
+        &self,
+        v: &mut Validated,
+        deadline: Instant,
+    ) -> Result<(), ForwardError> {
+        let mut backoff = self.inner.cfg.retry_backoff;
+        let mut rounds = 0;
+        loop {
+            let map = self.inner.metadata.leader_map();
+            let mut missing: Vec<&str> = Vec::new();
+            for it in &mut v.items {
+                if it.partition != validate::CHOOSE_PARTITION {
+                    continue;
+                }
+                match map.topics.get(&it.topic) {
+                    Some(TopicState::Partitions(parts)) if !parts.is_empty() => {
+                        it.partition = match &it.key {
+                            Some(key) => partitioner::for_key(key, parts.len()),
+                            None => self.inner.sticky.choose(&it.topic, parts, it.batch.len()),
+                        };
+                    }
+                    _ => missing.push(it.topic.as_str()),
+                }
+            }
+            if missing.is_empty() || rounds >= self.unknown_topic_rounds() {
+                return Ok(());
+            }
+            missing.sort_unstable();
+            missing.dedup();
+            if rounds > 0 {
+                if Instant::now() + backoff >= deadline {
+                    return Ok(());
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(self.inner.cfg.retry_backoff_max);
+            }
+            rounds += 1;
+            if let Err(cause) = self
+                .inner
+                .metadata
+                .refresh(&missing, Some(map.generation), deadline)
+                .await
+            {
+                if Instant::now() >= deadline {
+                    return Ok(());
+                }
+                return Err(ForwardError::Unavailable {
+                    detail: "could not fetch metadata from any broker to choose a partition".into(),
+                    cause,
+                });
+            }
+        }
     }
 
     /// Fetches metadata when asked to or when a pending topic is not in the map yet. Returns

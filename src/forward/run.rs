@@ -25,6 +25,7 @@ use super::{
     idempotence::{Tp, Turn},
     judge,
     report::{error_result, expired, is_connect_failure, overloaded},
+    validate::CHOOSE_PARTITION,
 };
 use crate::{
     kafka::{
@@ -129,6 +130,29 @@ impl Call<'_> {
                 continue;
             }
             let s = &mut self.st[i];
+            if it.partition == CHOOSE_PARTITION {
+                // `Forwarder::choose_partitions` could not learn the topic's partition count.
+                let (code, why) = match map.route(&it.topic, 0) {
+                    Route::Error(code) => {
+                        (code, "the cluster's metadata reports this error for it")
+                    }
+                    _ => (
+                        UNKNOWN_TOPIC_OR_PARTITION,
+                        "the cluster's metadata does not know it",
+                    ),
+                };
+                s.result = Some(error_result(
+                    it,
+                    code,
+                    format!(
+                        "partition -1: leaderlink chooses the partition from the topic's \
+                         partition count, which it could not learn: {why}"
+                    ),
+                    -1,
+                    s,
+                ));
+                continue;
+            }
             let fail = |code: i16, msg: &str| Failure::Kafka {
                 code,
                 message: Some(msg.to_string()),

@@ -25,6 +25,7 @@ use crate::kafka::{
     metadata::Broker,
     pool::Leader,
     producer_id::InitProducerIdError,
+    record_batch::Codec,
 };
 
 impl Call<'_> {
@@ -223,6 +224,11 @@ impl Call<'_> {
                         .as_ref()
                         .map_or_else(|| v.items[i].batch.clone(), |s| s.batch.clone()),
                     merge: self.merges(i),
+                    codec: if v.items[i].encoded {
+                        v.codec.unwrap_or(self.fwd.inner.cfg.compression)
+                    } else {
+                        Codec::None
+                    },
                 })
                 .collect(),
         }

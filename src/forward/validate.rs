@@ -7,8 +7,8 @@ use prost::Message;
 
 use super::{ForwardError, batch, idempotence::Open};
 use crate::{
-    kafka::produce::acks,
-    proto::v1::{Acks, ForwardRequest, Header, Record},
+    kafka::{produce::acks, record_batch::Codec},
+    proto::v1::{Acks, Compression, ForwardRequest, Header, Record},
 };
 
 /// Longest topic name Kafka accepts.
@@ -35,6 +35,10 @@ pub struct Item {
     /// leaderlink encoded the batch from `records` (it may stamp it as an idempotent
     /// producer's).
     pub encoded: bool,
+    /// With `partition` [`CHOOSE_PARTITION`]: the key every record of the batch carries, from
+    /// which the partition is chosen; `None` for records without a key (the topic's sticky
+    /// partition).
+    pub key: Option<Bytes>,
 }
 
 /// A request that passed validation.
@@ -51,7 +55,13 @@ pub struct Validated {
     pub transactional_id: Option<Arc<str>>,
     /// Payloads, in request order.
     pub items: Vec<Item>,
+    /// Codec of the batches leaderlink encodes, as the request asks; `None`: the server's.
+    pub codec: Option<Codec>,
 }
+
+/// A `PartitionData.partition` that asks leaderlink to choose the partition (see
+/// [`super::partitioner`]).
+pub const CHOOSE_PARTITION: i32 = -1;
 
 /// Longest transactional id: the Produce request carries it as a string with an int16 length.
 pub const MAX_TRANSACTIONAL_ID_LEN: usize = i16::MAX as usize;
@@ -109,19 +119,28 @@ pub fn validate(
     // their protobuf size (more with a traceparent header); a request must not turn into an
     // allocation far beyond its own size.
     let mut batch_budget = max_request_bytes.saturating_mul(BATCH_EXPANSION);
-    let acks = check_request(&req, max_request_bytes)?;
+    let (acks, codec) = check_request(&req, max_request_bytes)?;
     let transactional_id: Option<Arc<str>> =
         (!req.transactional_id.is_empty()).then(|| req.transactional_id.as_str().into());
     let mut items = Vec::with_capacity(req.partitions.len());
     for (i, p) in req.partitions.into_iter().enumerate() {
         let field = |f: &str| format!("partitions[{i}].{f}");
         check_topic(&p.topic).map_err(|r| invalid(field("topic"), r))?;
-        if p.partition < 0 {
+        if p.partition < CHOOSE_PARTITION {
             return Err(invalid(
                 field("partition"),
-                format!("is {}; must be >= 0", p.partition),
+                format!(
+                    "is {}; must be >= 0, or -1 for leaderlink to choose",
+                    p.partition
+                ),
             ));
         }
+        let key = if p.partition == CHOOSE_PARTITION {
+            common_key(&p.records, !p.record_batch.is_empty())
+                .map_err(|r| invalid(field("partition"), r))?
+        } else {
+            None
+        };
         let encoded = p.record_batch.is_empty();
         let (batch, records, producer) = match (p.record_batch.is_empty(), p.records.is_empty()) {
             (false, false) => {
@@ -165,6 +184,7 @@ pub fn validate(
             idempotent: producer.is_some(),
             producer,
             encoded,
+            key,
         });
     }
     Ok(Validated {
@@ -173,12 +193,41 @@ pub fn validate(
         timeout_ms: req.timeout_ms,
         transactional_id,
         items,
+        codec,
     })
 }
 
+/// For an entry with partition -1: the key all its `records` share. A raw batch cannot have
+/// its partition chosen, and records with different keys would belong to different partitions
+/// while an entry is one batch for one partition.
+fn common_key(records: &[Record], raw: bool) -> Result<Option<Bytes>, String> {
+    if raw {
+        return Err(
+            "is -1, which only `records` may use: the producer that built a \
+                    record_batch chose its partition (its sequence numbers count per \
+                    partition); set it"
+                .into(),
+        );
+    }
+    let Some(first) = records.first() else {
+        return Ok(None);
+    };
+    if let Some(j) = records.iter().position(|r| r.key != first.key) {
+        return Err(format!(
+            "is -1, but records[{j}] has another key than records[0]; leaderlink chooses one \
+             partition per entry from the key its records share (or a sticky partition when \
+             none has a key): put records with different keys in entries of their own"
+        ));
+    }
+    Ok(first.key.clone())
+}
+
 /// Checks the request's own fields (size, acks, Kafka timeout, partitions present,
-/// transactional id); returns its Kafka `acks`.
-fn check_request(req: &ForwardRequest, max_request_bytes: usize) -> Result<i16, ForwardError> {
+/// transactional id, codec); returns its Kafka `acks` and the codec it asks for.
+fn check_request(
+    req: &ForwardRequest,
+    max_request_bytes: usize,
+) -> Result<(i16, Option<Codec>), ForwardError> {
     let size = req.encoded_len();
     if size > max_request_bytes {
         return Err(invalid(
@@ -218,7 +267,26 @@ fn check_request(req: &ForwardRequest, max_request_bytes: usize) -> Result<i16, 
             ),
         ));
     }
-    Ok(acks)
+    let codec = match Compression::try_from(req.compression) {
+        Ok(Compression::Unspecified) => None,
+        Ok(Compression::None) => Some(Codec::None),
+        Ok(Compression::Gzip) => Some(Codec::Gzip),
+        Ok(Compression::Snappy) => Some(Codec::Snappy),
+        Ok(Compression::Lz4) => Some(Codec::Lz4),
+        Ok(Compression::Zstd) => Some(Codec::Zstd),
+        Err(_) => {
+            return Err(invalid(
+                "compression",
+                format!(
+                    "unknown value {}; use COMPRESSION_UNSPECIFIED (the server's setting), \
+                     COMPRESSION_NONE, COMPRESSION_GZIP, COMPRESSION_SNAPPY, COMPRESSION_LZ4 \
+                     or COMPRESSION_ZSTD",
+                    req.compression
+                ),
+            ));
+        }
+    };
+    Ok((acks, codec))
 }
 
 /// Checks partition `i`'s caller-built `record_batch`; returns it with its record count and
@@ -321,6 +389,7 @@ mod tests {
                 records: vec![Record::default(); n],
             }],
             transactional_id: String::new(),
+            compression: 0,
         };
         let tp = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
         // 400 empty records: 800 bytes of protobuf, over 30 KB of batch with the header.

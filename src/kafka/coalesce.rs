@@ -54,7 +54,7 @@ use super::{
     connection::{Attachment, ConnStats, Connection},
     error::{ConnError, RequestError},
     produce::{self, Answers, PartitionBatch, acks},
-    record_batch,
+    record_batch::{self, Codec},
 };
 
 /// Largest Produce request the flusher builds from several chunks (estimated from the batches'
@@ -86,6 +86,11 @@ pub struct Part {
     /// [`record_batch::mergeable`]). Its records keep their order and content; only their
     /// offset and timestamp deltas change.
     pub merge: bool,
+    /// Codec the batch goes out with: the record batch that carries it (merged or not) is
+    /// compressed with it as the request is encoded, so merging works on records as they are.
+    /// Parts with different codecs never share a record batch. Always [`Codec::None`] for a
+    /// caller's raw batch, which is sent as is.
+    pub codec: Codec,
 }
 
 /// Where a part's records went: the record batch that carried them, shared with other calls'
@@ -407,12 +412,12 @@ fn pack(mut round: Vec<Pending>, limit: usize, max_batch_bytes: usize) -> Vec<Re
     let mut heads: Vec<(i16, u32, Option<&Arc<str>>, usize)> = Vec::new();
     {
         // Per partition, its latest batch so far: the request that holds it, whether more
-        // records may join it, and its size.
-        let mut last: HashMap<(&str, i32), (usize, bool, usize)> = HashMap::new();
+        // records may join it, its size and its codec.
+        let mut last: HashMap<(&str, i32), (usize, bool, usize, Codec)> = HashMap::new();
         for p in &round {
             let c = &p.chunk;
-            let joins = |pt: &Part, &(_, open, bytes): &(usize, bool, usize)| {
-                pt.merge && open && bytes + pt.batch.len() <= max_batch_bytes
+            let joins = |pt: &Part, &(_, open, bytes, codec): &(usize, bool, usize, Codec)| {
+                pt.merge && open && codec == pt.codec && bytes + pt.batch.len() <= max_batch_bytes
             };
             // The earliest request the chunk may go into: its parts' batches follow the
             // partitions' earlier ones, in the same request only by joining their batch.
@@ -440,11 +445,11 @@ fn pack(mut round: Vec<Pending>, limit: usize, max_batch_bytes: usize) -> Vec<Re
             for pt in &c.parts {
                 let l = last
                     .entry((pt.topic.as_str(), pt.partition))
-                    .or_insert((usize::MAX, false, 0));
+                    .or_insert((usize::MAX, false, 0, pt.codec));
                 if l.0 == j {
                     l.2 += pt.batch.len();
                 } else {
-                    *l = (j, pt.merge, pt.batch.len());
+                    *l = (j, pt.merge, pt.batch.len(), pt.codec);
                 }
             }
             placed.push(j);
@@ -535,10 +540,11 @@ fn layout(req: &mut Request) -> Vec<Vec<(usize, usize)>> {
 }
 
 /// The request's record batches from its [`layout`]: the parts of one partition merged into
-/// one batch.
+/// one batch, compressed with the parts' codec. `version` is the request's Produce version.
 fn batches<'r>(
     req: &'r Request,
     groups: &[Vec<(usize, usize)>],
+    version: i16,
 ) -> Result<Vec<PartitionBatch<'r>>, ConnError> {
     let part = |&(m, k): &(usize, usize)| &req.members[m].chunk.parts[k];
     groups
@@ -560,6 +566,13 @@ fn batches<'r>(
             } else {
                 head.batch.clone()
             };
+            // Parts of one batch share their codec (see `pack`).
+            let batch = compressed(batch, head.codec, version).map_err(|reason| {
+                ConnError::Encode {
+                    api: "Produce",
+                    reason: format!("batch for {}-{}: {reason}", head.topic, head.partition),
+                }
+            })?;
             Ok(PartitionBatch {
                 topic: &head.topic,
                 partition: head.partition,
@@ -569,10 +582,21 @@ fn batches<'r>(
         .collect()
 }
 
+/// `batch` as it goes out with `codec` in a Produce request of `version`.
+fn compressed(batch: Bytes, codec: Codec, version: i16) -> Result<Bytes, String> {
+    if codec == Codec::Zstd && version < record_batch::ZSTD_MIN_PRODUCE_VERSION {
+        return Err(format!(
+            "zstd needs Produce v{} or later; the leader speaks v{version}",
+            record_batch::ZSTD_MIN_PRODUCE_VERSION
+        ));
+    }
+    record_batch::compress(&batch, codec)
+}
+
 /// Encodes the request's body; on failure (nothing sent) every member gets the cause.
 fn encode(req: &mut Request, version: i16, timeout: i32) -> Option<Bytes> {
     let groups = layout(req);
-    let encoded = batches(req, &groups).and_then(|batches| {
+    let encoded = batches(req, &groups, version).and_then(|batches| {
         let tid = req.transactional_id.as_deref();
         produce::encode(version, req.acks, timeout, tid, &batches)
     });
@@ -649,6 +673,7 @@ async fn send(conn: &Arc<Connection>, mut req: Request) -> Option<Vec<Request>> 
     } else {
         admission.attach(Box::new(holds))
     };
+    let body_len = body.len() as u64;
     let in_flight = match admission.send(ApiKey::Produce, version, body, req.acks != acks::NONE) {
         Ok(f) => f.with_deadline(latest),
         Err(e) => {
@@ -668,6 +693,7 @@ async fn send(conn: &Arc<Connection>, mut req: Request) -> Option<Vec<Request>> 
     stats
         .records
         .fetch_add(records.max(0) as u64, Ordering::Relaxed);
+    stats.produce_bytes.fetch_add(body_len, Ordering::Relaxed);
     let c = conn.clone();
     let answer = async move {
         match in_flight.wait(latest).await {
@@ -793,6 +819,7 @@ mod tests {
                     partition: p,
                     batch,
                     merge,
+                    codec: Codec::None,
                 })
                 .collect(),
         };
@@ -948,7 +975,7 @@ mod tests {
                 vec![(3, 1, true)]
             ]
         );
-        let batches = batches(req, &groups).unwrap();
+        let batches = batches(req, &groups, 9).unwrap();
         assert_eq!(batches.len(), 2, "one batch per partition");
         let set = kafka_protocol::records::RecordBatchDecoder::decode(&mut batches[0].batch.clone())
             .unwrap();

@@ -33,3 +33,5 @@ wire_layer!(
 );
 
 pub use dial::connect;
+/// The codec of the batches leaderlink encodes is a setting (`compression`) of the public config.
+pub use record_batch::Codec;

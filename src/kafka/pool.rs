@@ -364,6 +364,15 @@ impl Pool {
         })
     }
 
+    /// Bytes of the Produce requests written to leaders so far over every slot's connections
+    /// (the slots' `produce_bytes`).
+    pub fn produce_bytes_sent(&self) -> u64 {
+        self.slots()
+            .iter()
+            .map(|s| s.stats.produce_bytes.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// Every slot opened so far, sorted by broker and index.
     pub fn slots(&self) -> Vec<Arc<Slot>> {
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());

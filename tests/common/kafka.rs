@@ -45,3 +45,20 @@ pub async fn start(tweak: impl FnOnce(&mut Config)) -> (Running, ForwarderClient
     tweak(&mut cfg);
     super::start_with_client(&cfg).await
 }
+
+/// `java -cp <Kafka's jars> scripts/kafka/<program>`: a single-file Java program run with the
+/// jars `scripts/kafka-cluster` fetched (Kafka's own clients and admin classes).
+pub fn java(program: &str) -> std::process::Command {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let libs = std::fs::read_dir(format!("{root}/.cache/kafka"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("libs"))
+        .find(|p| p.join(".complete").exists())
+        .expect("Kafka's jars in .cache/kafka (scripts/kafka-cluster fetches them)");
+    let mut cmd = std::process::Command::new("java");
+    cmd.arg("-cp")
+        .arg(format!("{}/*", libs.display()))
+        .arg(format!("{root}/scripts/kafka/{program}"));
+    cmd
+}

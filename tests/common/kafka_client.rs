@@ -9,7 +9,7 @@ use kafka_protocol::{
         fetch_request::{FetchPartition, FetchTopic},
     },
     protocol::{Decodable, Encodable, HeaderVersion, Request, StrBytes},
-    records::RecordBatchDecoder,
+    records::{Compression, RecordBatchDecoder},
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -58,14 +58,28 @@ impl KafkaClient {
 }
 
 /// The record batches `partition` of `topic` holds on its leader at `leader` (`host:port`),
-/// from offset 0 on: per batch, its records' (offset, value). Fetch v4 (no ApiVersions needed)
-/// from the end of the last batch read until nothing more comes (the mock cluster answers one
-/// batch per Fetch).
+/// from offset 0 on: per batch, its records' (offset, value). See [`read_batches_with_codec`].
 pub async fn read_batches(leader: &str, topic: &str, partition: i32) -> Vec<Vec<(i64, Bytes)>> {
+    read_batches_with_codec(leader, topic, partition)
+        .await
+        .into_iter()
+        .map(|(_, b)| b)
+        .collect()
+}
+
+/// The record batches `partition` of `topic` holds on its leader at `leader` (`host:port`),
+/// from offset 0 on: per batch, its codec and its records' (offset, value). Fetch v4 (no
+/// ApiVersions needed) from the end of the last batch read until nothing more comes (the mock
+/// cluster answers one batch per Fetch).
+pub async fn read_batches_with_codec(
+    leader: &str,
+    topic: &str,
+    partition: i32,
+) -> Vec<(Compression, Vec<(i64, Bytes)>)> {
     let mut client = KafkaClient::connect(leader).await;
-    let mut out: Vec<Vec<(i64, Bytes)>> = Vec::new();
+    let mut out: Vec<(Compression, Vec<(i64, Bytes)>)> = Vec::new();
     loop {
-        let from = out.last().and_then(|b| b.last()).map_or(0, |r| r.0 + 1);
+        let from = out.last().and_then(|b| b.1.last()).map_or(0, |r| r.0 + 1);
         let req = FetchRequest::default()
             .with_max_wait_ms(0)
             .with_min_bytes(0)
@@ -93,7 +107,7 @@ pub async fn read_batches(leader: &str, topic: &str, partition: i32) -> Vec<Vec<
                 .collect();
             // A Fetch may start with the batch that holds `from`.
             if batch.last().is_some_and(|r| r.0 >= from) {
-                out.push(batch);
+                out.push((set.compression, batch));
             }
         }
         if out.len() == before {

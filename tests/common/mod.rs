@@ -131,7 +131,23 @@ pub fn request(
             records: recs,
         }],
         transactional_id: String::new(),
+        compression: 0,
     }
+}
+
+/// A request with one entry of partition -1 (leaderlink chooses) per record of `recs`.
+pub fn choose_each(id: u64, acks: Acks, topic: &str, recs: Vec<Record>) -> ForwardRequest {
+    let mut req = request(id, acks, topic, -1, vec![]);
+    req.partitions = recs
+        .into_iter()
+        .map(|r| PartitionData {
+            topic: topic.to_string(),
+            partition: -1,
+            record_batch: Bytes::new(),
+            records: vec![r],
+        })
+        .collect();
+    req
 }
 
 /// Forwards with a deadline and returns the single partition's result.

@@ -164,6 +164,7 @@ fn req(parts: Vec<PartitionData>) -> ForwardRequest {
         timeout_ms: 0,
         partitions: parts,
         transactional_id: String::new(),
+        compression: 0,
     }
 }
 
@@ -240,8 +241,9 @@ async fn bad_requests_get_invalid_argument_naming_the_field_and_reach_no_leader(
             "249",
         ),
         (
+            // -1 asks leaderlink to choose; below it is no partition.
             "negative partition",
-            req(vec![part(&t, 0), part(&t, -1)]),
+            req(vec![part(&t, 0), part(&t, -2)]),
             "partitions[1].partition",
             ">= 0",
         ),
@@ -298,6 +300,7 @@ async fn bad_requests_get_invalid_argument_naming_the_field_and_reach_no_leader(
             "plain batch under a transactional id",
             ForwardRequest {
                 transactional_id: "tx-1".into(),
+                compression: 0,
                 ..req(vec![
                     with_batch(common::producer_batch(&["v"], 7, 0, 0, true)),
                     with_batch(good_batch.clone()),
@@ -310,6 +313,7 @@ async fn bad_requests_get_invalid_argument_naming_the_field_and_reach_no_leader(
             "records under a transactional id",
             ForwardRequest {
                 transactional_id: "tx-1".into(),
+                compression: 0,
                 ..req(vec![part(&t, 0)])
             },
             "partitions[0].records",

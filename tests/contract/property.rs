@@ -20,6 +20,7 @@ use kafka_protocol::error::ResponseError;
 use leaderlink::{
     forward::{
         ForwardError, batch,
+        partitioner::for_key,
         validate::{MAX_TOPIC_LEN, check_topic, validate},
     },
     proto::v1::{Acks, ForwardRequest, ForwardResponse, Header, PartitionData, Record},
@@ -199,7 +200,8 @@ fn hostile_payload() -> impl Strategy<Value = (Bytes, Vec<Record>)> {
 }
 
 /// A partition that passes validation: an existing topic, or a valid name no topic has; a
-/// partition index >= 0 (within the topic's count or beyond it).
+/// partition index >= 0 (within the topic's count or beyond it), or -1 (leaderlink chooses)
+/// for records that share one key.
 fn plausible_partition(t: &Topics) -> impl Strategy<Value = PartitionData> {
     let topic = prop_oneof![
         6 => Just(t.main.clone()),
@@ -207,14 +209,25 @@ fn plausible_partition(t: &Topics) -> impl Strategy<Value = PartitionData> {
         1 => "[a-zA-Z0-9._-]{1,30}".prop_filter("not . or ..", |s| s != "." && s != ".."),
     ];
     let partition = prop_oneof![5 => 0..PARTITIONS, 1 => PARTITIONS..PARTITIONS + 5];
-    (topic, partition, valid_payload()).prop_map(|(topic, partition, (rb, records))| {
-        PartitionData {
-            topic,
-            partition,
-            record_batch: rb,
-            records,
-        }
-    })
+    (topic, partition, any::<bool>(), valid_payload()).prop_map(
+        |(topic, partition, choose, (rb, mut records))| {
+            let partition = if choose && rb.is_empty() {
+                let key = records.first().and_then(|r| r.key.clone());
+                for r in &mut records {
+                    r.key = key.clone();
+                }
+                -1
+            } else {
+                partition
+            };
+            PartitionData {
+                topic,
+                partition,
+                record_batch: rb,
+                records,
+            }
+        },
+    )
 }
 
 fn hostile_partition(t: &Topics) -> impl Strategy<Value = PartitionData> {
@@ -259,16 +272,23 @@ fn forward_request(t: &Topics) -> impl Strategy<Value = ForwardRequest> {
         ],
     );
     let transactional_id = prop_oneof![4 => Just(String::new()), 1 => "[a-z]{1,8}"];
-    (prop_oneof![plausible, hostile], transactional_id).prop_map(
-        |((id, acks, timeout_ms, partitions), transactional_id)| ForwardRequest {
-            call_timeout_ms: 0,
-            id,
-            acks,
-            timeout_ms,
-            partitions,
-            transactional_id,
-        },
+    let compression = prop_oneof![8 => Just(0), 8 => 1..=5i32, 1 => any::<i32>()];
+    (
+        prop_oneof![plausible, hostile],
+        transactional_id,
+        compression,
     )
+        .prop_map(
+            |((id, acks, timeout_ms, partitions), transactional_id, compression)| ForwardRequest {
+                call_timeout_ms: 0,
+                id,
+                acks,
+                timeout_ms,
+                partitions,
+                transactional_id,
+                compression,
+            },
+        )
 }
 
 // ---------------------------------------------------------------- the model
@@ -288,6 +308,9 @@ fn expected(req: &ForwardRequest, max_request_bytes: usize) -> Result<(), String
     if req.partitions.is_empty() {
         return Err("partitions".into());
     }
+    if !(0..=5).contains(&req.compression) {
+        return Err("compression".into());
+    }
     for (i, p) in req.partitions.iter().enumerate() {
         let t = &p.topic;
         let topic_ok = !t.is_empty()
@@ -299,7 +322,12 @@ fn expected(req: &ForwardRequest, max_request_bytes: usize) -> Result<(), String
         if !topic_ok {
             return Err(format!("partitions[{i}].topic"));
         }
-        if p.partition < 0 {
+        // -1 asks leaderlink to choose: only for records, all with the same key (or none).
+        if p.partition < -1
+            || (p.partition == -1
+                && (!p.record_batch.is_empty()
+                    || p.records.iter().any(|r| r.key != p.records[0].key)))
+        {
             return Err(format!("partitions[{i}].partition"));
         }
         match (p.record_batch.is_empty(), p.records.is_empty()) {
@@ -470,10 +498,28 @@ fn check_answer(
             prop_assert_eq!(resp.partitions.len(), req.partitions.len());
             for (r, p) in resp.partitions.iter().zip(&req.partitions) {
                 prop_assert_eq!(&r.topic, &p.topic);
-                prop_assert_eq!(r.partition, p.partition);
+                let count = if &p.topic == main {
+                    PARTITIONS
+                } else if &p.topic == single {
+                    1
+                } else {
+                    0
+                };
+                if p.partition == -1 {
+                    // Chosen among the topic's partitions: the key's, when the records have
+                    // one; -1 when the topic's partition count is unknown.
+                    if count == 0 {
+                        prop_assert_eq!(r.partition, -1, "{:?}", r);
+                    } else if let Some(key) = &p.records[0].key {
+                        prop_assert_eq!(r.partition, for_key(key, count as usize), "{:?}", r);
+                    } else {
+                        prop_assert!((0..count).contains(&r.partition), "{:?}", r);
+                    }
+                } else {
+                    prop_assert_eq!(r.partition, p.partition);
+                }
                 *tally.codes.entry(r.error_code).or_default() += 1;
-                let exists = (&p.topic == main && p.partition < PARTITIONS)
-                    || (&p.topic == single && p.partition < 1);
+                let exists = r.partition >= 0 && r.partition < count;
                 if r.error_code == 0 {
                     prop_assert!(
                         exists,

@@ -299,17 +299,7 @@ pub(super) enum Lever {
 
 /// Runs `scripts/kafka/Leadership.java` (Kafka's Admin client) with the cluster's jars.
 fn leadership(args: &[&str]) {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let libs = std::fs::read_dir(format!("{root}/.cache/kafka"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("libs"))
-        .find(|p| p.join(".complete").exists())
-        .expect("Kafka's jars in .cache/kafka (scripts/kafka-cluster fetches them)");
-    let ok = Command::new("java")
-        .arg("-cp")
-        .arg(format!("{}/*", libs.display()))
-        .arg(format!("{root}/scripts/kafka/Leadership.java"))
+    let ok = common::kafka::java("Leadership.java")
         .arg(common::kafka::bootstrap())
         .args(args)
         .status()

@@ -132,6 +132,7 @@ fn spawn_call(
             timeout_ms: 0,
             partitions: vec![p],
             transactional_id: String::new(),
+            compression: 0,
         };
         forward_one(&mut c, req).await
     })

@@ -245,6 +245,7 @@ async fn a_committed_transaction_is_read_an_aborted_one_is_not_and_plain_calls_a
 
     let tx_request = |txn: &Txn, tag: &str| ForwardRequest {
         call_timeout_ms: 0,
+        compression: 0,
         id: 0,
         acks: Acks::All as i32,
         timeout_ms: 0,

@@ -7,7 +7,9 @@ mod common;
 
 mod accumulation;
 mod batches;
+mod choice_and_codecs;
 mod coalescing;
+mod kafka_produce_features;
 mod kafka_record_errors;
 mod kafka_transactions;
 mod mock;

@@ -68,6 +68,7 @@ async fn raw_record_batches_are_forwarded() {
             records: vec![],
         }],
         transactional_id: String::new(),
+        compression: 0,
     };
     let r = forward_one(&mut c, raw(1, &["x", "y", "z"])).await.unwrap();
     assert_eq!((r.error_code, r.base_offset), (0, 0), "{r:?}");
@@ -166,6 +167,7 @@ async fn one_request_spans_leaders_and_repeats_a_partition_in_order() {
         timeout_ms: 0,
         partitions: vec![part(0, 2), part(1, 1), part(2, 1), part(0, 3), part(0, 1)],
         transactional_id: String::new(),
+        compression: 0,
     };
     let resp = forward(&mut c, req).await.unwrap();
     assert_eq!(resp.id, 9);
@@ -353,6 +355,7 @@ async fn batches_too_large_together_go_alone_and_one_too_large_alone_sends_nothi
         timeout_ms: 0,
         partitions: parts,
         transactional_id: String::new(),
+        compression: 0,
     };
 
     let both = forward(&mut c, req(vec![part(0, 1200), part(1, 1200)]))

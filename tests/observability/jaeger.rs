@@ -154,6 +154,7 @@ fn traced_request(id: u64, value: &str) -> ForwardRequest {
             }],
         }],
         transactional_id: String::new(),
+        compression: 0,
     }
 }
 

@@ -256,6 +256,7 @@ async fn records_carry_the_callers_traceparent_and_raw_batches_stay_untouched() 
             },
         ],
         transactional_id: String::new(),
+        compression: 0,
     };
     let mut r = tonic::Request::new(req);
     r.set_timeout(Duration::from_secs(10));

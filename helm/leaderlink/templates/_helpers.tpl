@@ -163,6 +163,7 @@ max_in_flight = {{ include "leaderlink.tomlInt" $c.max_in_flight }}
 connections_per_leader = {{ include "leaderlink.tomlInt" $c.connections_per_leader }}
 ordering = {{ toJson $c.ordering }}
 idempotence = {{ $c.idempotence }}
+compression = {{ toJson $c.compression }}
 max_frame_bytes = {{ include "leaderlink.tomlInt" $c.max_frame_bytes }}
 max_request_bytes = {{ include "leaderlink.tomlInt" $c.max_request_bytes }}
 default_timeout_ms = {{ include "leaderlink.tomlInt" $c.default_timeout_ms }}

@@ -114,6 +114,9 @@ pub struct ConnStats {
     pub batches: AtomicU64,
     /// Records in those batches.
     pub records: AtomicU64,
+    /// Bytes of the Produce requests handed to the writer (kept by [`super::coalesce`]; the
+    /// request bodies, with their record batches as sent: compressed when `compression` is on).
+    pub produce_bytes: AtomicU64,
     /// Time from queueing a request to its answer.
     pub latency: Histogram,
 }
