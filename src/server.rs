@@ -11,7 +11,14 @@ use tokio::{
     task::JoinHandle,
     time::Instant,
 };
-use tonic_health::{ServingStatus, server::HealthReporter};
+use tonic_health::{
+    ServingStatus,
+    pb::{
+        HealthCheckRequest, HealthCheckResponse, health_check_response,
+        health_server::{Health, HealthServer},
+    },
+    server::{HealthReporter, HealthService},
+};
 use tower::layer::util::{Identity, Stack};
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -52,6 +59,8 @@ pub struct Running {
     /// The forwarding core (for inspection).
     pub forwarder: Forwarder,
     reporter: HealthReporter,
+    /// Set at shutdown, once health says NOT_SERVING: ends the health Watch streams.
+    draining: watch::Sender<bool>,
     stop: Option<(oneshot::Sender<()>, oneshot::Sender<()>)>,
     abort: watch::Sender<bool>,
     task: ServerTask,
@@ -79,6 +88,7 @@ impl Running {
                 .set_service_status(service, ServingStatus::NotServing)
                 .await;
         }
+        let _ = self.draining.send(true);
         if let Some((stop, stop_admin)) = self.stop.take() {
             let _ = stop.send(());
             let _ = stop_admin.send(());
@@ -259,13 +269,58 @@ fn http2_server(cfg: &Config) -> tonic::transport::Server<Stack<IdleLayer, Ident
     server.layer(IdleLayer)
 }
 
+/// The health service, whose Watch streams end at shutdown: after the NOT_SERVING that the
+/// shutdown sets, a Watch stream sends NOT_SERVING once more (in case the stream had not yet
+/// passed that change on) and ends with OK. Without it, a caller watching health (gRPC clients
+/// that check health keep a Watch open on every connection) would hold its connection, and so
+/// the drain, until `shutdown_grace_ms` expired. The health protocol has clients retry a Watch
+/// that ends, which then finds the listener closed.
+struct DrainingHealth {
+    inner: HealthService,
+    draining: watch::Receiver<bool>,
+}
+
+type HealthStream = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<HealthCheckResponse, tonic::Status>> + Send>,
+>;
+
+#[tonic::async_trait]
+impl Health for DrainingHealth {
+    async fn check(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<HealthCheckResponse>, tonic::Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream = HealthStream;
+
+    async fn watch(
+        &self,
+        request: tonic::Request<HealthCheckRequest>,
+    ) -> Result<tonic::Response<HealthStream>, tonic::Status> {
+        use futures::StreamExt;
+        let statuses = self.inner.watch(request).await?.into_inner();
+        let mut draining = self.draining.clone();
+        // Also ends if the servers are dropped without a shutdown (the sender is gone).
+        let drained = async move {
+            let _ = draining.wait_for(|d| *d).await;
+        };
+        let last = HealthCheckResponse {
+            status: health_check_response::ServingStatus::NotServing as i32,
+        };
+        let stream = statuses
+            .take_until(drained)
+            .chain(futures::stream::once(async move { Ok(last) }));
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+}
+
 /// A router with the health service and both reflection versions (grpcurl 1.8.x speaks only
 /// v1alpha), to which the listener's own service is added.
 fn with_health_and_reflection(
     cfg: &Config,
-    health: tonic_health::pb::health_server::HealthServer<
-        impl tonic_health::pb::health_server::Health,
-    >,
+    health: HealthServer<impl Health>,
 ) -> std::io::Result<Router> {
     let v1 = reflection(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -335,12 +390,17 @@ pub async fn start(
         cfg.bootstrap.clone(),
         cfg.allow_auto_topic_creation,
     );
-    let (reporter, health) = tonic_health::server::health_reporter();
+    let (reporter, _) = tonic_health::server::health_reporter();
     for service in ["", FORWARDER_SERVICE] {
         reporter
             .set_service_status(service, ServingStatus::NotServing)
             .await;
     }
+    let (draining, draining_rx) = watch::channel(false);
+    let health = HealthServer::new(DrainingHealth {
+        inner: HealthService::from_health_reporter(reporter.clone()),
+        draining: draining_rx,
+    });
     let watcher = tokio::spawn(
         watch_cluster(forwarder.clone(), reporter.clone(), cfg.clone())
             .instrument(info_span!(target: TASK_TARGET, "cluster_watch")),
@@ -402,6 +462,7 @@ pub async fn start(
         metrics_addr,
         forwarder,
         reporter,
+        draining,
         stop: Some((stop_tx, stop_admin_tx)),
         abort: abort_tx,
         task,

@@ -210,3 +210,52 @@ async fn log_lines_to_a_pipe_carry_no_colour() {
         "escape codes in the log lines: {stderr:?}"
     );
 }
+
+/// A caller watching health (gRPC clients with health checking keep a Watch open on every
+/// connection) learns NOT_SERVING at shutdown, then its stream ends: it does not hold the drain
+/// until the grace expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_watch_sees_not_serving_then_ends_without_holding_the_drain() {
+    use futures::StreamExt;
+    use leaderlink::server::{Drained, FORWARDER_SERVICE};
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let h = common::start(|_| {}).await;
+    let mut watches = Vec::new();
+    for addr in [h.server.addr, h.server.admin_addr] {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = HealthClient::new(channel);
+        let mut w = health
+            .watch(HealthCheckRequest {
+                service: FORWARDER_SERVICE.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // NOT_SERVING until the first metadata fetch, then SERVING.
+        loop {
+            let s = w.next().await.unwrap().unwrap().status;
+            if s == ServingStatus::Serving as i32 {
+                break;
+            }
+        }
+        watches.push(w);
+    }
+    // A grace far longer than the drain needs: a held drain would run into it.
+    let drained = h.server.shutdown(Duration::from_secs(20)).await;
+    assert_eq!(drained, Drained::Clean);
+    for mut w in watches {
+        let mut seen = Vec::new();
+        while let Some(m) = w.next().await {
+            seen.push(m.unwrap().status);
+        }
+        assert_eq!(
+            seen.last(),
+            Some(&(ServingStatus::NotServing as i32)),
+            "{seen:?}"
+        );
+    }
+}
