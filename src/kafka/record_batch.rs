@@ -222,7 +222,16 @@ const CODEC_MASK: i16 = 0x07;
 /// Kafka compresses the records section only (docs/design.md §3.23); kafka-protocol's compressors do the codec and
 /// its framing. Fails if `batch` is not an uncompressed v2 batch, or a compressor fails.
 pub fn compress(batch: &Bytes, codec: Codec) -> Result<Bytes, String> {
-    use kafka_protocol::compression::{Compressor, Gzip, Lz4, Snappy, Zstd};
+    use kafka_protocol::compression::{Gzip, Lz4, Snappy, Zstd};
+    type Compress = fn(&mut BytesMut, &[u8]) -> anyhow::Result<()>;
+    let compress: Compress = match codec {
+        // Any batch, a caller's raw one (compressed or not) included, goes out as it is.
+        Codec::None => return Ok(batch.clone()),
+        Codec::Gzip => kafka_protocol_codec::<Gzip>,
+        Codec::Snappy => kafka_protocol_codec::<Snappy>,
+        Codec::Lz4 => kafka_protocol_codec::<Lz4>,
+        Codec::Zstd => kafka_protocol_codec::<Zstd>,
+    };
     if batch.len() < BATCH_HEADER
         || batch[MAGIC_OFFSET] != 2
         || i16::from_be_bytes([batch[ATTRIBUTES_OFFSET], batch[ATTRIBUTES_OFFSET + 1]])
@@ -234,17 +243,7 @@ pub fn compress(batch: &Bytes, codec: Codec) -> Result<Bytes, String> {
     let records = &batch[BATCH_HEADER..];
     let mut out = BytesMut::with_capacity(BATCH_HEADER + records.len() / 2 + 64);
     out.put_slice(&batch[..BATCH_HEADER]);
-    let put = |buf: &mut BytesMut| {
-        buf.put_slice(records);
-        Ok(())
-    };
-    match codec {
-        Codec::None => return Ok(batch.clone()),
-        Codec::Gzip => Gzip::compress(&mut out, put),
-        Codec::Snappy => Snappy::compress(&mut out, put),
-        Codec::Lz4 => Lz4::compress(&mut out, put),
-        Codec::Zstd => Zstd::compress(&mut out, put),
-    }
+    compress(&mut out, records)
     .map_err(|e| format!("{} compression failed: {e:#}", codec.name()))?;
     let length = i32::try_from(out.len() - 12)
         .map_err(|_| format!("{} output exceeds a batch's length field", codec.name()))?;
@@ -255,6 +254,17 @@ pub fn compress(batch: &Bytes, codec: Codec) -> Result<Bytes, String> {
     let crc = crc32c::crc32c(&out[ATTRIBUTES_OFFSET..]);
     out[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
     Ok(out.freeze())
+}
+
+/// Appends `records` to `out` compressed with kafka-protocol's codec `C`.
+fn kafka_protocol_codec<C: kafka_protocol::compression::Compressor<BytesMut>>(
+    out: &mut BytesMut,
+    records: &[u8],
+) -> anyhow::Result<()> {
+    C::compress(out, |b| {
+        b.put_slice(records);
+        Ok(())
+    })
 }
 
 /// Records a v2 batch's header announces (0 if `b` is shorter than a header).

@@ -291,3 +291,58 @@ async fn batches_reach_the_leader_with_the_codec_asked_for_and_merge_only_with_t
     );
     h.server.shutdown(std::time::Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callers_compressed_batch_goes_out_as_it_is() {
+    use kafka_protocol::records::{
+        Compression as Wire, Record as WireRecord, RecordBatchEncoder, RecordEncodeOptions,
+        TimestampType,
+    };
+    // The server compresses what it encodes with zstd; a caller's own batch is never touched.
+    let h = start(|cfg| cfg.compression = Codec::Zstd).await;
+    let t = topic("raw-gzip");
+    h.dev.create_topic(&t, 1).unwrap();
+    let records: Vec<WireRecord> = (0..3)
+        .map(|i| WireRecord {
+            transactional: false,
+            control: false,
+            delete_horizon: false,
+            partition_leader_epoch: -1,
+            producer_id: -1,
+            producer_epoch: -1,
+            timestamp_type: TimestampType::Creation,
+            offset: i,
+            sequence: i as i32 - 1,
+            timestamp: 1_700_000_000_000 + i,
+            key: None,
+            value: Some(Bytes::from(format!("gzipped-{i}"))),
+            headers: Default::default(),
+        })
+        .collect();
+    let mut raw = bytes::BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut raw,
+        &records,
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Wire::Gzip,
+        },
+    )
+    .unwrap();
+    let raw = raw.freeze();
+    let mut c = h.client.clone();
+    let mut req = request(1, Acks::Leader, &t, 0, vec![]);
+    req.partitions[0].record_batch = raw.clone();
+    let r = forward_one(&mut c, req).await.unwrap();
+    assert_eq!(r.error_code, 0, "{r:?}");
+    let map = h.server.forwarder.metadata().leader_map();
+    let Route::Leader(b, _) = map.route(&t, 0) else {
+        panic!("no leader");
+    };
+    let batches = read_batches_with_codec(&b.addr(), &t, 0).await;
+    assert_eq!(batches.len(), 1, "{batches:?}");
+    assert_eq!(batches[0].0, WireCodec::Gzip);
+    let values: Vec<&[u8]> = batches[0].1.iter().map(|(_, v)| v.as_ref()).collect();
+    assert_eq!(values, [&b"gzipped-0"[..], b"gzipped-1", b"gzipped-2"]);
+    h.server.shutdown(std::time::Duration::from_secs(5)).await;
+}
