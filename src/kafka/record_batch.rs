@@ -222,14 +222,14 @@ const CODEC_MASK: i16 = 0x07;
 /// Kafka compresses the records section only (docs/design.md §3.23); kafka-protocol's compressors do the codec and
 /// its framing. Fails if `batch` is not an uncompressed v2 batch, or a compressor fails.
 pub fn compress(batch: &Bytes, codec: Codec) -> Result<Bytes, String> {
-    use kafka_protocol::compression::{Gzip, Lz4, Snappy, Zstd};
+    use kafka_protocol::compression::{Gzip, Snappy, Zstd};
     type Compress = fn(&mut BytesMut, &[u8]) -> anyhow::Result<()>;
     let compress: Compress = match codec {
         // Any batch, a caller's raw one (compressed or not) included, goes out as it is.
         Codec::None => return Ok(batch.clone()),
         Codec::Gzip => kafka_protocol_codec::<Gzip>,
         Codec::Snappy => kafka_protocol_codec::<Snappy>,
-        Codec::Lz4 => kafka_protocol_codec::<Lz4>,
+        Codec::Lz4 => lz4_fast,
         Codec::Zstd => kafka_protocol_codec::<Zstd>,
     };
     if batch.len() < BATCH_HEADER
@@ -254,6 +254,22 @@ pub fn compress(batch: &Bytes, codec: Codec) -> Result<Bytes, String> {
     let crc = crc32c::crc32c(&out[ATTRIBUTES_OFFSET..]);
     out[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
     Ok(out.freeze())
+}
+
+/// Appends `records` to `out` compressed as Kafka's LZ4: the LZ4 frame format with independent
+/// blocks, in LZ4's fast mode. Written here with the `lz4` crate (the one kafka-protocol uses)
+/// rather than through kafka-protocol's `Lz4`, which compresses at level 4, LZ4-HC: Kafka's
+/// Java client at its default level (`Lz4BlockOutputStream` takes `fastCompressor()`) and
+/// librdkafka both use the fast mode.
+fn lz4_fast(out: &mut BytesMut, records: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut encoder = lz4::EncoderBuilder::new()
+        .level(0)
+        .block_mode(lz4::BlockMode::Independent)
+        .build(out.writer())?;
+    encoder.write_all(records)?;
+    let (_, result) = encoder.finish();
+    Ok(result?)
 }
 
 /// Appends `records` to `out` compressed with kafka-protocol's codec `C`.
