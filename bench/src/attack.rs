@@ -131,7 +131,17 @@ impl Attacker {
         let conn = async {
             let tcp = TcpStream::connect(&self.addr).await.ok()?;
             let _ = tcp.set_nodelay(true);
-            let (send, conn) = h2::client::handshake(tcp).await.ok()?;
+            // h2 closes a connection (GOAWAY ENHANCE_YOUR_CALM, "too_many_data_frames") whose
+            // small DATA frames pile up unread. The unread-stream and open-streams callers leave
+            // the server's answers unread on purpose: with h2's default budget their own client
+            // would close the connection and they would reconnect and send again, a flood of
+            // new calls rather than the attack. A raw attacker has no such budget; the server's
+            // flow-control windows alone bound what it sends them.
+            let (send, conn) = h2::client::Builder::new()
+                .data_frame_budget(usize::MAX / 4)
+                .handshake(tcp)
+                .await
+                .ok()?;
             Some((send, tokio::spawn(conn)))
         }
         .await;
