@@ -256,6 +256,7 @@ fn http2_server(cfg: &Config) -> tonic::transport::Server<Stack<IdleLayer, Ident
         .max_concurrent_streams(cfg.http2_max_concurrent_streams)
         .http2_max_pending_accept_reset_streams(Some(cfg.http2_max_pending_reset_streams))
         .http2_max_header_list_size(cfg.http2_max_header_list_size)
+        .initial_stream_window_size(Some(cfg.http2_initial_stream_window_bytes))
         .http2_keepalive_interval(
             (cfg.http2_keepalive_interval_ms > 0).then(|| ms(cfg.http2_keepalive_interval_ms)),
         )

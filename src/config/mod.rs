@@ -148,6 +148,13 @@ pub struct Config {
     /// Largest header list a caller may send on one request, in bytes as HTTP/2 counts them
     /// (each name and value plus 32). A larger one is refused before the call starts.
     pub http2_max_header_list_size: u32,
+    /// The HTTP/2 flow-control window leaderlink grants each caller stream, in bytes: how much
+    /// of a stream's request data the caller may send before leaderlink has read it. A stream
+    /// whose requests pile up unread (one with `max_stream_in_flight` calls in flight, say) thus
+    /// holds at most this much; with a larger window a caller that never reads its answers can
+    /// stuff tens of thousands of small requests into it before it stalls. A request larger
+    /// than the window takes several round trips of window updates.
+    pub http2_initial_stream_window_bytes: u32,
     /// How often leaderlink PINGs each caller connection, in milliseconds; `0`: never. A
     /// connection whose PING is not answered within `http2_keepalive_timeout_ms` is closed, so
     /// that callers that vanished without closing (a dead host, a dropped NAT entry) free their
@@ -308,6 +315,7 @@ impl Default for Config {
             http2_max_concurrent_streams: 200,
             http2_max_pending_reset_streams: 20,
             http2_max_header_list_size: 16 * 1024,
+            http2_initial_stream_window_bytes: 64 * 1024,
             http2_keepalive_interval_ms: 60_000,
             http2_keepalive_timeout_ms: 20_000,
             max_connection_age_ms: 0,

@@ -104,6 +104,12 @@ impl Config {
                 "must be 1..=1000000",
             ));
         }
+        if !(16 * 1024..=i32::MAX as u32).contains(&self.http2_initial_stream_window_bytes) {
+            return Err(bad(
+                "http2_initial_stream_window_bytes",
+                "must be 16384..=2147483647",
+            ));
+        }
         if !(1024..=16 * 1024 * 1024).contains(&self.http2_max_header_list_size) {
             return Err(bad("http2_max_header_list_size", "must be 1024..=16777216"));
         }

@@ -444,3 +444,38 @@ async fn a_gone_streams_requests_give_back_their_call_slots() {
     h.dev.set_leader_latency(Duration::ZERO).unwrap();
     assert_served(&h, &topic).await;
 }
+
+/// The stream window leaderlink grants (`http2_initial_stream_window_bytes`) is all a caller may
+/// send on a stream before leaderlink reads it: asked for 1 MiB, a new stream gets exactly the
+/// window, at its default and when configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_may_send_only_its_window_before_leaderlink_reads() {
+    for (window, tweak) in [(64 * 1024, None), (20_000, Some(20_000))] {
+        let h = common::start(|cfg| {
+            if let Some(w) = tweak {
+                cfg.http2_initial_stream_window_bytes = w;
+            }
+        })
+        .await;
+        let (send, conn) = raw_h2(&h).await;
+        // A first call answered: leaderlink's SETTINGS (its first frame) are in effect.
+        let mut send = send.ready().await.unwrap();
+        let (answer, _) = send
+            .send_request(forward_stream_headers(), true)
+            .expect("the stream opens");
+        answer.await.expect("an answer");
+        let (_send, _answers, mut requests) = open_forward_stream(send).await;
+        requests.reserve_capacity(1024 * 1024);
+        let granted = tokio::time::timeout(
+            Duration::from_secs(5),
+            std::future::poll_fn(|cx| requests.poll_capacity(cx)),
+        )
+        .await
+        .expect("capacity within 5 s")
+        .expect("the stream is open")
+        .unwrap();
+        assert_eq!(granted, window, "configured: {tweak:?}");
+        conn.abort();
+        h.server.shutdown(Duration::from_secs(5)).await;
+    }
+}
