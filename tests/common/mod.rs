@@ -216,11 +216,35 @@ pub fn producer_batch(
     first_sequence: i32,
     transactional: bool,
 ) -> Bytes {
+    encode_batch(
+        values,
+        producer_id,
+        producer_epoch,
+        first_sequence,
+        transactional,
+        kafka_protocol::records::Compression::None,
+    )
+}
+
+/// A batch of `values` without producer id, compressed with `compression` by kafka-protocol.
+pub fn compressed_batch(
+    values: &[&str],
+    compression: kafka_protocol::records::Compression,
+) -> Bytes {
+    encode_batch(values, -1, -1, -1, false, compression)
+}
+
+fn encode_batch(
+    values: &[&str],
+    producer_id: i64,
+    producer_epoch: i16,
+    first_sequence: i32,
+    transactional: bool,
+    compression: kafka_protocol::records::Compression,
+) -> Bytes {
     use kafka_protocol::{
         protocol::StrBytes,
-        records::{
-            Compression, Record as KRecord, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
-        },
+        records::{Record as KRecord, RecordBatchEncoder, RecordEncodeOptions, TimestampType},
     };
     let recs: Vec<KRecord> = values
         .iter()
@@ -253,7 +277,7 @@ pub fn producer_batch(
         &recs,
         &RecordEncodeOptions {
             version: 2,
-            compression: Compression::None,
+            compression,
         },
     )
     .unwrap();
