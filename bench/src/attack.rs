@@ -5,6 +5,7 @@
 //! attacker counts it and connects again, until the run ends.
 
 use std::{
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -20,7 +21,10 @@ use h2::{
 };
 use leaderlink::proto::v1::{Acks, ForwardRequest, PartitionData, Record};
 use prost::Message;
-use tokio::{net::TcpStream, task::JoinHandle};
+use tokio::{
+    net::{TcpSocket, TcpStream},
+    task::JoinHandle,
+};
 
 /// What the attacker does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -35,9 +39,15 @@ pub enum Attack {
     /// [`OPEN_STREAMS`] ForwardStreams on each of [`OPEN_STREAM_CONNECTIONS`] connections, each
     /// with one request, never closed.
     OpenStreams,
-    /// [`BIG_HEADER_CALLERS`] callers in a loop of Forward calls each carrying a 15 KiB header
-    /// (under the default `http2_max_header_list_size` of 16 KiB: served, and decoded each time).
+    /// [`BIG_HEADER_CALLERS`] callers in a loop of Forward calls each carrying a
+    /// [`OVERSIZED_HEADER`] header: over the default `http2_max_header_list_size` of 16 KiB, but
+    /// under four times it, so that h2 decodes each and answers it 431 rather than closing the
+    /// connection.
     BigHeaders,
+    /// [`BIG_HEADER_CALLERS`] callers in a loop of Forward calls each carrying a
+    /// [`UNDERSIZED_HEADER`] header: under the default limit, so each call is served. Not an
+    /// attack on HTTP/2 but a flood of valid calls with large metadata.
+    BigValidHeaders,
 }
 
 /// Idle connections the `idle-connections` attacker holds.
@@ -47,8 +57,12 @@ const IDLE_CONNECTIONS: usize = 1000;
 const OPEN_STREAMS: usize = 190;
 /// Connections of `open-streams`.
 const OPEN_STREAM_CONNECTIONS: usize = 5;
-/// Concurrent callers of `big-headers`.
+/// Concurrent callers of `big-headers` and `big-valid-headers`.
 const BIG_HEADER_CALLERS: usize = 16;
+/// The extra header of `big-headers`: 20 KiB.
+const OVERSIZED_HEADER: usize = 20 * 1024;
+/// The extra header of `big-valid-headers`: 15 KiB.
+const UNDERSIZED_HEADER: usize = 15 * 1024;
 
 /// What the attacker did: `actions` (streams reset, connections opened, requests sent, calls
 /// made) and connections the server closed on it.
@@ -58,19 +72,31 @@ pub struct Tally {
     pub closed: AtomicU64,
 }
 
-/// Starts `attack` on `addr` (host:port), writing to `topic` partition 0 where it sends
-/// requests, until `stop`. The attacker runs on a thread and runtime of its own, so that its
-/// loops do not delay the load's tasks on the bench's runtime (it still shares the machine's
-/// cores with them and with the server).
+/// Where the attacker connects, from where, and at what priority.
+pub struct Origin {
+    /// The server, host:port.
+    pub to: String,
+    /// The source address of its connections (`None`: the system's choice).
+    pub from: Option<IpAddr>,
+    /// Its thread's nice value.
+    pub nice: i32,
+}
+
+/// Starts `attack` as `origin` says, writing to `topic` partition 0 where it sends requests,
+/// until `stop`. The attacker runs on a thread and runtime of its own, so that its loops do not
+/// delay the load's tasks on the bench's runtime (it still shares the machine's cores with them
+/// and with the server, unless its nice value says otherwise).
 pub fn spawn(
     attack: Attack,
-    addr: String,
+    origin: Origin,
     topic: String,
     stop: Arc<AtomicBool>,
 ) -> (std::thread::JoinHandle<()>, Arc<Tally>) {
     let tally = Arc::new(Tally::default());
+    let nice = origin.nice;
     let a = Attacker {
-        addr,
+        to: origin.to,
+        from: origin.from,
         topic,
         stop,
         tally: tally.clone(),
@@ -79,19 +105,28 @@ pub fn spawn(
         .enable_all()
         .build()
         .expect("the attacker's runtime");
-    let job = std::thread::spawn(move || {
-        runtime.block_on(async move {
-            match attack {
-                Attack::RapidReset => a.rapid_reset().await,
-                Attack::IdleConnections => a.idle_connections().await,
-                Attack::UnreadStream => a.unread_stream().await,
-                Attack::OpenStreams => {
-                    many(a, OPEN_STREAM_CONNECTIONS, Attacker::open_streams).await
+    let job = std::thread::Builder::new()
+        .name("attacker".into())
+        .spawn(move || {
+            set_nice(nice);
+            runtime.block_on(async move {
+                match attack {
+                    Attack::RapidReset => a.rapid_reset().await,
+                    Attack::IdleConnections => a.idle_connections().await,
+                    Attack::UnreadStream => a.unread_stream().await,
+                    Attack::OpenStreams => {
+                        many(a, OPEN_STREAM_CONNECTIONS, Attacker::open_streams).await
+                    }
+                    Attack::BigHeaders => {
+                        many(a, BIG_HEADER_CALLERS, |a| a.big_headers(OVERSIZED_HEADER)).await
+                    }
+                    Attack::BigValidHeaders => {
+                        many(a, BIG_HEADER_CALLERS, |a| a.big_headers(UNDERSIZED_HEADER)).await
+                    }
                 }
-                Attack::BigHeaders => many(a, BIG_HEADER_CALLERS, Attacker::big_headers).await,
-            }
-        });
-    });
+            });
+        })
+        .expect("the attacker's thread");
     (job, tally)
 }
 
@@ -111,7 +146,8 @@ where
 type Conn = (SendRequest<Bytes>, JoinHandle<Result<(), h2::Error>>);
 
 struct Attacker {
-    addr: String,
+    to: String,
+    from: Option<IpAddr>,
     topic: String,
     stop: Arc<AtomicBool>,
     tally: Arc<Tally>,
@@ -129,7 +165,19 @@ impl Attacker {
     /// A new HTTP/2 connection (`None`, after a short pause, when the server refuses it).
     async fn connect(&self) -> Option<Conn> {
         let conn = async {
-            let tcp = TcpStream::connect(&self.addr).await.ok()?;
+            let tcp = match self.from {
+                None => TcpStream::connect(&self.to).await.ok()?,
+                Some(from) => {
+                    let to = tokio::net::lookup_host(&self.to).await.ok()?.next()?;
+                    let socket = match from {
+                        IpAddr::V4(_) => TcpSocket::new_v4(),
+                        IpAddr::V6(_) => TcpSocket::new_v6(),
+                    }
+                    .ok()?;
+                    socket.bind(SocketAddr::new(from, 0)).ok()?;
+                    socket.connect(to).await.ok()?
+                }
+            };
             let _ = tcp.set_nodelay(true);
             // h2 closes a connection (GOAWAY ENHANCE_YOUR_CALM, "too_many_data_frames") whose
             // small DATA frames pile up unread. The unread-stream and open-streams callers leave
@@ -311,7 +359,9 @@ impl Attacker {
         }
     }
 
-    async fn big_headers(self: Arc<Self>) {
+    /// Forward calls with a `size`-byte extra header, one after the other, reading each answer
+    /// (a refused one included) before the next.
+    async fn big_headers(self: Arc<Self>, size: usize) {
         let mut id = 0;
         while !self.stopped() {
             let Some((mut send, conn)) = self.connect().await else {
@@ -319,13 +369,30 @@ impl Attacker {
             };
             while !self.stopped() {
                 id += 1;
-                let Some((ready, answer, _)) =
-                    self.request(send, "Forward", 15 * 1024, id, true).await
-                else {
+                let sent = if size > UNDERSIZED_HEADER {
+                    // Refused before any body is read: the headers alone, ending the stream.
+                    async {
+                        let mut send = send.ready().await.ok()?;
+                        let (answer, _) = send.send_request(headers("Forward", size), true).ok()?;
+                        self.count();
+                        Some((send, answer))
+                    }
+                    .await
+                } else {
+                    self.request(send, "Forward", size, id, true)
+                        .await
+                        .map(|(send, answer, _)| (send, answer))
+                };
+                let Some((ready, answer)) = sent else {
                     break;
                 };
                 send = ready;
-                let Ok(answer) = answer.await else { break };
+                let answer = match answer.await {
+                    Ok(a) => a,
+                    // This stream was refused; the connection goes on.
+                    Err(e) if e.is_reset() => continue,
+                    Err(_) => break,
+                };
                 let mut body = answer.into_body();
                 while let Some(Ok(d)) = body.data().await {
                     let _ = body.flow_control().release_capacity(d.len());
@@ -348,4 +415,23 @@ fn headers(method: &str, padding: usize) -> http::Request<()> {
         r = r.header("x-padding", "p".repeat(padding));
     }
     r.body(()).expect("valid request head")
+}
+
+/// Sets the calling thread's nice value (on Linux, `setpriority` with `PRIO_PROCESS` and a
+/// thread id acts on that thread alone); a failure is reported and the attack goes on.
+fn set_nice(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: gettid and setpriority take plain integers and touch no memory of ours.
+    let r = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice)
+    };
+    if r != 0 {
+        eprintln!(
+            "attacker: setpriority({nice}) failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }

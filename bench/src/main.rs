@@ -169,6 +169,26 @@ struct Args {
     /// on connections of its own (what it costs the load's latency; see `attack.rs`).
     #[arg(long, value_enum, value_name = "KIND")]
     attack: Option<attack::Attack>,
+    /// The attacker's source address, as another host would be. Default: 127.0.0.2 when the
+    /// forwarder is on a loopback address (leaderlink penalizes the address of an abusive
+    /// connection, and the load connects from 127.0.0.1), else the system's choice.
+    #[arg(long, value_name = "IP")]
+    attack_from: Option<std::net::IpAddr>,
+    /// The attacker thread's nice value (Linux). On a machine that also runs the server and the
+    /// load, 19 keeps the attacker's own CPU, which in a real attack is another host's, from
+    /// slowing them, so that the load's latency shows what the server pays for the attack.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    attack_nice: i32,
+    /// How long the attacker runs before the load starts (e.g. 2s): with it, the load meets the
+    /// attack in its steady state (1,000 idle connections already open, say) rather than in its
+    /// first moments.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    attack_head_start: Duration,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -399,7 +419,26 @@ async fn run(args: Args, bootstrap: String, dev: Option<DevCluster>) {
                 uri.host().expect("URL host"),
                 uri.port_u16().expect("URL port")
             );
-            let (job, tally) = attack::spawn(kind, addr, args.topic.clone(), attack_stop.clone());
+            let from = args.attack_from.or_else(|| {
+                let loopback = uri
+                    .host()
+                    .and_then(|h| h.parse::<std::net::IpAddr>().ok())
+                    .is_some_and(|ip| ip.is_loopback());
+                loopback.then(|| std::net::Ipv4Addr::new(127, 0, 0, 2).into())
+            });
+            let (job, tally) = attack::spawn(
+                kind,
+                attack::Origin {
+                    to: addr,
+                    from,
+                    nice: args.attack_nice,
+                },
+                args.topic.clone(),
+                attack_stop.clone(),
+            );
+            // The load starts once the attack is under way: what it measures is the attack
+            // going on, not only its first moments.
+            tokio::time::sleep(args.attack_head_start).await;
             Some((kind, job, tally))
         }
         _ => None,
