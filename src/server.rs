@@ -28,7 +28,8 @@ use crate::{
     forward::Forwarder,
     grpc::{
         ForwarderService,
-        idle::{IdleIo, IdleLayer},
+        abuse::{Penalties, Watched},
+        idle::{Activity, IdleIo, IdleLayer},
         layers::forwarder_stack,
     },
     kafka::error::chain,
@@ -184,37 +185,96 @@ async fn watch_cluster(forwarder: Forwarder, reporter: HealthReporter, cfg: Arc<
     }
 }
 
+/// How a caller listener takes its connections: their idle timeout (`idle_connection_timeout_ms`)
+/// and the abuse penalty (`http2_abuse_penalty_ms`, [`Penalties`]), shared by both listeners so
+/// that an address penalized on one is refused on the other too.
+#[derive(Clone)]
+struct CallerConns {
+    idle: Option<Duration>,
+    penalties: Option<Arc<Penalties>>,
+    /// `http2_max_concurrent_streams`, which [`Watched`] allows for.
+    max_concurrent_streams: u32,
+}
+
+impl CallerConns {
+    fn new(cfg: &Config) -> Self {
+        let ms = Duration::from_millis;
+        Self {
+            idle: (cfg.idle_connection_timeout_ms > 0).then(|| ms(cfg.idle_connection_timeout_ms)),
+            penalties: (cfg.http2_abuse_penalty_ms > 0)
+                .then(|| Penalties::new(ms(cfg.http2_abuse_penalty_ms))),
+            max_concurrent_streams: cfg.http2_max_concurrent_streams,
+        }
+    }
+
+    /// `tcp`, just accepted from `peer`, back unless its address is penalized
+    /// ([`Penalties::admit`]).
+    fn admit(
+        &self,
+        tcp: tokio::net::TcpStream,
+        peer: Option<SocketAddr>,
+    ) -> Option<tokio::net::TcpStream> {
+        match &self.penalties {
+            Some(p) => p.admit(tcp, peer),
+            None => Some(tcp),
+        }
+    }
+
+    /// `io`, a connection from `peer`, watched for abuse and with the idle timeout.
+    fn wrap<IO>(&self, io: IO, peer: Option<SocketAddr>) -> IdleIo<Watched<IO>> {
+        let activity = Arc::new(Activity::new());
+        IdleIo::new(
+            Watched::new(
+                io,
+                peer,
+                self.penalties.clone(),
+                activity.clone(),
+                self.max_concurrent_streams,
+            ),
+            peer,
+            self.idle,
+            activity,
+        )
+    }
+}
+
 /// Plaintext connections from `listener`, with Nagle off (answers are small and latency-bound;
-/// the builder's `tcp_nodelay` only applies to listeners tonic binds itself), each with the idle
-/// timeout `idle`.
+/// the builder's `tcp_nodelay` only applies to listeners tonic binds itself), taken as `conns`
+/// says: those from a penalized address are held or closed.
 fn plain_incoming(
     listener: TcpListener,
-    idle: Option<Duration>,
-) -> impl tokio_stream::Stream<Item = std::io::Result<IdleIo<tokio::net::TcpStream>>> {
-    tokio_stream::StreamExt::map(
+    conns: CallerConns,
+) -> impl tokio_stream::Stream<Item = std::io::Result<IdleIo<Watched<tokio::net::TcpStream>>>> {
+    tokio_stream::StreamExt::filter_map(
         tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-        move |tcp| {
-            tcp.map(|tcp| {
+        move |tcp| match tcp {
+            Ok(tcp) => {
                 let peer = tcp.peer_addr().ok();
-                IdleIo::new(tcp, peer, idle)
-            })
+                let tcp = conns.admit(tcp, peer)?;
+                Some(Ok(conns.wrap(tcp, peer)))
+            }
+            Err(e) => Some(Err(e)),
         },
     )
 }
 
-/// TLS connections from `listener` (see [`crate::tls::incoming`]), each with the idle timeout
-/// `idle`.
+/// TLS connections from `listener` (see [`crate::tls::incoming`]), taken as `conns` says: those
+/// from a penalized address are held or closed before their handshake.
 fn tls_incoming(
     listener: TcpListener,
     tls: Arc<ServerTls>,
-    idle: Option<Duration>,
-) -> impl tokio_stream::Stream<Item = std::io::Result<IdleIo<crate::tls::TlsConn>>> {
-    tokio_stream::StreamExt::map(crate::tls::incoming(listener, tls), move |conn| {
-        conn.map(|conn| {
-            let peer = conn.peer();
-            IdleIo::new(conn, peer, idle)
-        })
-    })
+    conns: CallerConns,
+) -> impl tokio_stream::Stream<Item = std::io::Result<IdleIo<Watched<crate::tls::TlsConn>>>> {
+    let admit = conns.clone();
+    tokio_stream::StreamExt::map(
+        crate::tls::incoming(listener, tls, move |tcp, peer| admit.admit(tcp, Some(peer))),
+        move |conn| {
+            conn.map(|conn| {
+                let peer = conn.peer();
+                conns.wrap(conn, peer)
+            })
+        },
+    )
 }
 
 /// The router type of both caller listeners: their services behind [`IdleLayer`].
@@ -341,7 +401,7 @@ fn serve(
     router: Router,
     listener: TcpListener,
     tls: Option<Arc<ServerTls>>,
-    idle: Option<Duration>,
+    conns: CallerConns,
     span: tracing::Span,
 ) -> (oneshot::Sender<()>, ServerTask) {
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -351,12 +411,12 @@ fn serve(
     let task = match tls {
         None => tokio::spawn(
             router
-                .serve_with_incoming_shutdown(plain_incoming(listener, idle), stopped)
+                .serve_with_incoming_shutdown(plain_incoming(listener, conns), stopped)
                 .instrument(span),
         ),
         Some(tls) => tokio::spawn(
             router
-                .serve_with_incoming_shutdown(tls_incoming(listener, tls, idle), stopped)
+                .serve_with_incoming_shutdown(tls_incoming(listener, tls, conns), stopped)
                 .instrument(span),
         ),
     };
@@ -441,15 +501,14 @@ pub async fn start(
 
     let span = info_span!(target: TASK_TARGET, "grpc", %addr, tls = forwarder_tls.is_some());
     let router = with_health_and_reflection(&cfg, health.clone())?.add_service(stack);
-    let idle = (cfg.idle_connection_timeout_ms > 0)
-        .then(|| Duration::from_millis(cfg.idle_connection_timeout_ms));
-    let (stop_tx, task) = serve(router, listener, forwarder_tls, idle, span);
+    let conns = CallerConns::new(&cfg);
+    let (stop_tx, task) = serve(router, listener, forwarder_tls, conns.clone(), span);
     let span =
         info_span!(target: TASK_TARGET, "admin", addr = %admin_addr, tls = admin_tls.is_some());
     let admin = with_health_and_reflection(&cfg, health)?.add_service(AdminServer::new(
         AdminService::new(forwarder.clone(), cfg.clone()),
     ));
-    let (stop_admin_tx, admin_task) = serve(admin, admin_listener, admin_tls, idle, span);
+    let (stop_admin_tx, admin_task) = serve(admin, admin_listener, admin_tls, conns, span);
     let metrics_task = tokio::spawn(
         crate::metrics::serve(
             metrics_listener,

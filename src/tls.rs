@@ -295,8 +295,13 @@ impl AsyncWrite for TlsConn {
 
 /// Accepts connections on `listener` and yields those that complete the TLS handshake. A
 /// failed handshake (no or wrong client certificate, plaintext, timeout) closes that
-/// connection only. The loop ends when the returned stream is dropped.
-pub fn incoming(listener: TcpListener, tls: Arc<ServerTls>) -> ReceiverStream<io::Result<TlsConn>> {
+/// connection only. Each accepted connection first goes through `admit`, which may keep it (then
+/// it gets no handshake). The loop ends when the returned stream is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<ServerTls>,
+    admit: impl Fn(TcpStream, SocketAddr) -> Option<TcpStream> + Send + 'static,
+) -> ReceiverStream<io::Result<TlsConn>> {
     let (tx, rx) = mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
@@ -315,6 +320,9 @@ pub fn incoming(listener: TcpListener, tls: Arc<ServerTls>) -> ReceiverStream<io
                     }
                 },
                 () = tx.closed() => return,
+            };
+            let Some(tcp) = admit(tcp, peer) else {
+                continue;
             };
             let _ = tcp.set_nodelay(true);
             let acceptor = tls.acceptor.clone();

@@ -148,6 +148,16 @@ pub struct Config {
     /// Largest header list a caller may send on one request, in bytes as HTTP/2 counts them
     /// (each name and value plus 32). A larger one is refused before the call starts.
     pub http2_max_header_list_size: u32,
+    /// How long a caller's IP address is refused new connections after one of its connections
+    /// was closed for abuse, in milliseconds: by HTTP/2 (GOAWAY ENHANCE_YOUR_CALM: rapid reset,
+    /// header lists far over the limit, floods of stream errors), or by leaderlink once more than
+    /// 20 of the caller's streams were answered 431 by HTTP/2 (header lists over
+    /// `http2_max_header_list_size`), or once the caller opened more streams that never became
+    /// calls than `http2_max_concurrent_streams` plus 100.
+    /// New connections from the address are held unanswered until the penalty ends, before any
+    /// HTTP/2 or TLS work; those it already has are not touched. `0`: off (and connections are
+    /// not watched).
+    pub http2_abuse_penalty_ms: u64,
     /// The HTTP/2 flow-control window leaderlink grants each caller stream, in bytes: how much
     /// of a stream's request data the caller may send before leaderlink has read it. A stream
     /// whose requests pile up unread (one with `max_stream_in_flight` calls in flight, say) thus
@@ -315,6 +325,7 @@ impl Default for Config {
             http2_max_concurrent_streams: 200,
             http2_max_pending_reset_streams: 20,
             http2_max_header_list_size: 16 * 1024,
+            http2_abuse_penalty_ms: 10_000,
             http2_initial_stream_window_bytes: 64 * 1024,
             http2_keepalive_interval_ms: 60_000,
             http2_keepalive_timeout_ms: 20_000,

@@ -104,6 +104,9 @@ impl Config {
                 "must be 1..=1000000",
             ));
         }
+        if self.http2_abuse_penalty_ms > 3_600_000 {
+            return Err(bad("http2_abuse_penalty_ms", "must be 0..=3600000"));
+        }
         if !(16 * 1024..=i32::MAX as u32).contains(&self.http2_initial_stream_window_bytes) {
             return Err(bad(
                 "http2_initial_stream_window_bytes",

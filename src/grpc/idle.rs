@@ -22,7 +22,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -43,22 +43,38 @@ pub const QUIET: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct Activity {
     calls: AtomicUsize,
+    /// Calls begun since the connection was accepted (see [`crate::grpc::abuse`]).
+    started: AtomicU64,
     /// When the last call ended (or the connection was accepted).
     last_call: Mutex<Instant>,
 }
 
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Activity {
-    fn new() -> Self {
+    /// A connection just accepted: no call yet.
+    pub fn new() -> Self {
         Self {
             calls: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
             last_call: Mutex::new(Instant::now()),
         }
     }
 
     /// A call begins; it is in progress until the guard is dropped.
     fn enter(self: &Arc<Self>) -> CallGuard {
+        self.started.fetch_add(1, Ordering::Relaxed);
         self.calls.fetch_add(1, Ordering::SeqCst);
         CallGuard(self.clone())
+    }
+
+    /// Calls begun on the connection so far.
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
     }
 
     /// Since when the connection has had no call (`None`: a call is in progress).
@@ -102,13 +118,19 @@ pub struct IdleIo<IO> {
 }
 
 impl<IO> IdleIo<IO> {
-    /// Wraps `inner`, a connection from `peer`; `timeout` `None` turns the idle timeout off.
-    pub fn new(inner: IO, peer: Option<SocketAddr>, timeout: Option<Duration>) -> Self {
+    /// Wraps `inner`, a connection from `peer` whose calls `activity` counts; `timeout` `None`
+    /// turns the idle timeout off.
+    pub fn new(
+        inner: IO,
+        peer: Option<SocketAddr>,
+        timeout: Option<Duration>,
+        activity: Arc<Activity>,
+    ) -> Self {
         let now = Instant::now();
         Self {
             inner,
             peer,
-            activity: Arc::new(Activity::new()),
+            activity,
             timeout,
             last_read: now,
             timer: Box::pin(tokio::time::sleep_until(now)),

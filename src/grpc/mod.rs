@@ -1,5 +1,6 @@
 //! Thin tonic handlers, and the one place that maps errors to gRPC status codes.
 
+pub mod abuse;
 pub mod idle;
 pub mod layers;
 

@@ -2,7 +2,10 @@
 //! config key (README "Protection against overload"), and each test shows that key at work
 //! while a well-behaved caller alongside is still served.
 
-use std::time::Duration;
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::Request;
@@ -26,15 +29,27 @@ async fn assert_served(h: &Harness, topic: &str) {
     assert_eq!(resp.partitions[0].error_code, 0, "{resp:?}");
 }
 
-/// A raw HTTP/2 client connection to leaderlink; its connection task's outcome comes back on the
-/// handle.
+/// The attackers' source address: another host than the well-behaved caller's 127.0.0.1, since
+/// leaderlink penalizes the address of a connection it closed for abuse
+/// (`http2_abuse_penalty_ms`).
+const ATTACKER: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+/// A TCP connection to leaderlink from `from`.
+async fn tcp_from(h: &Harness, from: IpAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(from, 0)).unwrap();
+    socket.connect(h.server.addr).await.unwrap()
+}
+
+/// A raw HTTP/2 client connection to leaderlink from [`ATTACKER`]; its connection task's outcome
+/// comes back on the handle.
 async fn raw_h2(
     h: &Harness,
 ) -> (
     h2::client::SendRequest<Bytes>,
     tokio::task::JoinHandle<Result<(), h2::Error>>,
 ) {
-    let tcp = TcpStream::connect(h.server.addr).await.unwrap();
+    let tcp = tcp_from(h, ATTACKER).await;
     let (send, conn) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
     (send, tokio::spawn(conn))
 }
@@ -54,7 +69,18 @@ fn forward_headers() -> Request<()> {
 async fn a_rapid_reset_costs_the_attacker_its_connection() {
     let h = common::start(|cfg| cfg.http2_max_pending_reset_streams = 20).await;
     let (topic, _) = common::warm_topic(&h, "h2-reset", 1).await;
-    let (mut send, conn) = raw_h2(&h).await;
+    let opened = rapid_reset_until_closed(&h).await;
+    assert!(
+        opened < 100_000,
+        "the server stopped the loop: {opened} streams"
+    );
+    assert_served(&h, &topic).await;
+}
+
+/// Opens and resets streams from [`ATTACKER`] in a tight loop until the server closes the
+/// connection, which it must do with GOAWAY (ENHANCE_YOUR_CALM) within 10 s; the streams opened.
+async fn rapid_reset_until_closed(h: &Harness) -> usize {
+    let (mut send, conn) = raw_h2(h).await;
     let mut opened = 0;
     for _ in 0..100_000 {
         let Ok(ready) = send.ready().await else { break };
@@ -81,9 +107,101 @@ async fn a_rapid_reset_costs_the_attacker_its_connection() {
             ),
         "{e:?}"
     );
+    opened
+}
+
+/// Whether leaderlink answers a new connection from `from` within `within`: its first bytes
+/// (its SETTINGS frame) arrive, as they do at once on a connection it serves.
+async fn answers_connection_from(h: &Harness, from: IpAddr, within: Duration) -> bool {
+    let mut tcp = tcp_from(h, from).await;
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut first = [0u8; 9];
+    matches!(
+        tokio::time::timeout(within, tcp.read(&mut first)).await,
+        Ok(Ok(n)) if n > 0
+    )
+}
+
+/// After a connection closed for rapid reset, the attacker's address gets no answer on new
+/// connections for `http2_abuse_penalty_ms` (they are held, unanswered), while other addresses
+/// are served; after the penalty it is answered again. With the penalty at 0 it is answered at
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rapid_resetters_address_is_held_off_for_the_penalty() {
+    const PENALTY: Duration = Duration::from_secs(3);
+    let h = common::start(|cfg| cfg.http2_abuse_penalty_ms = PENALTY.as_millis() as u64).await;
+    let (topic, _) = common::warm_topic(&h, "h2-penalty", 1).await;
+    let other = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
+    assert!(answers_connection_from(&h, ATTACKER, Duration::from_secs(5)).await);
+    rapid_reset_until_closed(&h).await;
+    let penalized = tokio::time::Instant::now();
     assert!(
-        opened < 100_000,
-        "the server stopped the loop: {opened} streams"
+        !answers_connection_from(&h, ATTACKER, Duration::from_secs(1)).await,
+        "a penalized address was answered"
+    );
+    assert!(
+        answers_connection_from(&h, other, Duration::from_secs(5)).await,
+        "another address was not answered"
+    );
+    assert_served(&h, &topic).await;
+    tokio::time::sleep(PENALTY.saturating_sub(penalized.elapsed()) + Duration::from_millis(200))
+        .await;
+    assert!(
+        answers_connection_from(&h, ATTACKER, Duration::from_secs(5)).await,
+        "the address was still refused after its penalty"
+    );
+    h.server.shutdown(Duration::from_secs(5)).await;
+
+    let h = common::start(|cfg| cfg.http2_abuse_penalty_ms = 0).await;
+    rapid_reset_until_closed(&h).await;
+    assert!(
+        answers_connection_from(&h, ATTACKER, Duration::from_secs(5)).await,
+        "with the penalty off, the address is answered at once"
+    );
+}
+
+/// h2 answers a header list between one and four times `http2_max_header_list_size` with 431,
+/// and would do so for ever on one connection. Such streams never become calls: leaderlink
+/// closes the connection once more than `MAX_REFUSED_STREAMS` (20) streams were answered
+/// without becoming calls, and penalizes its address; a well-behaved caller is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_keeps_sending_oversized_headers_loses_its_connection() {
+    let h = common::start(|_| {}).await;
+    let (topic, _) = common::warm_topic(&h, "h2-oversized", 1).await;
+    let (mut send, conn) = raw_h2(&h).await;
+    let mut refused = 0;
+    for _ in 0..10_000 {
+        let Ok(ready) = send.ready().await else { break };
+        send = ready;
+        let mut req = forward_headers();
+        req.headers_mut()
+            .insert("x-padding", "p".repeat(20 * 1024).parse().unwrap());
+        let Ok((answer, _)) = send.send_request(req, true) else {
+            break;
+        };
+        match answer.await {
+            Ok(a) => {
+                assert_eq!(a.status(), 431, "a 20 KiB header list is refused");
+                refused += 1;
+            }
+            Err(e) if e.is_reset() => refused += 1,
+            Err(_) => break,
+        }
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .unwrap_or_else(|_| panic!("the connection is closed (after {refused} refusals)"));
+    assert!(ended.is_ok(), "{ended:?}");
+    let allowed = leaderlink::grpc::abuse::MAX_REFUSED_STREAMS as usize;
+    assert!(
+        (allowed..=allowed + 1).contains(&refused),
+        "closed after {refused} refusals"
+    );
+    assert!(
+        !answers_connection_from(&h, ATTACKER, Duration::from_secs(1)).await,
+        "the address is penalized"
     );
     assert_served(&h, &topic).await;
 }

@@ -185,6 +185,7 @@ linger_ms = {{ include "leaderlink.tomlInt" $c.linger_ms }}
 http2_max_concurrent_streams = {{ include "leaderlink.tomlInt" $c.http2_max_concurrent_streams }}
 http2_max_pending_reset_streams = {{ include "leaderlink.tomlInt" $c.http2_max_pending_reset_streams }}
 http2_max_header_list_size = {{ include "leaderlink.tomlInt" $c.http2_max_header_list_size }}
+http2_abuse_penalty_ms = {{ include "leaderlink.tomlInt" $c.http2_abuse_penalty_ms }}
 http2_initial_stream_window_bytes = {{ include "leaderlink.tomlInt" $c.http2_initial_stream_window_bytes }}
 http2_keepalive_interval_ms = {{ include "leaderlink.tomlInt" $c.http2_keepalive_interval_ms }}
 http2_keepalive_timeout_ms = {{ include "leaderlink.tomlInt" $c.http2_keepalive_timeout_ms }}
