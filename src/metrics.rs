@@ -1,8 +1,8 @@
 //! `GET /metrics` in the Prometheus text format.
 //!
 //! Every value is read at scrape time from the counters the forwarding path keeps anyway
-//! ([`crate::stats::Stats`], each connection slot's [`ConnStats`], the metadata client and the
-//! span exporter), so `/metrics` and the admin service cannot disagree and scraping adds
+//! ([`crate::stats::Stats`], each connection slot's [`ConnStats`], the metadata client, the span
+//! exporter and the caller listeners' abuse watch), so `/metrics` and the admin service cannot disagree and scraping adds
 //! nothing to the forwarding path. prometheus-client encodes them.
 //!
 //! Labels are bounded: `code` and `outcome` (a fixed set), `broker_id` (the cluster's brokers),
@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     forward::Forwarder,
+    grpc,
     kafka::{connection::ConnStats, histogram::Histogram},
     stats::{Outcome, Stats, code_name},
     telemetry,
@@ -183,6 +184,26 @@ impl Collector for ForwarderCollector {
             "Times a broker was found not answering and avoided until it answered a probe.",
             None,
             f.pool().suspects().marked(),
+        )?;
+        counter(
+            &mut e,
+            "leaderlink_caller_penalties",
+            "Caller addresses penalized after a connection of theirs was closed for abuse (http2_abuse_penalty_ms).",
+            None,
+            grpc::abuse::penalties(),
+        )?;
+        gauge(
+            &mut e,
+            "leaderlink_caller_connections_held",
+            "Connections from penalized caller addresses held unanswered now.",
+            grpc::abuse::connections_held(),
+        )?;
+        counter(
+            &mut e,
+            "leaderlink_caller_connections_closed_at_accept",
+            "Connections from penalized caller addresses closed as accepted, the held ones being at their maximum.",
+            None,
+            grpc::abuse::connections_closed(),
         )?;
         counter(
             &mut e,

@@ -37,7 +37,10 @@ use std::{
     io,
     net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -85,6 +88,26 @@ const ENHANCE_YOUR_CALM: u32 = 0xb;
 /// The client connection preface (RFC 9113 §3.4), before a caller's first frame.
 const PREFACE_LEN: usize = 24;
 
+static PENALTIES: AtomicU64 = AtomicU64::new(0);
+static HELD: AtomicU64 = AtomicU64::new(0);
+static CLOSED: AtomicU64 = AtomicU64::new(0);
+
+/// Caller addresses penalized so far, in this process (`/metrics`).
+pub fn penalties() -> u64 {
+    PENALTIES.load(Ordering::Relaxed)
+}
+
+/// Connections from penalized addresses held now, in this process (`/metrics`).
+pub fn connections_held() -> u64 {
+    HELD.load(Ordering::Relaxed)
+}
+
+/// Connections from penalized addresses closed as they were accepted, because [`MAX_HELD`] were
+/// held, so far in this process (`/metrics`).
+pub fn connections_closed() -> u64 {
+    CLOSED.load(Ordering::Relaxed)
+}
+
 /// The caller addresses refused new connections, and until when.
 #[derive(Debug)]
 pub struct Penalties {
@@ -127,6 +150,7 @@ impl Penalties {
         };
         let Ok(slot) = self.held.clone().try_acquire_owned() else {
             debug!(?peer, "closing a connection from a penalized address");
+            CLOSED.fetch_add(1, Ordering::Relaxed);
             return None;
         };
         debug!(?peer, "holding a connection from a penalized address");
@@ -146,6 +170,7 @@ impl Penalties {
             }
         }
         until.insert(peer.ip(), now + self.penalty);
+        PENALTIES.fetch_add(1, Ordering::Relaxed);
         warn!(
             %peer,
             cause,
@@ -159,6 +184,11 @@ impl Penalties {
 /// closes it. It reads all there is at most once per [`HOLD_PACE`]: an attacker writing small
 /// frames one by one would otherwise wake the server for each.
 async fn hold(tcp: TcpStream, until: Instant, _slot: OwnedSemaphorePermit) {
+    HELD.fetch_add(1, Ordering::Relaxed);
+    // Counted out however the task ends (also when the runtime drops it).
+    let _held = OnDrop(|| {
+        HELD.fetch_sub(1, Ordering::Relaxed);
+    });
     let mut buf = vec![0; HOLD_BUFFER];
     let drain = async {
         loop {
@@ -177,6 +207,15 @@ async fn hold(tcp: TcpStream, until: Instant, _slot: OwnedSemaphorePermit) {
         }
     };
     let _ = tokio::time::timeout_at(until, drain).await;
+}
+
+/// Runs its closure when dropped.
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
 }
 
 /// What [`FrameScan`] reports.

@@ -124,10 +124,24 @@ async fn answers_connection_from(h: &Harness, from: IpAddr, within: Duration) ->
     )
 }
 
+/// A process-wide value of leaderlink's `/metrics` (summed over label sets; 0 when absent).
+async fn caller_metric(h: &Harness, name: &'static str) -> f64 {
+    let addr = h.server.metrics_addr.to_string();
+    let (status, _, body) =
+        tokio::task::spawn_blocking(move || common::http_get(&addr, "/metrics"))
+            .await
+            .unwrap()
+            .expect("an HTTP response");
+    assert_eq!(status, 200);
+    body.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        .sum()
+}
+
 /// After a connection closed for rapid reset, the attacker's address gets no answer on new
 /// connections for `http2_abuse_penalty_ms` (they are held, unanswered), while other addresses
-/// are served; after the penalty it is answered again. With the penalty at 0 it is answered at
-/// once.
+/// are served; after the penalty it is answered again. `/metrics` counts the penalty and shows
+/// a held connection. With the penalty at 0 it is answered at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rapid_resetters_address_is_held_off_for_the_penalty() {
     const PENALTY: Duration = Duration::from_secs(3);
@@ -135,8 +149,23 @@ async fn a_rapid_resetters_address_is_held_off_for_the_penalty() {
     let (topic, _) = common::warm_topic(&h, "h2-penalty", 1).await;
     let other = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
     assert!(answers_connection_from(&h, ATTACKER, Duration::from_secs(5)).await);
+    let before = caller_metric(&h, "leaderlink_caller_penalties_total").await;
     rapid_reset_until_closed(&h).await;
     let penalized = tokio::time::Instant::now();
+    assert!(
+        caller_metric(&h, "leaderlink_caller_penalties_total").await > before,
+        "the penalty is counted"
+    );
+    // A connection from the address, held open: /metrics shows it held.
+    let held = tcp_from(&h, ATTACKER).await;
+    let shown = tokio::time::timeout(Duration::from_secs(2), async {
+        while caller_metric(&h, "leaderlink_caller_connections_held").await < 1.0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(shown.is_ok(), "the held connection is shown");
+    drop(held);
     assert!(
         !answers_connection_from(&h, ATTACKER, Duration::from_secs(1)).await,
         "a penalized address was answered"
