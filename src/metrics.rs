@@ -188,7 +188,7 @@ impl Collector for ForwarderCollector {
         counter(
             &mut e,
             "leaderlink_caller_penalties",
-            "Caller addresses penalized after a connection of theirs was closed for abuse (http2_abuse_penalty_ms).",
+            "Penalties given to caller addresses, one per connection closed for abuse (http2_abuse_penalty_ms).",
             None,
             grpc::abuse::penalties(),
         )?;

@@ -92,7 +92,8 @@ static PENALTIES: AtomicU64 = AtomicU64::new(0);
 static HELD: AtomicU64 = AtomicU64::new(0);
 static CLOSED: AtomicU64 = AtomicU64::new(0);
 
-/// Caller addresses penalized so far, in this process (`/metrics`).
+/// Penalties given so far, in this process (`/metrics`): one per connection closed for abuse
+/// (one already penalized address's penalty starts again).
 pub fn penalties() -> u64 {
     PENALTIES.load(Ordering::Relaxed)
 }
