@@ -5,7 +5,8 @@
 //! (bit 0: pass a traceparent), then a protobuf `leaderlink.v1.ForwardRequest`.
 //!
 //! Checked: no panic; errors are only `Invalid`; on success one item per partition in request
-//! order, each with a valid topic, a partition >= 0 and a batch that passes `batch::check`
+//! order, each with a valid topic, a partition >= -1 (-1, `CHOOSE_PARTITION`, only for `records`
+//! that share one key, which the item carries) and a batch that passes `batch::check`
 //! again with the item's record count and idempotence; raw batches are forwarded byte for byte;
 //! batches encoded from `records` decode with kafka-protocol into the same keys, values and
 //! timestamps, with the traceparent header added where the record had none.
@@ -16,7 +17,7 @@ use kafka_protocol::records::RecordBatchDecoder;
 use leaderlink::{
     forward::{
         ForwardError, batch,
-        validate::{TRACEPARENT, check_topic, validate},
+        validate::{CHOOSE_PARTITION, TRACEPARENT, check_topic, validate},
     },
     proto::v1::ForwardRequest,
 };
@@ -61,7 +62,16 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(it.topic, p.topic);
                 assert_eq!(it.partition, p.partition);
                 assert!(check_topic(&it.topic).is_ok());
-                assert!(it.partition >= 0);
+                assert!(it.partition >= CHOOSE_PARTITION);
+                if it.partition == CHOOSE_PARTITION {
+                    assert!(p.record_batch.is_empty(), "a raw batch to partition -1 passed");
+                    assert!(
+                        p.records.iter().all(|r| r.key == it.key),
+                        "the item's key is not every record's"
+                    );
+                } else {
+                    assert!(it.key.is_none());
+                }
                 let info = batch::check(&it.batch)
                     .unwrap_or_else(|e| panic!("validated batch fails the check: {e}"));
                 assert_eq!(info.records, it.records as i32);
