@@ -6,7 +6,6 @@
 use std::{collections::HashMap, sync::Arc};
 
 use tokio::{sync::oneshot, time::Instant};
-use tracing::Span;
 
 use super::{
     Forwarder, GateHold,
@@ -17,6 +16,7 @@ use super::{
 use crate::{
     kafka::{coalesce::Ticket, connection::Connection, error::ConnError, metadata::Broker},
     proto::v1::PartitionResult,
+    telemetry::SendSpan,
 };
 
 /// Why a partition's last attempt failed (reported if the deadline passes).
@@ -93,7 +93,7 @@ pub(super) struct Round {
 
 /// A request queued on a leader connection, for the await phase: the connection, the leader's
 /// id, the items it carries, its ticket, and the span that follows it.
-pub(super) type Wait = (Arc<Connection>, i32, Vec<usize>, Ticket, Span);
+pub(super) type Wait = (Arc<Connection>, i32, Vec<usize>, Ticket, SendSpan);
 
 impl<'a> Call<'a> {
     /// A call's state before its first round.

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use tokio::time::Instant;
-use tracing::{Instrument, Span};
 
 use super::{
     call::{Call, Failure, Round, Wait, join_each},
@@ -24,30 +23,28 @@ use crate::kafka::{
     metadata::Broker,
     produce::{Answers, PartitionAnswer},
 };
-use crate::proto::v1::RecordError;
+use crate::{proto::v1::RecordError, telemetry::SendSpan};
 
 /// A request's outcome: the answer (`None` for acks=0 once written), and where the chunk's
 /// batches went in the request's record batches (per item of the chunk).
 type Outcome = Result<(Option<Arc<Answers>>, Vec<Placement>), RequestError>;
 
 /// [`Wait`] with its request's outcome.
-pub(super) type Answered = (Arc<Connection>, i32, Vec<usize>, Outcome, Span);
+pub(super) type Answered = (Arc<Connection>, i32, Vec<usize>, Outcome, SendSpan);
 
-/// Await phase: every request of the round, each within its span, until answered or the
-/// deadline.
+/// Await phase: every request of the round, until answered or the deadline.
 pub(super) async fn await_answers(waits: Vec<Wait>, deadline: Instant) -> Vec<Answered> {
-    let one = |(conn, broker, chunk, ticket, span): Wait| {
-        async move {
-            let r = ticket
-                .outcome(deadline, |sent| {
-                    let span = Span::current();
-                    span.record("leaderlink.correlation_id", sent.correlation_id());
-                    span.record("leaderlink.request_partitions", sent.partitions() as i64);
-                })
-                .await;
-            (conn, broker, chunk, r, Span::current())
-        }
-        .instrument(span)
+    let one = |(conn, broker, chunk, ticket, mut span): Wait| async move {
+        let r = ticket
+            .outcome(deadline, |sent| {
+                span.set(
+                    "leaderlink.correlation_id",
+                    i64::from(sent.correlation_id()),
+                );
+                span.set("leaderlink.request_partitions", sent.partitions() as i64);
+            })
+            .await;
+        (conn, broker, chunk, r, span)
     };
     join_each(waits.into_iter(), one).await
 }
@@ -55,9 +52,8 @@ pub(super) async fn await_answers(waits: Vec<Wait>, deadline: Instant) -> Vec<An
 impl Call<'_> {
     /// Judge phase for one request.
     pub(super) fn judge(&mut self, answered: Answered, r: &mut Round) {
-        let (conn, broker, chunk, outcome, span) = answered;
-        // The span ends when this call has read the answer.
-        let _entered = span.enter();
+        // The span ends when this call has read the answer (it is dropped on return).
+        let (conn, broker, chunk, outcome, mut span) = answered;
         // Whatever came back, the chunk's batches with a producer id are off the wire
         // until they are sent again (or settled below).
         for &i in &chunk {
@@ -107,9 +103,8 @@ impl Call<'_> {
             Err(RequestError { cause, maybe_sent }) => {
                 // The coalescer has poisoned the connection where the failure calls for
                 // it; a request taken back unsent leaves it healthy.
-                span.record("error.type", "connection");
-                span.record("otel.status_code", "error");
-                span.record("otel.status_description", chain(&cause));
+                span.set("error.type", "connection");
+                span.fail(|| chain(&cause));
                 // Running out of time in the queue or while others still wait is no
                 // news when an earlier attempt already failed for a reason.
                 let deadline_artifact =
@@ -154,8 +149,10 @@ impl Call<'_> {
             if a.error_code != 0 {
                 // A request answers for several partitions; the span shows the first
                 // error (each partition's is in its result).
-                span.record("leaderlink.kafka_error_code", a.error_code);
-                span.record("error.type", error_name(a.error_code));
+                if span.is_recording() {
+                    span.set("leaderlink.kafka_error_code", i64::from(a.error_code));
+                    span.set("error.type", error_name(a.error_code));
+                }
             }
             let placed = placements.get(k).copied().unwrap_or_default();
             self.judge_partition(i, a, placed, &answers.endpoints, broker, r);

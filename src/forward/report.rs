@@ -1,7 +1,7 @@
 //! What a call answers: each partition's result, and the errors that end a call as a whole
 //! (with the partitions they concern), plus the span of one Produce request.
 
-use tracing::{Span, debug_span, field::Empty};
+use opentelemetry::KeyValue;
 
 use super::{
     ForwardError,
@@ -15,6 +15,7 @@ use crate::{
         metadata::Broker,
     },
     proto::v1::PartitionResult,
+    telemetry::SendSpan,
 };
 
 /// The call's error when a leader connection's bound refused a batch (RESOURCE_EXHAUSTED).
@@ -81,53 +82,48 @@ pub(super) fn expired(v: &Validated, st: &[ItemState], pending: &[usize]) -> For
 }
 
 /// The span of one Produce request to a leader (OpenTelemetry messaging conventions, client
-/// side): entered while the request awaits its answer, ended once the answer is read.
-pub(super) fn leader_span(v: &Validated, chunk: &[usize], broker: &Broker, attempt: u32) -> Span {
-    let first = &v.items[chunk[0]];
-    let span = debug_span!(
-        "produce",
-        otel.name = Empty,
-        otel.kind = "client",
-        otel.status_code = Empty,
-        otel.status_description = Empty,
-        messaging.system = "kafka",
-        messaging.operation.type = "send",
-        messaging.operation.name = "produce",
-        messaging.destination.name = Empty,
-        messaging.destination.partition.id = Empty,
-        messaging.batch.message_count = Empty,
-        server.address = broker.host.as_str(),
-        server.port = broker.port,
-        leaderlink.leader_id = broker.id,
-        leaderlink.partitions = chunk.len() as i64,
-        leaderlink.attempt = i64::from(attempt),
-        leaderlink.acks = v.acks,
-        leaderlink.correlation_id = Empty,
-        leaderlink.request_partitions = Empty,
-        leaderlink.kafka_error_code = Empty,
-        error.type = Empty,
-    );
-    // Nothing takes the span (no span export, logs above debug): skip the work below, which
-    // would run on every request.
-    if span.is_disabled() {
-        return span;
-    }
-    // Integers as i64: OpenTelemetry has no unsigned attributes (u64 would export as a string).
-    let records: i64 = chunk.iter().map(|&i| i64::from(v.items[i].records)).sum();
-    span.record("messaging.batch.message_count", records);
-    if chunk.iter().all(|&i| v.items[i].topic == first.topic) {
-        span.record("otel.name", format!("send {}", first.topic));
-        span.record("messaging.destination.name", first.topic.as_str());
-    } else {
-        span.record("otel.name", "send");
-    }
-    if chunk.len() == 1 {
-        span.record(
-            "messaging.destination.partition.id",
-            first.partition.to_string(),
-        );
-    }
-    span
+/// side), a child of the call's span: started when the request is queued, ended once the call
+/// has read the answer. Nothing is built unless the span is recorded.
+pub(super) fn leader_span(
+    v: &Validated,
+    chunk: &[usize],
+    broker: &Broker,
+    attempt: u32,
+) -> SendSpan {
+    SendSpan::start(|| {
+        let first = &v.items[chunk[0]];
+        // Integers as i64: OpenTelemetry has no unsigned attributes (u64 would export as a
+        // string).
+        let records: i64 = chunk.iter().map(|&i| i64::from(v.items[i].records)).sum();
+        let mut attributes = vec![
+            KeyValue::new("messaging.system", "kafka"),
+            KeyValue::new("messaging.operation.type", "send"),
+            KeyValue::new("messaging.operation.name", "produce"),
+            KeyValue::new("messaging.batch.message_count", records),
+            KeyValue::new("server.address", broker.host.clone()),
+            KeyValue::new("server.port", i64::from(broker.port)),
+            KeyValue::new("leaderlink.leader_id", i64::from(broker.id)),
+            KeyValue::new("leaderlink.partitions", chunk.len() as i64),
+            KeyValue::new("leaderlink.attempt", i64::from(attempt)),
+            KeyValue::new("leaderlink.acks", i64::from(v.acks)),
+        ];
+        let name = if chunk.iter().all(|&i| v.items[i].topic == first.topic) {
+            attributes.push(KeyValue::new(
+                "messaging.destination.name",
+                first.topic.clone(),
+            ));
+            format!("send {}", first.topic).into()
+        } else {
+            "send".into()
+        };
+        if chunk.len() == 1 {
+            attributes.push(KeyValue::new(
+                "messaging.destination.partition.id",
+                first.partition.to_string(),
+            ));
+        }
+        (name, attributes)
+    })
 }
 
 /// "; answered: t-0 at offset 5, …" for the partitions that already have a result.

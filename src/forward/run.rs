@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use opentelemetry::KeyValue;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -34,6 +35,7 @@ use crate::{
         pool::Leader,
     },
     proto::v1::ForwardResponse,
+    telemetry,
 };
 
 /// A leader's batches of this round.
@@ -276,6 +278,12 @@ impl Call<'_> {
             }
             cause => {
                 debug!(broker = broker.id, cause = %cause, "leader connection failed");
+                telemetry::call_event("leader connection failed", || {
+                    vec![
+                        KeyValue::new("leaderlink.leader_id", i64::from(broker.id)),
+                        KeyValue::new("error.message", chain(&cause)),
+                    ]
+                });
                 r.avoided |= matches!(cause, ConnError::Avoided { .. });
                 let out_of_time = Instant::now() >= self.deadline;
                 for i in items {
@@ -351,6 +359,15 @@ impl Call<'_> {
             return Ok(Some(pending));
         }
         debug!(pending = pending.len(), ?backoff, "retrying partitions");
+        telemetry::call_event("retrying partitions", || {
+            vec![
+                KeyValue::new("leaderlink.pending", pending.len() as i64),
+                KeyValue::new(
+                    "leaderlink.backoff_ms",
+                    i64::try_from(backoff.as_millis()).unwrap_or(i64::MAX),
+                ),
+            ]
+        });
         tokio::time::sleep_until((now + *backoff).min(deadline)).await;
         // A round started with no time left would only fail at once (a dial with an expired
         // deadline, a refresh cut short) and bury the real cause under that failure.

@@ -8,8 +8,6 @@ use std::{
     sync::{Arc, atomic::Ordering},
 };
 
-use tracing::Span;
-
 use super::{
     GateHold,
     call::{Call, Failure, Round, mark_on_wire, open_of, tp_of, turn_of},
@@ -27,6 +25,7 @@ use crate::kafka::{
     producer_id::InitProducerIdError,
     record_batch::Codec,
 };
+use crate::telemetry::SendSpan;
 
 impl Call<'_> {
     /// Submit phase for one leader connection's batches of the round.
@@ -287,7 +286,7 @@ impl Call<'_> {
     }
 
     /// The span of the request carrying `chunk`, on its first attempt or a retry.
-    pub(super) fn span(&self, chunk: &[usize], broker: &Broker) -> Span {
+    pub(super) fn span(&self, chunk: &[usize], broker: &Broker) -> SendSpan {
         let attempt = chunk.iter().map(|&i| self.st[i].attempts).max();
         leader_span(&self.v, chunk, broker, attempt.unwrap_or(1))
     }

@@ -12,8 +12,8 @@ use tokio::{
     time::Instant,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Request, Response, Status, metadata::MetadataMap};
-use tracing::{Instrument, Span, debug_span, field::Empty, info_span, warn};
+use tonic::{Request, Response, Status, metadata::MetadataMap};
+use tracing::{Instrument, Span, debug_span, info_span, warn};
 
 use crate::{
     forward::{ForwardError, Forwarder},
@@ -22,7 +22,7 @@ use crate::{
         ForwardBatch, ForwardBatchResponse, ForwardRequest, ForwardResponse, forwarder_server,
     },
     stats::{GaugeGuard, Outcome},
-    telemetry::{self, TASK_TARGET},
+    telemetry::{CALL_TARGET, CallTrace, TASK_TARGET},
 };
 
 /// Every way a Forwarder call can end without its answer. [`status`] is the one place that
@@ -170,44 +170,19 @@ fn outcome_of(r: &Result<ForwardResponse, Status>) -> Outcome {
     }
 }
 
-/// The server span of one Forward call or ForwardStream request (OpenTelemetry RPC
-/// conventions). Its parent is the caller's `traceparent`, set by [`telemetry::adopt_caller`].
+/// The `tracing` span of one Forward call or stream request: the context of its log lines (at
+/// debug). Its exported span is a [`CallTrace`].
 fn call_span(method: &'static str, id: u64) -> Span {
-    debug_span!(
-        "rpc",
-        otel.name = method,
-        otel.kind = "server",
-        otel.status_code = Empty,
-        otel.status_description = Empty,
-        rpc.system = "grpc",
-        rpc.service = "leaderlink.v1.Forwarder",
-        rpc.method = method.rsplit('/').next().unwrap_or(method),
-        rpc.grpc.status_code = Empty,
-        leaderlink.request_id = id,
-        leaderlink.outcome = Empty,
-    )
+    debug_span!(target: CALL_TARGET, "rpc", rpc.method = method, leaderlink.request_id = id)
 }
 
-/// Records how a call ended on its span. Server spans are errors only for the codes that mean
-/// the server failed (OpenTelemetry gRPC conventions), not for the caller's mistakes.
-fn end_span(span: &Span, outcome: Outcome, r: &Result<ForwardResponse, Status>) {
-    let code = outcome.code();
-    span.record("rpc.grpc.status_code", code as i32);
-    span.record("leaderlink.outcome", outcome.name());
-    if let Err(s) = r
-        && matches!(
-            code,
-            Code::Unknown
-                | Code::DeadlineExceeded
-                | Code::Unimplemented
-                | Code::Internal
-                | Code::Unavailable
-                | Code::DataLoss
-        )
-    {
-        span.record("otel.status_code", "error");
-        span.record("otel.status_description", s.message());
-    }
+/// Ends a call's exported span with how the call ended.
+fn end_trace(trace: CallTrace, outcome: Outcome, r: &Result<ForwardResponse, Status>) {
+    trace.end(
+        outcome.code(),
+        outcome.name(),
+        r.as_ref().err().map(Status::message),
+    );
 }
 
 #[tonic::async_trait]
@@ -220,9 +195,12 @@ impl forwarder_server::Forwarder for ForwarderService {
         // Outside its stack (no deadline layer) a call still gets the default.
         let deadline =
             Self::deadline(&request).unwrap_or_else(|| Instant::now() + self.default_timeout);
-        let span = call_span("leaderlink.v1.Forwarder/Forward", request.get_ref().id);
-        let traceparent = telemetry::adopt_caller(
-            &span,
+        const METHOD: &str = "leaderlink.v1.Forwarder/Forward";
+        let id = request.get_ref().id;
+        let span = call_span(METHOD, id);
+        let (trace, traceparent) = CallTrace::start(
+            METHOD,
+            id,
             request.metadata(),
             self.forwarder.wants_traceparent(),
         );
@@ -236,17 +214,18 @@ impl forwarder_server::Forwarder for ForwarderService {
             traceparent.as_deref(),
             None,
         ));
-        let result = async {
-            tokio::select! {
-                biased;
-                r = call => r.map_err(|e| status(Failure::Forward(&e))),
-                () = aborted(self.abort.clone()) => Err(status(Failure::ShuttingDown)),
-            }
-        }
-        .instrument(span.clone())
-        .await;
+        let result = trace
+            .scope(async {
+                tokio::select! {
+                    biased;
+                    r = call => r.map_err(|e| status(Failure::Forward(&e))),
+                    () = aborted(self.abort.clone()) => Err(status(Failure::ShuttingDown)),
+                }
+            })
+            .instrument(span)
+            .await;
         let outcome = outcome_of(&result);
-        end_span(&span, outcome, &result);
+        end_trace(trace, outcome, &result);
         stats.record(outcome, started.elapsed());
         result.map(Response::new)
     }
@@ -427,8 +406,12 @@ impl ForwarderService {
     ) -> oneshot::Receiver<()> {
         let started = Instant::now();
         let span = call_span(method, req.id);
-        let traceparent =
-            telemetry::adopt_caller(&span, &head.metadata, self.forwarder.wants_traceparent());
+        let (trace, traceparent) = CallTrace::start(
+            method,
+            req.id,
+            &head.metadata,
+            self.forwarder.wants_traceparent(),
+        );
         let mut deadline = started + self.default_timeout;
         if let Some(d) = head.deadline {
             deadline = deadline.min(d);
@@ -459,7 +442,6 @@ impl ForwarderService {
         // A stream's requests count against max_concurrent_calls like unary calls; one over the
         // budget is shed (answered in band, in its partitions' order).
         let call = self.calls.clone().try_acquire_owned();
-        let task_span = span.clone();
         tokio::spawn(
             async move {
                 let stats = forwarder.stats().clone();
@@ -467,8 +449,12 @@ impl ForwarderService {
                     Err(_) => (Err(status(Failure::Shed(None))), Outcome::Shed),
                     Ok(_call) => {
                         let _in_progress = GaugeGuard::enter(&stats.calls_in_progress);
-                        let call =
-                            forwarder.forward(req, deadline, traceparent.as_deref(), Some(enq_tx));
+                        let call = trace.scope(forwarder.forward(
+                            req,
+                            deadline,
+                            traceparent.as_deref(),
+                            Some(enq_tx),
+                        ));
                         let r = tokio::select! {
                             r = call => r.map_err(|e| status(Failure::Forward(&e))),
                             () = aborted(abort) => Err(status(Failure::ShuttingDown)),
@@ -485,7 +471,7 @@ impl ForwarderService {
                         (r, outcome)
                     }
                 };
-                end_span(&span, outcome, &result);
+                end_trace(trace, outcome, &result);
                 stats.record(outcome, started.elapsed());
                 for mut prev in before {
                     let _ = prev.wait_for(|done| *done).await;
@@ -500,7 +486,7 @@ impl ForwarderService {
                 let _ = done_tx.send(true);
                 drop(permit);
             }
-            .instrument(task_span),
+            .instrument(span),
         );
         enq_rx
     }

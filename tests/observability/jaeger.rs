@@ -227,9 +227,11 @@ async fn a_forward_is_one_trace_with_the_caller_in_jaeger() {
     let caller = format!("00-{TRACE_ID}-{CALLER_SPAN}-01");
     forward_traced(&mut ll, traced_request(7, "hello"), Some(&caller)).await;
 
-    let trace = wait_for_trace(&j, TRACE_ID, 2);
+    // The first call for the topic also refreshes metadata.
+    let trace = wait_for_trace(&j, TRACE_ID, 3);
     let server = span_named(&trace, "leaderlink.v1.Forwarder/Forward");
     let send = span_named(&trace, "send traced");
+    let refresh = span_named(&trace, "metadata refresh");
     let process = &trace["processes"][server["processID"].as_str().unwrap()];
     assert_eq!(process["serviceName"], "leaderlink");
 
@@ -259,6 +261,14 @@ async fn a_forward_is_one_trace_with_the_caller_in_jaeger() {
     assert_eq!(tag(send, "leaderlink.request_partitions"), 1);
     assert_eq!(*tag(send, "leaderlink.kafka_error_code"), Value::Null);
 
+    // So is the metadata refresh the call made.
+    assert_eq!(parent_of(refresh), server["spanID"].as_str().unwrap());
+    assert!(
+        tag(refresh, "leaderlink.topics_asked")
+            .as_i64()
+            .is_some_and(|n| n >= 1)
+    );
+
     // Jaeger lists it under the service too.
     let (status, body) = http_get(&j.query, "/api/traces?service=leaderlink&limit=50").unwrap();
     assert_eq!(status, 200);
@@ -285,6 +295,52 @@ async fn a_forward_is_one_trace_with_the_caller_in_jaeger() {
             server["spanID"].as_str().unwrap()
         ))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Jaeger: LEADERLINK_JAEGER (scripts/test provides it)"]
+async fn a_retry_is_an_event_on_the_server_span() {
+    let j = start_jaeger();
+    let mut ll = start_leaderlink(&["--otlp-endpoint", &j.otlp], &[]).await;
+    // Once "traced" (one partition) is known, a call for its partition 7 refreshes the metadata
+    // and is retried, then answered with UNKNOWN_TOPIC_OR_PARTITION.
+    forward_traced(&mut ll, traced_request(8, "x"), None).await;
+    let trace_id = "7bf92f3577b34da6a3ce929d0e0e4736";
+    let mut req = traced_request(9, "x");
+    req.partitions[0].partition = 7;
+    let mut r = tonic::Request::new(req);
+    r.set_timeout(Duration::from_secs(10));
+    r.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{CALLER_SPAN}-01").parse().unwrap(),
+    );
+    let resp = ll.client.forward(r).await.unwrap().into_inner();
+    assert_eq!(resp.partitions[0].error_name, "UNKNOWN_TOPIC_OR_PARTITION");
+
+    let trace = wait_for_trace(&j, trace_id, 2);
+    let server = span_named(&trace, "leaderlink.v1.Forwarder/Forward");
+    let retry = server["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| {
+            l["fields"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["key"] == "event" && f["value"] == "retrying partitions")
+        })
+        .unwrap_or_else(|| panic!("no retry event on {server:#}"));
+    let field = |k: &str| {
+        retry["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["key"] == k)
+            .map(|f| f["value"].clone())
+    };
+    assert_eq!(field("leaderlink.pending"), Some(Value::from(1)));
+    assert!(field("leaderlink.backoff_ms").is_some_and(|b| b.as_i64().is_some()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,30 +6,30 @@
 //!   rule (leaderlink's spans and events down to `debug`), so `RUST_LOG=warn` quiets the logs
 //!   without silencing the exported spans.
 //!
-//! The per-call spans (the server span, each leader request, each metadata refresh) are at debug
-//! level: the span layer takes them, while the log layer at its default `info` neither sees nor
-//! formats them, so a process that exports no spans pays next to nothing for them.
+//! The spans of a call (its server span, each leader request) are made with the OpenTelemetry
+//! SDK directly ([`spans`]); the other exported spans (each metadata refresh) are `tracing`
+//! spans at debug level, which the span layer takes while the log layer at its default `info`
+//! neither sees nor formats them. A process that exports no spans pays next to nothing for
+//! either.
 //!
 //! Export never blocks forwarding: finished spans go to the SDK's batch processor, whose
 //! queue is bounded by [`SPAN_QUEUE`]; spans that find it full, and spans of a batch the
 //! collector refused or did not take in time, are dropped and counted ([`spans_dropped`]).
 
+mod spans;
+
+pub use spans::{CallTrace, SendSpan, call_event};
+
 use std::{
-    collections::HashMap,
     sync::atomic::{AtomicU64, AtomicUsize, Ordering},
     time::Duration,
 };
 
-use opentelemetry::{
-    Context,
-    propagation::{Extractor, TextMapPropagator},
-    trace::{TraceContextExt, TracerProvider as _},
-};
+use opentelemetry::{Context, trace::TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{
     Resource,
     error::OTelSdkResult,
-    propagation::TraceContextPropagator,
     trace::{
         BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracerProvider, Span, SpanData,
         SpanExporter, SpanProcessor,
@@ -37,7 +37,6 @@ use opentelemetry_sdk::{
 };
 use serde::{Deserialize, Serialize};
 use tracing::{Level, level_filters::LevelFilter};
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
     EnvFilter, Layer, filter::Targets, layer::SubscriberExt, util::SubscriberInitExt,
 };
@@ -58,6 +57,10 @@ pub enum LogFormat {
 /// give log lines their context but are not exported: a span open for the life of the process
 /// is no trace.
 pub const TASK_TARGET: &str = "leaderlink::task";
+
+/// Target of the `tracing` span of each call, which gives its log lines (at debug) the method
+/// and request id. It is not exported: the exported span of a call is its [`CallTrace`].
+pub const CALL_TARGET: &str = "leaderlink::call";
 
 /// Most finished spans waiting for export (or being exported). Bounds the memory tracing can
 /// take while the collector is slow or down; a span that finds the queue full is dropped and
@@ -164,7 +167,8 @@ pub fn init(format: LogFormat, otlp: Option<&str>, sample_ratio: f64) -> Result<
                 .with_filter(
                     Targets::new()
                         .with_target("leaderlink", Level::DEBUG)
-                        .with_target(TASK_TARGET, LevelFilter::OFF),
+                        .with_target(TASK_TARGET, LevelFilter::OFF)
+                        .with_target(CALL_TARGET, LevelFilter::OFF),
                 );
             (Some(provider), Some(layer))
         }
@@ -174,6 +178,9 @@ pub fn init(format: LogFormat, otlp: Option<&str>, sample_ratio: f64) -> Result<
         .with(spans)
         .try_init()
         .map_err(|e| format!("cannot install the log subscriber: {e}"))?;
+    if let Some(p) = &provider {
+        spans::install(p.tracer("leaderlink"));
+    }
     Ok(Telemetry { provider })
 }
 
@@ -298,63 +305,6 @@ impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
     }
 }
 
-/// Reads W3C trace context from gRPC metadata.
-struct Metadata<'a>(&'a tonic::metadata::MetadataMap);
-
-impl Extractor for Metadata<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0
-            .keys()
-            .filter_map(|k| match k {
-                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
-                tonic::metadata::KeyRef::Binary(_) => None,
-            })
-            .collect()
-    }
-}
-
-/// Makes the caller's `traceparent` (W3C trace context, from gRPC metadata) the parent of
-/// `span`, and, when `downstream` asks for it, returns the `traceparent` that continues the
-/// trace downstream: `span`'s own when spans are exported, else the caller's (so consumers still
-/// join the caller's trace); `None` when there is neither. Without `downstream` (no record
-/// header wanted) nothing is formatted, and without a caller's `traceparent` nothing is parsed:
-/// this runs on every call.
-pub fn adopt_caller(
-    span: &tracing::Span,
-    md: &tonic::metadata::MetadataMap,
-    downstream: bool,
-) -> Option<String> {
-    let propagator = TraceContextPropagator::new();
-    let caller = if md.contains_key("traceparent") {
-        propagator.extract(&Metadata(md))
-    } else {
-        Context::new()
-    };
-    if caller.span().span_context().is_valid() {
-        // Fails only when no layer exports spans; the caller's context is then passed on as is.
-        let _ = span.set_parent(caller.clone());
-    }
-    if !downstream {
-        return None;
-    }
-    let own = span.context();
-    let cx = if own.span().span_context().is_valid() {
-        own
-    } else {
-        caller
-    };
-    if !cx.span().span_context().is_valid() {
-        return None;
-    }
-    let mut out = HashMap::new();
-    propagator.inject_context(&cx, &mut out);
-    out.remove("traceparent")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,24 +319,5 @@ mod tests {
         assert!(!colour(true, Some("1".into())));
         assert!(!colour(false, None), "a file or a pipe gets plain lines");
         assert!(!colour(false, Some("1".into())));
-    }
-
-    #[test]
-    fn the_callers_traceparent_is_passed_on_without_an_exporter() {
-        let mut md = tonic::metadata::MetadataMap::new();
-        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-        md.insert("traceparent", tp.parse().unwrap());
-        let span = tracing::info_span!("call");
-        assert_eq!(adopt_caller(&span, &md, true).as_deref(), Some(tp));
-        assert_eq!(
-            adopt_caller(&span, &tonic::metadata::MetadataMap::new(), true),
-            None
-        );
-        md.insert("traceparent", "00-garbage".parse().unwrap());
-        assert_eq!(
-            adopt_caller(&span, &md, true),
-            None,
-            "a malformed one is ignored"
-        );
     }
 }
