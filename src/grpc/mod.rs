@@ -6,9 +6,9 @@ pub mod layers;
 
 use std::{collections::HashMap, pin::Pin, sync::Arc, time::Duration};
 
-use futures::{Stream, StreamExt, stream::FuturesUnordered};
+use futures::{Stream, StreamExt};
 use tokio::{
-    sync::{Semaphore, mpsc, oneshot, watch},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch},
     time::Instant,
 };
 use tokio_stream::wrappers::ReceiverStream;
@@ -330,21 +330,6 @@ impl StreamHead {
     }
 }
 
-/// One request of a stream, served to its end (its answer sent, or dropped with the stream).
-type StreamRequest = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// Awaits `f` while polling the stream's `running` requests, so that they go on meanwhile.
-async fn drive<F: Future>(running: &mut FuturesUnordered<StreamRequest>, f: F) -> F::Output {
-    tokio::pin!(f);
-    loop {
-        tokio::select! {
-            biased;
-            out = &mut f => return out,
-            Some(()) = running.next(), if !running.is_empty() => {}
-        }
-    }
-}
-
 impl ForwarderService {
     /// Serves the requests of one stream (ForwardStream's, or ForwardBatches' messages taken
     /// apart), each as a call of its own, with their responses sent to `tx`:
@@ -371,26 +356,20 @@ impl ForwarderService {
         let this = self;
         tokio::spawn(
             async move {
-                // The stream's requests run in this task, not one task each: a request is
-                // polled here up to its hand-over to the leader connections at once, and nothing
-                // of it is copied into a task of its own.
-                let mut running: FuturesUnordered<StreamRequest> = FuturesUnordered::new();
+                let permits = Arc::new(Semaphore::new(this.max_stream_in_flight));
                 // Completion signal of the latest request per partition, so that responses for one
                 // partition leave in arrival order.
                 let mut last: HashMap<(String, i32), watch::Receiver<bool>> = HashMap::new();
                 'stream: loop {
-                    let msg = drive(&mut running, async {
-                        tokio::select! {
-                            m = inbound.next() => m,
-                            () = aborted(this.abort.clone()) => None,
-                        }
-                    })
-                    .await;
+                    let msg = tokio::select! {
+                        m = inbound.next() => m,
+                        () = aborted(this.abort.clone()) => None,
+                    };
                     let Some(msg) = msg else { break };
                     let reqs = match msg {
                         Ok(r) => r,
                         Err(status) => {
-                            let _ = drive(&mut running, tx.send(Err(status))).await;
+                            let _ = tx.send(Err(status)).await;
                             break;
                         }
                     };
@@ -399,28 +378,23 @@ impl ForwarderService {
                         if tx.is_closed() {
                             break 'stream;
                         }
-                        while running.len() >= this.max_stream_in_flight {
-                            running.next().await;
-                        }
-                        let (request, enqueued) =
-                            this.serve_one(method, &head, &mut last, req, &tx);
-                        running.push(request);
+                        let Ok(permit) = permits.clone().acquire_owned().await else {
+                            break 'stream;
+                        };
+                        let enqueued = this.serve_one(method, &head, &mut last, req, &tx, permit);
                         // Hand this request's batches to the leader connections before taking
                         // the next one, so that requests for one partition reach the leader in
                         // order.
-                        let _ = drive(&mut running, enqueued).await;
+                        let _ = enqueued.await;
                     }
                 }
-                // The requests read before the stream ended are answered (or dropped once
-                // nobody can read their answers).
-                while running.next().await.is_some() {}
             }
             .instrument(info_span!(target: TASK_TARGET, "forward_stream")),
         );
     }
 
-    /// One request of a stream (see [`Self::serve_stream`]): the future that serves it, and a
-    /// receiver that resolves once its batches are queued for their leaders (or it has ended).
+    /// Starts one request of a stream (see [`Self::serve_stream`]); the returned receiver
+    /// resolves once its batches are queued for their leaders (or it has ended).
     fn serve_one(
         &self,
         method: &'static str,
@@ -428,7 +402,8 @@ impl ForwarderService {
         last: &mut HashMap<(String, i32), watch::Receiver<bool>>,
         req: ForwardRequest,
         tx: &mpsc::Sender<Result<ForwardResponse, Status>>,
-    ) -> (StreamRequest, oneshot::Receiver<()>) {
+        permit: OwnedSemaphorePermit,
+    ) -> oneshot::Receiver<()> {
         let started = Instant::now();
         let span = call_span(method, req.id);
         let (trace, traceparent) = CallTrace::start(
@@ -467,7 +442,7 @@ impl ForwarderService {
         // A stream's requests count against max_concurrent_calls like unary calls; one over the
         // budget is shed (answered in band, in its partitions' order).
         let call = self.calls.clone().try_acquire_owned();
-        let request = Box::pin(
+        tokio::spawn(
             async move {
                 let stats = forwarder.stats().clone();
                 let (result, outcome) = match call {
@@ -509,10 +484,11 @@ impl ForwarderService {
                 });
                 let _ = tx.send(Ok(resp)).await;
                 let _ = done_tx.send(true);
+                drop(permit);
             }
             .instrument(span),
         );
-        (request, enq_rx)
+        enq_rx
     }
 }
 
