@@ -118,10 +118,16 @@ pub fn spawn(
                         many(a, OPEN_STREAM_CONNECTIONS, Attacker::open_streams).await
                     }
                     Attack::BigHeaders => {
-                        many(a, BIG_HEADER_CALLERS, |a| a.big_headers(OVERSIZED_HEADER)).await
+                        many(a, BIG_HEADER_CALLERS, |a| {
+                            a.big_headers(OVERSIZED_HEADER, Body::None)
+                        })
+                        .await
                     }
                     Attack::BigValidHeaders => {
-                        many(a, BIG_HEADER_CALLERS, |a| a.big_headers(UNDERSIZED_HEADER)).await
+                        many(a, BIG_HEADER_CALLERS, |a| {
+                            a.big_headers(UNDERSIZED_HEADER, Body::Request)
+                        })
+                        .await
                     }
                 }
             });
@@ -361,7 +367,7 @@ impl Attacker {
 
     /// Forward calls with a `size`-byte extra header, one after the other, reading each answer
     /// (a refused one included) before the next.
-    async fn big_headers(self: Arc<Self>, size: usize) {
+    async fn big_headers(self: Arc<Self>, size: usize, body: Body) {
         let mut id = 0;
         while !self.stopped() {
             let Some((mut send, conn)) = self.connect().await else {
@@ -369,7 +375,7 @@ impl Attacker {
             };
             while !self.stopped() {
                 id += 1;
-                let sent = if size > UNDERSIZED_HEADER {
+                let sent = if body == Body::None {
                     // Refused before any body is read: the headers alone, ending the stream.
                     async {
                         let mut send = send.ready().await.ok()?;
@@ -401,6 +407,15 @@ impl Attacker {
             self.lost(&conn);
         }
     }
+}
+
+/// Whether the calls of `big_headers` carry a request after their headers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Body {
+    /// The headers alone, ending the stream (calls the server refuses before any body).
+    None,
+    /// A one-record Forward request (calls the server serves).
+    Request,
 }
 
 /// The headers of a gRPC call to `method` of the Forwarder, with `padding` bytes of an extra
