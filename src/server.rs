@@ -27,9 +27,7 @@ use crate::{
     config::Config,
     forward::Forwarder,
     grpc::{
-        ForwarderService,
-        abuse::{Penalties, Watched},
-        idle::{Activity, IdleIo, IdleLayer},
+        ForwarderService, abuse::Penalties, conn::CallerIo, idle::IdleLayer,
         layers::forwarder_stack,
     },
     kafka::error::chain,
@@ -192,7 +190,7 @@ async fn watch_cluster(forwarder: Forwarder, reporter: HealthReporter, cfg: Arc<
 struct CallerConns {
     idle: Option<Duration>,
     penalties: Option<Arc<Penalties>>,
-    /// `http2_max_concurrent_streams`, which [`Watched`] allows for.
+    /// `http2_max_concurrent_streams`, which the abuse watch allows for.
     max_concurrent_streams: u32,
 }
 
@@ -221,19 +219,13 @@ impl CallerConns {
     }
 
     /// `io`, a connection from `peer`, watched for abuse and with the idle timeout.
-    fn wrap<IO>(&self, io: IO, peer: Option<SocketAddr>) -> IdleIo<Watched<IO>> {
-        let activity = Arc::new(Activity::new());
-        IdleIo::new(
-            Watched::new(
-                io,
-                peer,
-                self.penalties.clone(),
-                activity.clone(),
-                self.max_concurrent_streams,
-            ),
+    fn wrap<IO>(&self, io: IO, peer: Option<SocketAddr>) -> CallerIo<IO> {
+        CallerIo::new(
+            io,
             peer,
             self.idle,
-            activity,
+            self.penalties.clone(),
+            self.max_concurrent_streams,
         )
     }
 }
@@ -244,7 +236,7 @@ impl CallerConns {
 fn plain_incoming(
     listener: TcpListener,
     conns: CallerConns,
-) -> impl tokio_stream::Stream<Item = std::io::Result<IdleIo<Watched<tokio::net::TcpStream>>>> {
+) -> impl tokio_stream::Stream<Item = std::io::Result<CallerIo<tokio::net::TcpStream>>> {
     tokio_stream::StreamExt::filter_map(
         tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
         move |tcp| match tcp {
@@ -264,7 +256,7 @@ fn tls_incoming(
     listener: TcpListener,
     tls: Arc<ServerTls>,
     conns: CallerConns,
-) -> impl tokio_stream::Stream<Item = std::io::Result<IdleIo<Watched<crate::tls::TlsConn>>>> {
+) -> impl tokio_stream::Stream<Item = std::io::Result<CallerIo<crate::tls::TlsConn>>> {
     let admit = conns.clone();
     tokio_stream::StreamExt::map(
         crate::tls::incoming(listener, tls, move |tcp, peer| admit.admit(tcp, Some(peer))),

@@ -7,8 +7,8 @@
 //! But the attacker connects again at once and starts over, so a connection closed is only a
 //! pause of a few hundred streams, and the server pays for every stream and every handshake.
 //!
-//! So each caller connection is [`Watched`], and its address goes into [`Penalties`] for the
-//! penalty when
+//! So each caller connection is watched ([`Watch`], inside [`super::conn::CallerIo`]), and its
+//! address goes into [`Penalties`] for the penalty when
 //! - a frame leaderlink writes to it is a GOAWAY with ENHANCE_YOUR_CALM (h2 judged it);
 //! - or leaderlink ended more of its streams with HEADERS than became calls, by more than
 //!   [`MAX_REFUSED_STREAMS`]. Every call is counted as it begins, before its trailers (the
@@ -36,17 +36,14 @@ use std::{
     collections::HashMap,
     io,
     net::{IpAddr, SocketAddr},
-    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    task::{Context, Poll},
     time::Duration,
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::TcpStream,
     sync::{OwnedSemaphorePermit, Semaphore},
     time::Instant,
@@ -312,8 +309,9 @@ impl FrameScan {
     }
 }
 
-/// The abuse watch of one connection (see the module docs).
-struct Watch {
+/// The abuse watch of one connection (see the module docs): follows the frames read from and
+/// written to it, and says when it has become abusive.
+pub(super) struct Watch {
     penalties: Arc<Penalties>,
     /// The connection's calls.
     activity: Arc<Activity>,
@@ -330,62 +328,38 @@ struct Watch {
     ended: u64,
 }
 
-/// A caller connection watched for abuse (see the module docs). Once it has been judged
-/// abusive, its read side reports the end of the stream, so that HTTP/2 ends it as if the
-/// caller had closed it.
-pub struct Watched<IO> {
-    inner: IO,
-    peer: Option<SocketAddr>,
-    /// `None`: not watched (the penalty is off).
-    watch: Option<Watch>,
-    /// Judged abusive (penalized once).
-    abusive: bool,
-}
-
-impl<IO> Watched<IO> {
-    /// Wraps `inner`, a connection from `peer` whose calls `activity` counts, on which the
-    /// caller may have up to `max_concurrent_streams` open. With `penalties` `None` it only
-    /// passes bytes on.
-    pub fn new(
-        inner: IO,
-        peer: Option<SocketAddr>,
-        penalties: Option<Arc<Penalties>>,
+impl Watch {
+    /// The watch of a connection whose calls `activity` counts, on which the caller may have up
+    /// to `max_concurrent_streams` open; an abuser's address goes into `penalties`.
+    pub(super) fn new(
+        penalties: Arc<Penalties>,
         activity: Arc<Activity>,
         max_concurrent_streams: u32,
     ) -> Self {
         Self {
-            inner,
-            peer,
-            watch: penalties.map(|penalties| Watch {
-                penalties,
-                activity,
-                allowance: u64::from(max_concurrent_streams) + MAX_UNSERVED_STREAMS,
-                read: FrameScan::client(),
-                written: FrameScan::server(),
-                opened: 0,
-                last_stream: 0,
-                ended: 0,
-            }),
-            abusive: false,
+            penalties,
+            activity,
+            allowance: u64::from(max_concurrent_streams) + MAX_UNSERVED_STREAMS,
+            read: FrameScan::client(),
+            written: FrameScan::server(),
+            opened: 0,
+            last_stream: 0,
+            ended: 0,
         }
     }
 
-    /// The connection was judged abusive for `cause`: penalized, once.
-    fn abused(&mut self, cause: &'static str) {
-        if self.abusive {
-            return;
-        }
-        self.abusive = true;
-        if let (Some(peer), Some(w)) = (self.peer, &self.watch) {
-            w.penalties.penalize(peer, cause);
+    /// Penalizes `peer` (if known) for `cause`.
+    pub(super) fn penalize(&self, peer: Option<SocketAddr>, cause: &'static str) {
+        if let Some(peer) = peer {
+            self.penalties.penalize(peer, cause);
         }
     }
 
-    /// Follows `read`, bytes the caller just sent.
-    fn read(&mut self, read: &[u8]) {
-        let Some(w) = &mut self.watch else { return };
-        let (opened, last) = (&mut w.opened, &mut w.last_stream);
-        w.read.feed(read, &mut |frame| {
+    /// Follows `read`, bytes the caller just sent; the cause when they made the connection
+    /// abusive.
+    pub(super) fn read(&mut self, read: &[u8]) -> Option<&'static str> {
+        let (opened, last) = (&mut self.opened, &mut self.last_stream);
+        self.read.feed(read, &mut |frame| {
             // A HEADERS frame on a stream already open is its trailers.
             if let Frame::Headers(id, _) = frame
                 && id > *last
@@ -394,107 +368,26 @@ impl<IO> Watched<IO> {
                 *opened += 1;
             }
         });
-        if w.opened > w.activity.started() + w.allowance {
-            self.abused("more streams opened than became calls");
-        }
+        (self.opened > self.activity.started() + self.allowance)
+            .then_some("more streams opened than became calls")
     }
 
-    /// Follows `written`, bytes leaderlink just wrote; true when they made the connection
+    /// Follows `written`, bytes leaderlink just wrote; the cause when they made the connection
     /// abusive.
-    fn written(&mut self, written: &[u8]) -> bool {
-        let Some(w) = &mut self.watch else {
-            return false;
-        };
-        let (mut calm, ended) = (false, &mut w.ended);
-        w.written.feed(written, &mut |frame| match frame {
+    pub(super) fn written(&mut self, written: &[u8]) -> Option<&'static str> {
+        let (mut calm, ended) = (false, &mut self.ended);
+        self.written.feed(written, &mut |frame| match frame {
             Frame::GoAway(ENHANCE_YOUR_CALM) => calm = true,
             Frame::Headers(_, true) => *ended += 1,
             _ => {}
         });
-        let refused = w.ended > w.activity.started() + MAX_REFUSED_STREAMS;
-        if (calm || refused) && !self.abusive {
-            self.abused(if calm {
-                "GOAWAY ENHANCE_YOUR_CALM"
-            } else {
-                "more streams answered by HTTP/2 alone (431) than allowed"
-            });
-            return true;
+        if calm {
+            Some("GOAWAY ENHANCE_YOUR_CALM")
+        } else if self.ended > self.activity.started() + MAX_REFUSED_STREAMS {
+            Some("more streams answered by HTTP/2 alone (431) than allowed")
+        } else {
+            None
         }
-        false
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if this.abusive {
-            return Poll::Ready(Ok(()));
-        }
-        let filled = buf.filled().len();
-        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r {
-            this.read(&buf.filled()[filled..]);
-        }
-        r
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r
-            && this.written(&buf[..n])
-        {
-            // The read side ends now; HTTP/2 reads and writes in the same task.
-            cx.waker().wake_by_ref();
-        }
-        r
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = r {
-            let mut left = n;
-            let mut abusive = false;
-            for b in bufs {
-                if left == 0 {
-                    break;
-                }
-                let k = left.min(b.len());
-                abusive |= this.written(&b[..k]);
-                left -= k;
-            }
-            if abusive {
-                cx.waker().wake_by_ref();
-            }
-        }
-        r
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 

@@ -3,8 +3,9 @@
 //! do not hold descriptors and memory for ever.
 //!
 //! tonic's server offers a maximum connection age but no idle timeout, and no handle on a single
-//! connection, so this is built from two pieces: [`IdleIo`] wraps each accepted connection and
-//! ends it, and [`IdleLayer`] counts the connection's calls, finding the connection's
+//! connection, so this is built from two pieces: [`IdleClock`] ends each accepted connection
+//! (from inside [`super::conn::CallerIo`], which wraps it), and [`IdleLayer`] counts the
+//! connection's calls, finding the connection's
 //! [`Activity`] in the connect info tonic puts into every request ([`ConnInfo`]). A call is in
 //! progress from its request until its response body is done (a ForwardStream for as long as it
 //! is open).
@@ -17,7 +18,6 @@
 
 use std::{
     future::Future,
-    io,
     net::SocketAddr,
     pin::Pin,
     sync::{
@@ -28,11 +28,8 @@ use std::{
     time::Duration,
 };
 
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    time::{Instant, Sleep},
-};
-use tonic::{body::Body, transport::server::Connected};
+use tokio::time::{Instant, Sleep};
+use tonic::body::Body;
 use tower::{Layer, Service};
 
 /// How long nothing may have been read from a connection before its idle timeout may close it:
@@ -98,7 +95,7 @@ impl Drop for CallGuard {
     }
 }
 
-/// What tonic puts into each request of a connection wrapped by [`IdleIo`].
+/// What tonic puts into each request of a caller connection ([`super::conn::CallerIo`]).
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     /// The caller's address.
@@ -106,135 +103,79 @@ pub struct ConnInfo {
     activity: Arc<Activity>,
 }
 
-/// An accepted caller connection with an idle timeout (see the module docs).
-pub struct IdleIo<IO> {
-    inner: IO,
-    peer: Option<SocketAddr>,
-    activity: Arc<Activity>,
-    /// `None`: no idle timeout (the wrapper only feeds [`ConnInfo`]).
-    timeout: Option<Duration>,
+impl ConnInfo {
+    /// The info of a connection from `peer` whose calls `activity` counts.
+    pub(super) fn new(peer: Option<SocketAddr>, activity: Arc<Activity>) -> Self {
+        Self { peer, activity }
+    }
+}
+
+/// The idle timeout of one connection (see the module docs).
+pub(super) struct IdleClock {
+    timeout: Duration,
     last_read: Instant,
     timer: Pin<Box<Sleep>>,
 }
 
-impl<IO> IdleIo<IO> {
-    /// Wraps `inner`, a connection from `peer` whose calls `activity` counts; `timeout` `None`
-    /// turns the idle timeout off.
-    pub fn new(
-        inner: IO,
-        peer: Option<SocketAddr>,
-        timeout: Option<Duration>,
-        activity: Arc<Activity>,
-    ) -> Self {
+impl IdleClock {
+    /// A clock for a connection just accepted, closed after `timeout` without a call.
+    pub(super) fn new(timeout: Duration) -> Self {
         let now = Instant::now();
         Self {
-            inner,
-            peer,
-            activity,
             timeout,
             last_read: now,
             timer: Box::pin(tokio::time::sleep_until(now)),
         }
     }
 
+    /// Bytes were just read from the connection.
+    pub(super) fn read(&mut self) {
+        self.last_read = Instant::now();
+    }
+
     /// When the connection may be closed as idle, if no call begins and nothing is read before
     /// (`None`: a call is in progress; look again after a while).
-    fn closes_at(&self, timeout: Duration) -> Option<Instant> {
-        self.activity
+    fn closes_at(&self, activity: &Activity) -> Option<Instant> {
+        activity
             .idle_since()
-            .map(|since| (since + timeout).max(self.last_read + QUIET))
+            .map(|since| (since + self.timeout).max(self.last_read + QUIET))
     }
-}
 
-impl<IO> Connected for IdleIo<IO> {
-    type ConnectInfo = ConnInfo;
-
-    fn connect_info(&self) -> ConnInfo {
-        ConnInfo {
-            peer: self.peer,
-            activity: self.activity.clone(),
-        }
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for IdleIo<IO> {
-    fn poll_read(
-        self: Pin<&mut Self>,
+    /// Ready once the connection from `peer`, whose calls `activity` counts, is to be closed as
+    /// idle; else the timer is set to wake `cx` when it may be. Polled when a read finds nothing.
+    pub(super) fn poll_expired(
+        &mut self,
+        activity: &Activity,
+        peer: Option<SocketAddr>,
         cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let filled = buf.filled().len();
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Pending => {}
-            ready => {
-                if buf.filled().len() > filled {
-                    this.last_read = Instant::now();
-                }
-                return ready;
-            }
-        }
-        let Some(timeout) = this.timeout else {
-            return Poll::Pending;
-        };
+    ) -> Poll<()> {
         loop {
             let now = Instant::now();
-            let at = match this.closes_at(timeout) {
+            let at = match self.closes_at(activity) {
                 Some(at) if at <= now => {
-                    tracing::debug!(peer = ?this.peer, ?timeout, "closing an idle caller connection");
-                    // The end of the stream: the connection ends as if the caller had closed it.
-                    return Poll::Ready(Ok(()));
+                    tracing::debug!(?peer, timeout = ?self.timeout, "closing an idle caller connection");
+                    return Poll::Ready(());
                 }
                 Some(at) => at,
                 // A call is in progress: look again a timeout later.
-                None => now + timeout,
+                None => now + self.timeout,
             };
             // Calls and reads only move the closing time later, so the timer is set again when
             // it has fired (or when the closing time is earlier than it), not on every read: a
             // timer reset on each read would cost the busy connections.
-            let deadline = this.timer.deadline();
+            let deadline = self.timer.deadline();
             if deadline <= now || at < deadline {
-                this.timer.as_mut().reset(at);
+                self.timer.as_mut().reset(at);
             }
-            if this.timer.as_mut().poll(cx).is_pending() {
+            if self.timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
         }
     }
 }
 
-impl<IO: AsyncWrite + Unpin> AsyncWrite for IdleIo<IO> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
 /// Counts each call as in progress on its connection (see the module docs); a request without
-/// [`ConnInfo`] (a connection not wrapped by [`IdleIo`]) passes untouched.
+/// [`ConnInfo`] (a connection not wrapped by [`super::conn::CallerIo`]) passes untouched.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct IdleLayer;
 

@@ -1,6 +1,7 @@
 //! Thin tonic handlers, and the one place that maps errors to gRPC status codes.
 
 pub mod abuse;
+pub mod conn;
 pub mod idle;
 pub mod layers;
 
