@@ -51,6 +51,7 @@ use tokio::{
 use tracing::{debug, warn};
 
 use super::idle::Activity;
+use crate::stats::GaugeGuard;
 
 /// Streams of a caller connection that h2 may answer 431 (a header list over
 /// `http2_max_header_list_size`) before the connection is closed and its address penalized (see
@@ -182,11 +183,8 @@ impl Penalties {
 /// closes it. It reads all there is at most once per [`HOLD_PACE`]: an attacker writing small
 /// frames one by one would otherwise wake the server for each.
 async fn hold(tcp: TcpStream, until: Instant, _slot: OwnedSemaphorePermit) {
-    HELD.fetch_add(1, Ordering::Relaxed);
     // Counted out however the task ends (also when the runtime drops it).
-    let _held = OnDrop(|| {
-        HELD.fetch_sub(1, Ordering::Relaxed);
-    });
+    let _held = GaugeGuard::enter(&HELD);
     let mut buf = vec![0; HOLD_BUFFER];
     let drain = async {
         loop {
@@ -205,15 +203,6 @@ async fn hold(tcp: TcpStream, until: Instant, _slot: OwnedSemaphorePermit) {
         }
     };
     let _ = tokio::time::timeout_at(until, drain).await;
-}
-
-/// Runs its closure when dropped.
-struct OnDrop<F: FnMut()>(F);
-
-impl<F: FnMut()> Drop for OnDrop<F> {
-    fn drop(&mut self) {
-        (self.0)();
-    }
 }
 
 /// What [`FrameScan`] reports.
