@@ -135,6 +135,10 @@ struct Args {
     /// with `--client batched`, the client library's connections [default: 1; batched: 4].
     #[arg(long, value_name = "N")]
     grpc_connections: Option<usize>,
+    /// `--client batched`: the client library's `max_merge_bytes` (largest request of merged
+    /// calls for one partition; 0: every call a request of its own) [default: the library's].
+    #[arg(long, value_name = "BYTES")]
+    client_merge_bytes: Option<usize>,
     /// Topic to write to.
     #[arg(long, default_value = "bench")]
     topic: String,
@@ -352,6 +356,9 @@ async fn batched_target(args: &Args, url: &str) -> Target {
     let mut options = leaderlink_client::Options::default();
     if let Some(n) = args.grpc_connections {
         options.connections = n;
+    }
+    if let Some(b) = args.client_merge_bytes {
+        options.max_merge_bytes = b;
     }
     let client = leaderlink_client::Client::connect(&[url], options)
         .await

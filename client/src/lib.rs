@@ -7,6 +7,13 @@
 //! one gRPC message carries what would be many unary calls, and leaderlink merges their records
 //! into shared Kafka record batches.
 //!
+//! * **Merged requests.** Within a message, the calls for one partition with the same acks and
+//!   deadline become one request of their records together (up to
+//!   [`Options::max_merge_bytes`]), so leaderlink validates and answers one request where it
+//!   would have many. Each call still gets its own result: its own offset, the record errors of
+//!   its own records (by their index in its records); when the leader refuses a merged request
+//!   for another call's records or for its size, the call is sent again, alone.
+//!
 //! * **No linger.** A lane sends what its callers queued since its last message after one turn
 //!   of the scheduler; a lone call goes out at once.
 //! * **Order.** The calls for one partition always take the same lane, where leaderlink keeps
@@ -65,11 +72,14 @@ pub mod proto {
     tonic::include_proto!("leaderlink.v1");
 }
 
+use merge::{Queued, Waiter, take_batch};
 pub use proto::{Acks, Header, PartitionResult, Record, RecordError};
 use proto::{
-    ForwardBatch, ForwardBatchResponse, ForwardRequest, ForwardResponse, PartitionData,
+    ForwardBatch, ForwardBatchResponse, ForwardRequest, PartitionData,
     forwarder_client::ForwarderClient,
 };
+
+mod merge;
 
 /// One partition's payload.
 #[derive(Debug, Clone)]
@@ -89,6 +99,13 @@ pub struct Options {
     pub connections: usize,
     /// Most calls one message carries; more queued at once go in the next.
     pub max_batch: usize,
+    /// Largest merged request, in bytes of record keys, values and headers: the calls of one
+    /// message for one partition, with the same acks and deadline (to the millisecond), go to
+    /// leaderlink as one request of their records together, up to this size. A call larger
+    /// than this goes alone. The default stays well below Kafka's default
+    /// `max.message.bytes` (1 MiB); a merged request the leader refuses as too large is sent
+    /// again call by call. 0 turns merging off: each call is a request of its own.
+    pub max_merge_bytes: usize,
     /// Calls a lane queues before [`Client::forward`] waits for room (back pressure on the
     /// caller rather than unbounded memory).
     pub max_queued: usize,
@@ -101,17 +118,11 @@ impl Default for Options {
         Self {
             connections: 4,
             max_batch: 1024,
+            max_merge_bytes: 256 * 1024,
             max_queued: 16 * 1024,
             connect_timeout: Duration::from_secs(5),
         }
     }
-}
-
-/// A call waiting to be sent by its lane.
-struct Queued {
-    request: ForwardRequest,
-    deadline: Instant,
-    reply: oneshot::Sender<Result<ForwardResponse, Status>>,
 }
 
 /// A connection to leaderlink that merges concurrent calls. Cheap to clone; the lanes end
@@ -139,7 +150,12 @@ impl Client {
                 .connect()
                 .await?;
             let (tx, rx) = mpsc::channel(options.max_queued.max(1));
-            tokio::spawn(run_lane(channel, rx, options.max_batch.max(1)));
+            tokio::spawn(run_lane(
+                channel,
+                rx,
+                options.max_batch.max(1),
+                options.max_merge_bytes,
+            ));
             lanes.push(tx);
         }
         Ok(Client {
@@ -180,6 +196,8 @@ impl Client {
             request,
             deadline,
             reply,
+            alone: false,
+            attempts: 0,
         };
         let answer = async {
             lane.send(queued)
@@ -213,22 +231,27 @@ fn lane_of(topic: &str, partition: i32, lanes: usize) -> usize {
 }
 
 /// One lane: opens a `ForwardBatches` stream when calls come, sends them in messages of what
-/// is queued, and hands each answer to its caller by id. When the stream breaks, the calls in
-/// flight fail UNAVAILABLE and the next call opens a new stream. Ends when the client is gone
-/// and nothing is in flight.
-async fn run_lane(channel: Channel, mut calls: mpsc::Receiver<Queued>, max_batch: usize) {
+/// is queued (merged as [`merge`] says), and hands each answer to its caller by id. When the
+/// stream breaks, the calls in flight fail UNAVAILABLE and the next call opens a new stream.
+/// Ends when the client is gone and nothing is in flight.
+async fn run_lane(
+    channel: Channel,
+    mut calls: mpsc::Receiver<Queued>,
+    max_batch: usize,
+    max_merge_bytes: usize,
+) {
     let mut next_id: u64 = 0;
     let mut queued: Vec<Queued> = Vec::new();
+    let mut open = true;
     loop {
-        if queued.is_empty() && calls.recv_many(&mut queued, max_batch).await == 0 {
+        if queued.is_empty() && (!open || calls.recv_many(&mut queued, max_batch).await == 0) {
             return;
         }
         let (out, out_rx) = mpsc::channel::<ForwardBatch>(16);
-        let mut pending: HashMap<u64, oneshot::Sender<Result<ForwardResponse, Status>>> =
-            HashMap::new();
+        let mut pending: HashMap<u64, Waiter> = HashMap::new();
         // The first message goes into the stream's buffer before the call opens, so that the
         // server has something to read as soon as it answers the headers.
-        let first = take_batch(&mut queued, &mut next_id, &mut pending);
+        let first = take_batch(&mut queued, &mut next_id, &mut pending, max_merge_bytes);
         if !first.requests.is_empty() && out.send(first).await.is_err() {
             continue;
         }
@@ -240,7 +263,6 @@ async fn run_lane(channel: Channel, mut calls: mpsc::Receiver<Queued>, max_batch
                 continue;
             }
         };
-        let mut open = true;
         let broken = loop {
             tokio::select! {
                 // Only while the stream takes another message at once: waiting to send here
@@ -250,40 +272,43 @@ async fn run_lane(channel: Channel, mut calls: mpsc::Receiver<Queued>, max_batch
                     if n == 0 {
                         // The client is gone: finish what is in flight, then end.
                         open = false;
-                        if pending.is_empty() {
-                            return;
-                        }
-                        continue;
-                    }
-                    // One turn of the scheduler: calls made at the same moment join.
-                    tokio::task::yield_now().await;
-                    while queued.len() < max_batch {
-                        match calls.try_recv() {
-                            Ok(q) => queued.push(q),
-                            Err(_) => break,
-                        }
-                    }
-                    while !queued.is_empty() {
-                        let batch = take_batch(&mut queued, &mut next_id, &mut pending);
-                        if !batch.requests.is_empty() && out.send(batch).await.is_err() {
-                            break;
+                    } else {
+                        // One turn of the scheduler: calls made at the same moment join.
+                        tokio::task::yield_now().await;
+                        while queued.len() < max_batch {
+                            match calls.try_recv() {
+                                Ok(q) => queued.push(q),
+                                Err(_) => break,
+                            }
                         }
                     }
                 }
                 msg = answers.next() => match msg {
                     Some(Ok(ForwardBatchResponse { responses })) => {
+                        // Calls of a merged request that go again, alone (see `merge`): ahead
+                        // of those queued after them.
+                        let mut again = Vec::new();
                         for r in responses {
-                            if let Some(reply) = pending.remove(&r.id) {
-                                let _ = reply.send(Ok(r));
+                            if let Some(waiter) = pending.remove(&r.id) {
+                                waiter.answer(r, &mut again);
                             }
                         }
-                        if !open && pending.is_empty() {
-                            return;
+                        if !again.is_empty() {
+                            queued.splice(0..0, again);
                         }
                     }
                     Some(Err(status)) => break status,
                     None => break Status::unavailable("leaderlink ended the ForwardBatches stream"),
                 },
+            }
+            while !queued.is_empty() {
+                let batch = take_batch(&mut queued, &mut next_id, &mut pending, max_merge_bytes);
+                if !batch.requests.is_empty() && out.send(batch).await.is_err() {
+                    break;
+                }
+            }
+            if !open && pending.is_empty() {
+                return;
             }
         };
         let status = Status::unavailable(format!(
@@ -292,47 +317,11 @@ async fn run_lane(channel: Channel, mut calls: mpsc::Receiver<Queued>, max_batch
             broken.message()
         ));
         fail_all(&mut pending, &status);
-        if !open {
-            return;
-        }
     }
 }
 
-/// Takes up to a message's worth of queued calls (dropping those whose caller left or whose
-/// deadline passed) into a `ForwardBatch`, recording each under a new id in `pending`.
-fn take_batch(
-    queued: &mut Vec<Queued>,
-    next_id: &mut u64,
-    pending: &mut HashMap<u64, oneshot::Sender<Result<ForwardResponse, Status>>>,
-) -> ForwardBatch {
-    let now = Instant::now();
-    let mut requests = Vec::with_capacity(queued.len());
-    for q in queued.drain(..) {
-        if q.reply.is_closed() {
-            continue;
-        }
-        let left = q.deadline.saturating_duration_since(now);
-        if left.is_zero() {
-            let _ = q.reply.send(Err(Status::deadline_exceeded(
-                "deadline passed before sending",
-            )));
-            continue;
-        }
-        let mut request = q.request;
-        *next_id += 1;
-        request.id = *next_id;
-        request.call_timeout_ms = u32::try_from(left.as_millis().max(1)).unwrap_or(u32::MAX);
-        pending.insert(request.id, q.reply);
-        requests.push(request);
-    }
-    ForwardBatch { requests }
-}
-
-fn fail_all(
-    pending: &mut HashMap<u64, oneshot::Sender<Result<ForwardResponse, Status>>>,
-    status: &Status,
-) {
-    for (_, reply) in pending.drain() {
-        let _ = reply.send(Err(Status::new(status.code(), status.message())));
+fn fail_all(pending: &mut HashMap<u64, Waiter>, status: &Status) {
+    for (_, waiter) in pending.drain() {
+        waiter.fail(status);
     }
 }

@@ -10,17 +10,27 @@ use leaderlink::{
     config::Config,
     dev::DevCluster,
     server::{self, Running},
+    stats::Outcome,
 };
 use leaderlink_client::{Acks, Client, Options, Payload, Record};
 use tokio::time::Instant;
 use tonic::Code;
 
 async fn serve(dev: &DevCluster, addr: SocketAddr) -> Running {
-    let cfg = Config {
+    serve_with(dev, addr, |_| {}).await
+}
+
+async fn serve_with(
+    dev: &DevCluster,
+    addr: SocketAddr,
+    tweak: impl FnOnce(&mut Config),
+) -> Running {
+    let mut cfg = Config {
         bootstrap: dev.bootstrap().split(',').map(str::to_string).collect(),
         metrics_listen: "127.0.0.1:0".parse().unwrap(),
         ..Config::default()
     };
+    tweak(&mut cfg);
     let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     server::start(&cfg, listener, admin).await.unwrap()
@@ -33,9 +43,18 @@ struct Setup {
 }
 
 async fn setup(topic: &str, partitions: i32, connections: usize) -> Setup {
+    setup_with(topic, partitions, connections, |_| {}).await
+}
+
+async fn setup_with(
+    topic: &str,
+    partitions: i32,
+    connections: usize,
+    tweak: impl FnOnce(&mut Config),
+) -> Setup {
     let dev = DevCluster::start(3).unwrap();
     dev.create_topic(topic, partitions).unwrap();
-    let server = serve(&dev, "127.0.0.1:0".parse().unwrap()).await;
+    let server = serve_with(&dev, "127.0.0.1:0".parse().unwrap(), tweak).await;
     let client = Client::connect(
         &[format!("http://{}", server.addr)],
         Options {
@@ -122,6 +141,95 @@ async fn merged_calls_each_get_their_own_result() {
     let (batches, records) = s.server.forwarder.pool().batches_sent();
     assert_eq!(records, 64);
     assert!(batches < 64, "{batches} leader batches for 64 calls");
+}
+
+// One thread: every call is queued before the lane runs, so they share its first message.
+#[tokio::test]
+async fn calls_for_one_partition_go_to_leaderlink_as_one_request() {
+    let s = setup("one-request", 2, 1).await;
+    let deadline = soon();
+    let calls = (0..64).map(|i| {
+        s.client.forward(
+            "one-request",
+            i % 2,
+            one(&format!("r{i}")),
+            Acks::Leader,
+            deadline,
+        )
+    });
+    let results = join_all(calls).await;
+    for (i, r) in results.iter().enumerate() {
+        let r = r.as_ref().unwrap();
+        assert_eq!((r.error_code, r.attempts), (0, 1), "call {i}: {r:?}");
+    }
+    // Each partition's offsets 0..32 went to its calls in the order they were made.
+    for p in 0..2 {
+        let offsets: Vec<i64> = results
+            .iter()
+            .skip(p)
+            .step_by(2)
+            .map(|r| r.as_ref().unwrap().base_offset)
+            .collect();
+        assert_eq!(offsets, (0..32).collect::<Vec<i64>>(), "partition {p}");
+    }
+    // leaderlink answered two requests, one per partition, not 64.
+    let requests = s.server.forwarder.stats().calls(Outcome::Ok);
+    assert_eq!(requests, 2, "requests for 64 calls");
+}
+
+// One thread: every call is queued before the lane runs, so they share its first message.
+#[tokio::test]
+async fn a_merged_request_leaderlink_refuses_as_too_large_is_sent_again_call_by_call() {
+    // Each call's request fits leaderlink's limit; four of them together do not.
+    let s = setup_with("too-large", 1, 1, |cfg| cfg.max_request_bytes = 3000).await;
+    let deadline = soon();
+    let big = |i: usize| {
+        Payload::Records(vec![Record {
+            value: Some(vec![b'a' + i as u8; 1000].into()),
+            ..Default::default()
+        }])
+    };
+    let results = join_all((0..4).map(|i| {
+        s.client
+            .forward("too-large", 0, big(i), Acks::Leader, deadline)
+    }))
+    .await;
+    let offsets: Vec<i64> = results
+        .into_iter()
+        .map(|r| {
+            let r = r.unwrap();
+            assert_eq!(r.error_code, 0, "{r:?}");
+            r.base_offset
+        })
+        .collect();
+    assert_eq!(offsets, vec![0, 1, 2, 3]);
+    let back = read_back(s.dev.bootstrap(), "too-large", 0, 4);
+    for (i, v) in back.iter().enumerate() {
+        assert_eq!(v, &vec![b'a' + i as u8; 1000], "offset {i}");
+    }
+    // leaderlink refused the merged request, then took the calls one by one.
+    let stats = s.server.forwarder.stats();
+    assert_eq!(
+        (stats.calls(Outcome::Invalid), stats.calls(Outcome::Ok)),
+        (1, 4)
+    );
+    // A call too large on its own gets leaderlink's answer.
+    let e = s
+        .client
+        .forward(
+            "too-large",
+            0,
+            Payload::Records(vec![Record {
+                value: Some(vec![b'x'; 4000].into()),
+                ..Default::default()
+            }]),
+            Acks::Leader,
+            soon(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("max_request_bytes"), "{e:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
