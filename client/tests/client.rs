@@ -3,6 +3,8 @@
 //! neighbours alone, deadlines hold, and a leaderlink restart fails the calls in flight
 //! UNAVAILABLE while later calls succeed.
 
+mod common;
+
 use std::{net::SocketAddr, time::Duration};
 
 use futures::future::join_all;
@@ -83,31 +85,12 @@ fn soon() -> Instant {
     Instant::now() + Duration::from_secs(10)
 }
 
-/// The values of `topic`-`partition` from offset 0, `n` of them, read with librdkafka.
+/// The values of `topic`-`partition` from offset 0, `n` of them.
 fn read_back(bootstrap: &str, topic: &str, partition: i32, n: usize) -> Vec<Vec<u8>> {
-    use rdkafka::{
-        ClientConfig, Message, Offset, TopicPartitionList,
-        consumer::{BaseConsumer, Consumer},
-    };
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("read-{topic}"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, Offset::Beginning)
-        .unwrap();
-    consumer.assign(&tpl).unwrap();
-    let started = Instant::now();
-    let mut out = Vec::new();
-    while out.len() < n {
-        assert!(started.elapsed() < Duration::from_secs(30), "read {out:?}");
-        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
-            out.push(m.unwrap().payload().unwrap_or_default().to_vec());
-        }
-    }
-    out
+    common::read_back(bootstrap, topic, partition, n)
+        .into_iter()
+        .map(|(_, value)| value)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,16 +5,17 @@
 //! `#[ignore]`d in a plain `cargo test`; the README's test command runs them with
 //! `LEADERLINK_KAFKA_BOOTSTRAP` set (`scripts/kafka-cluster start 3`).
 
+mod common;
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
 use leaderlink::{config::Config, server};
 use leaderlink_client::{Acks, Client, Options, Payload, Record};
 use rdkafka::{
-    ClientConfig, Message, Offset, TopicPartitionList,
+    ClientConfig,
     admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
     client::DefaultClientContext,
-    consumer::{BaseConsumer, Consumer},
 };
 use tokio::time::Instant;
 
@@ -75,33 +76,6 @@ async fn start() -> (server::Running, Client) {
     (running, client)
 }
 
-/// The (key, value) pairs of partition 0 of `topic` from offset 0, `n` of them.
-fn read_back(topic: &str, n: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .set("group.id", format!("read-{topic}"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
-    consumer.assign(&tpl).unwrap();
-    let started = Instant::now();
-    let mut out = Vec::new();
-    while out.len() < n {
-        assert!(started.elapsed() < Duration::from_secs(30), "read {out:?}");
-        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
-            let m = m.unwrap();
-            out.push((
-                m.key().unwrap_or_default().to_vec(),
-                m.payload().unwrap_or_default().to_vec(),
-            ));
-        }
-    }
-    out
-}
-
 // One thread: every call is queued before the lane runs, so they share its first message.
 #[tokio::test]
 #[ignore = "needs a real Kafka: LEADERLINK_KAFKA_BOOTSTRAP (scripts/test starts one)"]
@@ -144,7 +118,7 @@ async fn kafka_a_record_error_in_a_merged_request_reaches_only_the_call_that_hol
         }
     }
     // Each other call's records are at its offsets, in the order the calls were made.
-    let back = read_back(&topic, 8);
+    let back = common::read_back(&bootstrap(), &topic, 0, 8);
     let mut at = 0;
     for (i, r) in (1..=5).zip(&results).filter(|(i, _)| *i != 3) {
         assert_eq!(r.base_offset, at as i64, "call {i}: {r:?}");
@@ -190,7 +164,10 @@ async fn kafka_a_merged_request_over_the_topics_size_limit_is_sent_again_call_by
         assert_eq!((r.error_code, r.attempts), (0, 2), "call {i}: {r:?}");
         assert_eq!(r.base_offset, i as i64, "call {i}: {r:?}");
     }
-    for (i, (key, value)) in read_back(&topic, 4).into_iter().enumerate() {
+    for (i, (key, value)) in common::read_back(&bootstrap(), &topic, 0, 4)
+        .into_iter()
+        .enumerate()
+    {
         let i = i as u8;
         assert_eq!((key, value), (vec![b'k', b'0' + i], vec![b'0' + i; 700]));
     }
