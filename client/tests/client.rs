@@ -1,7 +1,8 @@
 //! The client library against a real leaderlink in front of its embedded mock cluster: merged
-//! calls each get their own result, per-partition order holds, a cancelled call leaves its
-//! neighbours alone, deadlines hold, and a leaderlink restart fails the calls in flight
-//! UNAVAILABLE while later calls succeed.
+//! calls each get their own result, a message's calls for one partition reach leaderlink as one
+//! request, a merged request leaderlink refuses as too large is sent again call by call,
+//! per-partition order holds, a cancelled call leaves its neighbours alone, deadlines hold, and
+//! a leaderlink restart fails the calls in flight UNAVAILABLE while later calls succeed.
 
 mod common;
 
