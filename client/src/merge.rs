@@ -593,4 +593,131 @@ mod tests {
             ]
         );
     }
+
+    /// A small deterministic generator (xorshift64), so that a failing case can be replayed
+    /// from its seed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    #[tokio::test]
+    async fn random_messages_keep_each_partitions_order_and_give_every_call_its_own_offset() {
+        let base = Instant::now() + Duration::from_secs(10);
+        let mut merged_requests = 0;
+        for seed in 1..=300u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let max = 40 + rng.below(200) as usize;
+            let mut queued = Vec::new();
+            // Per call: its partition, its values, and its answer (None: dropped by its caller).
+            let mut calls = Vec::new();
+            for i in 0..(1 + rng.below(40)) {
+                let partition = rng.below(3) as i32;
+                // Two deadlines a second apart, a few raw batches, calls of 1 to 3 records.
+                let deadline = base + Duration::from_secs(rng.below(2));
+                let (mut q, rx) = call(partition, &format!("{i}-0"), deadline);
+                let records = &mut q.request.partitions[0].records;
+                for j in 1..(1 + rng.below(3)) {
+                    records.push(Record {
+                        value: Some(Bytes::from(format!("{i}-{j}"))),
+                        ..Default::default()
+                    });
+                }
+                if rng.below(8) == 0 {
+                    let p = &mut q.request.partitions[0];
+                    p.records.clear();
+                    p.record_batch = Bytes::from(format!("{i}-raw"));
+                }
+                let values: Vec<String> = q.request.partitions[0]
+                    .records
+                    .iter()
+                    .map(|r| String::from_utf8(r.value.clone().unwrap().to_vec()).unwrap())
+                    .collect();
+                let rx = if rng.below(10) == 0 {
+                    drop(rx);
+                    None
+                } else {
+                    Some(rx)
+                };
+                calls.push((partition, values, rx));
+                queued.push(q);
+            }
+            let mut pending = HashMap::new();
+            let batch = take_batch(&mut queued, &mut 0, &mut pending, max);
+            // The leader: each partition's log in request order; every request answered with
+            // its base offset.
+            let mut logs: HashMap<i32, Vec<String>> = HashMap::new();
+            let mut again = Vec::new();
+            for r in &batch.requests {
+                let p = &r.partitions[0];
+                let log = logs.entry(p.partition).or_default();
+                let base_offset = log.len() as i64;
+                let merged = matches!(pending.get(&r.id), Some(Waiter::Merged(_)));
+                if merged {
+                    merged_requests += 1;
+                    let bytes: usize = p
+                        .records
+                        .iter()
+                        .map(|x| x.value.as_ref().unwrap().len() + RECORD_OVERHEAD)
+                        .sum();
+                    assert!(
+                        bytes <= max,
+                        "seed {seed}: {bytes} bytes merged, bound {max}"
+                    );
+                }
+                if p.records.is_empty() {
+                    log.push(String::from_utf8(p.record_batch.to_vec()).unwrap());
+                } else {
+                    log.extend(
+                        p.records
+                            .iter()
+                            .map(|x| String::from_utf8(x.value.clone().unwrap().to_vec()).unwrap()),
+                    );
+                }
+                let result = PartitionResult {
+                    partition: p.partition,
+                    base_offset,
+                    attempts: 1,
+                    ..Default::default()
+                };
+                pending
+                    .remove(&r.id)
+                    .unwrap()
+                    .answer(one(r.id, result), &mut again);
+            }
+            assert!(pending.is_empty() && again.is_empty(), "seed {seed}");
+            // Every live call is in the log once, at the offset it was given; a partition's
+            // calls are in the order they were made.
+            let mut at: HashMap<i32, i64> = HashMap::new();
+            for (i, (partition, values, rx)) in calls.iter_mut().enumerate() {
+                let Some(rx) = rx else { continue };
+                let r = rx.try_recv().unwrap().unwrap();
+                let offset = r.partitions[0].base_offset;
+                let log = &logs[partition];
+                let first = usize::try_from(offset).unwrap();
+                if values.is_empty() {
+                    assert_eq!(log[first], format!("{i}-raw"), "seed {seed}, call {i}");
+                } else {
+                    assert_eq!(
+                        &log[first..first + values.len()],
+                        &values[..],
+                        "seed {seed}, call {i}"
+                    );
+                }
+                let before = at.insert(*partition, offset);
+                assert!(
+                    before.is_none_or(|b| b < offset),
+                    "seed {seed}, call {i}: out of order"
+                );
+            }
+        }
+        // The cases did merge.
+        assert!(merged_requests > 300, "{merged_requests} merged requests");
+    }
 }
