@@ -3,9 +3,10 @@
 //! Calls for one partition with `records`, the same acks and the same deadline (to the
 //! millisecond, the resolution of `call_timeout_ms`) become one `ForwardRequest` whose records
 //! follow each other in the order the calls were made, up to
-//! [`Options::max_merge_bytes`](crate::Options::max_merge_bytes). leaderlink then handles one request where it would have handled many:
-//! one validation, one task, one answer. Its own accumulation still merges the records of
-//! requests from other lanes and clients into shared Kafka batches.
+//! [`Options::max_merge_bytes`](crate::Options::max_merge_bytes). leaderlink then handles one
+//! request where it would have handled many: one validation, one task, one answer. Its own
+//! accumulation still merges the records of requests from other lanes and clients into shared
+//! Kafka batches.
 //!
 //! The answer is about the whole request; each call gets its part of it, as leaderlink's own
 //! accumulation does for the calls sharing a record batch (docs/design.md §3.20):
@@ -38,7 +39,7 @@ pub(crate) type Reply = oneshot::Sender<Result<ForwardResponse, Status>>;
 
 /// Kafka's MESSAGE_TOO_LARGE: a batch over the topic's `max.message.bytes`.
 const MESSAGE_TOO_LARGE: i32 = 10;
-/// Kafka's RECORD_LIST_TOO_LARGE: a request's batches over the leader's limit.
+/// Kafka's RECORD_LIST_TOO_LARGE: a batch larger than the leader's log segment size.
 const RECORD_LIST_TOO_LARGE: i32 = 18;
 
 /// Bytes a record adds to a merged request beyond its key, value and headers (its length,
@@ -296,7 +297,7 @@ impl Merged {
             ));
         };
         if p.error_code != 0 && !p.record_errors.is_empty() {
-            return self.split_record_errors(p, again);
+            return self.split_record_errors(id, p, again);
         }
         if matches!(p.error_code, MESSAGE_TOO_LARGE | RECORD_LIST_TOO_LARGE) {
             return self.send_again(p.attempts, again);
@@ -313,7 +314,7 @@ impl Merged {
 
     /// The leader refused the batch for some records: their calls get their errors, by their
     /// index in the call's records; the others are sent again.
-    fn split_record_errors(mut self, p: PartitionResult, again: &mut Vec<Queued>) {
+    fn split_record_errors(mut self, id: u64, p: PartitionResult, again: &mut Vec<Queued>) {
         let members = std::mem::take(&mut self.members);
         for c in members {
             let own = c.first..c.first + c.count;
@@ -352,7 +353,7 @@ impl Merged {
                 attempts: p.attempts.saturating_add(c.attempts),
                 ..p.clone()
             };
-            let _ = c.reply.send(Ok(one(0, r)));
+            let _ = c.reply.send(Ok(one(id, r)));
         }
     }
 
