@@ -22,9 +22,10 @@
 //!   ([`Placement`]). Raw batches of callers are never merged.
 //!
 //! There is no linger by default: a round takes what is queued, so a lone call goes out at
-//! once, and requests grow only while the connection is busy (the flusher waits for room on
-//! it, or has not been scheduled yet). An optional linger ([`QueueSettings::linger`]) makes a
-//! round wait for more. The answer is decoded once and shared by the request's calls.
+//! once, and requests grow only while the connection is busy: while it is at `max_in_flight`
+//! the flusher packs nothing, and the round takes everything queued until a request can go
+//! (or until its earliest deadline); and while the flusher has not been scheduled yet. An
+//! optional linger ([`QueueSettings::linger`]) makes a round wait for more. The answer is decoded once and shared by the request's calls.
 //!
 //! Every call keeps its own deadline. One that passes while its chunk is still queued takes the
 //! chunk out unsent ([`ConnError::NotSentInTime`]). One that passes while the request is in
@@ -372,13 +373,22 @@ async fn flush_loop(
             let until = (now + settings.linger).min(now + (earliest - now) / 2);
             tokio::time::sleep_until(until).await;
         }
+        let Some(conn) = conn.upgrade() else { return };
+        // At max_in_flight, wait for a slot before packing, so that everything queued while
+        // the leader answers goes out together (one record batch per partition) rather than
+        // the first call alone and the rest after it. The earliest deadline ends the wait; the
+        // member whose time is up is then taken out by `send`.
+        if conn.free_slots() == 0
+            && let Some(earliest) = round.iter().map(|p| p.chunk.deadline).min()
+        {
+            let _ = tokio::time::timeout_at(earliest, conn.slot_free()).await;
+        }
         while round.len() < MAX_ROUND {
             match rx.try_recv() {
                 Ok(p) => round.push(p),
                 Err(_) => break,
             }
         }
-        let Some(conn) = conn.upgrade() else { return };
         let limit = conn.max_request_bytes().min(MAX_COALESCED_BYTES);
         let mut requests: VecDeque<Request> =
             pack(std::mem::take(&mut round), limit, settings.max_batch_bytes).into();

@@ -1,8 +1,8 @@
 //! Record accumulation against the mock cluster: the `records` of concurrent calls for one
 //! partition share record batches at the leader (counted with a Fetch of the leader's log), each
-//! call's offsets point at its own records, order follows arrival, and a call whose deadline
-//! passes while queued is withdrawn while the others go out. A property test runs random
-//! interleavings.
+//! call's offsets point at its own records, order follows arrival, an error about a shared batch
+//! reaches every call in it, and a call whose deadline passes while queued is withdrawn while the
+//! others go out. A property test runs random interleavings.
 
 use crate::common;
 
@@ -190,6 +190,90 @@ async fn a_call_whose_deadline_passes_while_queued_is_withdrawn_and_the_others_g
     );
     assert_own_records(&log, &first, 1, 2, "w");
     assert_own_records(&log, &last, 3, 2, "w");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_about_a_shared_batch_reaches_every_call_in_it() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let h = start(|cfg| cfg.max_in_flight = 1).await;
+    let (t, _) = common::warm_topic(&h, "batch-error", 1).await;
+    // The next Produce request (call 1's) is answered; the one after it, carrying the batch
+    // the other calls share, is refused whole with a non-retriable error and no record errors.
+    h.dev.with(|m| {
+        m.request_errors(
+            RDKafkaApiKey::Produce,
+            &[
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR,
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD,
+            ],
+        )
+    });
+    h.dev.set_leader_latency(Duration::from_secs(1)).unwrap();
+    let (batches_before, _) = h.server.forwarder.pool().batches_sent();
+    // Call 1 takes the connection's one slot for a second; calls 2..=6 queue behind it and go
+    // out together, in one record batch.
+    let mut c = h.client.clone();
+    let first = tokio::spawn({
+        let req = call_request(1, &t, 0, 2, "e");
+        async move { forward_one(&mut c, req).await }
+    });
+    let slot = h.server.forwarder.pool().slots()[0].clone();
+    while slot
+        .stats
+        .in_flight
+        .load(std::sync::atomic::Ordering::SeqCst)
+        == 0
+    {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    const CALLS: u64 = 6;
+    let reqs: Vec<ForwardRequest> = (2..=CALLS)
+        .map(|i| call_request(i, &t, 0, 2, "e"))
+        .collect();
+    let mut c = h.client.clone();
+    let rest = tokio::spawn(async move {
+        c.forward_stream(futures::stream::iter(reqs))
+            .await
+            .unwrap()
+            .into_inner()
+            .map(|r| r.unwrap())
+            .collect::<Vec<_>>()
+            .await
+    });
+    while slot.stats.queued.load(std::sync::atomic::Ordering::SeqCst) < CALLS - 1
+        && !first.is_finished()
+    {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(
+        !first.is_finished(),
+        "calls 2..={CALLS} were not all queued while call 1 was in flight"
+    );
+    let answers = rest.await.unwrap();
+    let first = first.await.unwrap().unwrap();
+    h.dev.set_leader_latency(Duration::ZERO).unwrap();
+
+    assert_eq!((first.error_code, first.base_offset), (0, 1), "{first:?}");
+    assert_eq!(answers.len(), CALLS as usize - 1);
+    for a in &answers {
+        let r = &a.partitions[0];
+        assert_eq!(
+            (r.error_name.as_str(), r.attempts, r.base_offset),
+            ("INVALID_RECORD", 1, -1),
+            "call {}: {r:?}",
+            a.id
+        );
+        assert!(r.record_errors.is_empty(), "call {}: {r:?}", a.id);
+    }
+    let (batches_after, _) = h.server.forwarder.pool().batches_sent();
+    assert_eq!(
+        batches_after - batches_before,
+        2,
+        "call 1's batch and the one the others shared"
+    );
+    let log = flatten(&read_batches(&leader_of(&h, &t, 0), &t, 0).await);
+    assert_eq!(log.len(), 3, "the warm-up and call 1's records only");
+    assert_own_records(&log, &first, 1, 2, "e");
 }
 
 /// One call of a random interleaving.

@@ -380,6 +380,12 @@ impl Connection {
     pub fn free_slots(&self) -> usize {
         self.shared.permits.available_permits()
     }
+
+    /// Waits until an in-flight slot is free, without taking it (a later [`Self::admit`]
+    /// does), or until the connection is poisoned.
+    pub async fn slot_free(&self) {
+        let _ = self.shared.permits.acquire().await;
+    }
 }
 
 impl Drop for Connection {
