@@ -6,13 +6,17 @@
 
 use crate::common;
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use common::{Harness, forward_one, kafka_client::read_batches, records, request, start, topic};
 use futures::StreamExt;
 use leaderlink::{
-    kafka::metadata::Route,
+    kafka::{metadata::Route, pool::Slot},
     proto::v1::{Acks, ForwardRequest, PartitionResult},
 };
 use proptest::{
@@ -33,6 +37,15 @@ fn leader_of(h: &Harness, topic: &str, partition: i32) -> String {
         Route::Leader(b, _) => b.addr(),
         other => panic!("no leader for {topic}-{partition}: {other:?}"),
     }
+}
+
+/// The harness's one leader connection slot, once a request is in flight on it.
+async fn first_request_in_flight(h: &Harness) -> Arc<Slot> {
+    let slot = h.server.forwarder.pool().slots()[0].clone();
+    while slot.stats.in_flight.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    slot
 }
 
 /// Call `i`'s records: `n` of them, values `"{tag}{i}-{j}"`.
@@ -144,15 +157,7 @@ async fn a_call_whose_deadline_passes_while_queued_is_withdrawn_and_the_others_g
     };
     // Call 1 takes the connection's one slot for 400 ms; 2 (100 ms) and 3 queue behind it.
     let first = call(1, Duration::from_secs(10));
-    let slot = h.server.forwarder.pool().slots()[0].clone();
-    while slot
-        .stats
-        .in_flight
-        .load(std::sync::atomic::Ordering::SeqCst)
-        == 0
-    {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    first_request_in_flight(&h).await;
     // Call 2 has 100 ms, given as a ForwardStream request's own `call_timeout_ms`: a unary
     // call's `grpc-timeout` also starts tonic's timer in this client, which ends the call
     // CANCELLED whenever leaderlink's DEADLINE_EXCEEDED, sent 5 ms before that limit, comes
@@ -217,15 +222,7 @@ async fn an_error_about_a_shared_batch_reaches_every_call_in_it() {
         let req = call_request(1, &t, 0, 2, "e");
         async move { forward_one(&mut c, req).await }
     });
-    let slot = h.server.forwarder.pool().slots()[0].clone();
-    while slot
-        .stats
-        .in_flight
-        .load(std::sync::atomic::Ordering::SeqCst)
-        == 0
-    {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let slot = first_request_in_flight(&h).await;
     const CALLS: u64 = 6;
     let reqs: Vec<ForwardRequest> = (2..=CALLS)
         .map(|i| call_request(i, &t, 0, 2, "e"))
@@ -240,9 +237,7 @@ async fn an_error_about_a_shared_batch_reaches_every_call_in_it() {
             .collect::<Vec<_>>()
             .await
     });
-    while slot.stats.queued.load(std::sync::atomic::Ordering::SeqCst) < CALLS - 1
-        && !first.is_finished()
-    {
+    while slot.stats.queued.load(Ordering::SeqCst) < CALLS - 1 && !first.is_finished() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     assert!(
