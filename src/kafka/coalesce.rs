@@ -22,10 +22,11 @@
 //!   ([`Placement`]). Raw batches of callers are never merged.
 //!
 //! There is no linger by default: a round takes what is queued, so a lone call goes out at
-//! once, and requests grow only while the connection is busy: while it is at `max_in_flight`
-//! the flusher packs nothing, and the round takes everything queued until a request can go
-//! (or until its earliest deadline); and while the flusher has not been scheduled yet. An
-//! optional linger ([`QueueSettings::linger`]) makes a round wait for more. The answer is decoded once and shared by the request's calls.
+//! once, and requests grow only while the connection is busy. At `max_in_flight` the flusher
+//! waits for a free slot (or the round's earliest deadline) before it packs, so the round takes
+//! everything queued meanwhile; otherwise a round holds what was queued before the flusher ran.
+//! An optional linger ([`QueueSettings::linger`]) makes a round wait for more. The answer is
+//! decoded once and shared by the request's calls.
 //!
 //! Every call keeps its own deadline. One that passes while its chunk is still queued takes the
 //! chunk out unsent ([`ConnError::NotSentInTime`]). One that passes while the request is in
