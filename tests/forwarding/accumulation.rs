@@ -144,19 +144,19 @@ async fn a_call_whose_deadline_passes_while_queued_is_withdrawn_and_the_others_g
     h.dev
         .set_leader_latency(Duration::from_millis(400))
         .unwrap();
-    let call = |i: u64, timeout: Duration| {
+    let call = |i: u64| {
         let mut c = h.client.clone();
         let req = call_request(i, &t, 0, 2, "w");
         tokio::spawn(async move {
             let mut r = tonic::Request::new(req);
-            r.set_timeout(timeout);
+            r.set_timeout(Duration::from_secs(10));
             c.forward(r)
                 .await
                 .map(|r| r.into_inner().partitions[0].clone())
         })
     };
     // Call 1 takes the connection's one slot for 400 ms; 2 (100 ms) and 3 queue behind it.
-    let first = call(1, Duration::from_secs(10));
+    let first = call(1);
     first_request_in_flight(&h).await;
     // Call 2 has 100 ms, given as a ForwardStream request's own `call_timeout_ms`: a unary
     // call's `grpc-timeout` also starts tonic's timer in this client, which ends the call
@@ -175,7 +175,7 @@ async fn a_call_whose_deadline_passes_while_queued_is_withdrawn_and_the_others_g
             answers.next().await.unwrap().unwrap()
         })
     };
-    let last = call(3, Duration::from_secs(10));
+    let last = call(3);
     let e = short.await.unwrap();
     assert_eq!(
         Code::from_i32(e.status_code),
